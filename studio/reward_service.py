@@ -1,0 +1,448 @@
+"""The reward model inside the app: features cached per model, the fast tier refit after every label, the
+deep tier trained in the background every K new pairs, honest held-out metrics, and active learning."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import InvalidInput
+
+log = logging.getLogger("rlhf_studio.reward")
+
+MIN_HELDOUT = 10        # fewer held-out pairs than this: no accuracy is shown as fact
+MIN_TRAIN = 2
+
+
+@dataclass
+class RewardSettings:
+    """How the app trains its reward models (the notebook can change these on `s.reward.settings`)."""
+    criterion: str | dict = "overall"   # a criterion name, or {name: weight} to combine several
+    deep_every: int = 16                # train a new deep version after this many new pairs (0: only on demand)
+    deep_replay: int = 48               # older pairs replayed with each incremental deep update
+    feature_max_tokens: int = 256       # truncation (keeping the end of prompt+completion) for features
+    feature_batch: int = 8
+    store_fast_weights_every: int = 10  # auto refits store weights every N labels (metrics always)
+
+
+@dataclass
+class Progress:
+    """State of the background feature job, shown as a progress bar."""
+    done: int = 0
+    total: int = 0
+    running: bool = False
+    message: str = ""
+
+
+class RewardService:
+    def __init__(self, studio):
+        self.studio = studio
+        self.store = studio.store
+        self.settings = RewardSettings()
+        self.fast = None                      # components.reward.fast.FastRewardModel
+        self.fast_version: int | None = None
+        self.fast_l2: float | None = None
+        self._l2_pairs = 0
+        self.deep = None                      # components.reward.deep.DeepRewardModel
+        self.deep_version: int | None = None
+        self._deep_pairs_at_last = 0
+        self._features: dict[int, np.ndarray] = {}
+        self._lock = threading.RLock()
+        self._labels_since_store = 0
+        self.progress = Progress()
+        self._stop = threading.Event()
+        self._deep_thread: threading.Thread | None = None
+        self._feature_thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # --------------------------------------------------------------- features
+    @property
+    def revision(self) -> str:
+        return self.studio.lm.revision
+
+    def _texts(self, ids: list[int]) -> tuple[list[str], list[str]]:
+        df = self.store.completion_texts(ids)
+        by_id = {int(r.id): (r.prompt, r.text) for r in df.itertuples()}
+        return [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
+
+    def features(self, ids, progress=None, stop=None) -> dict[int, np.ndarray]:
+        """Feature vectors of completions: memory, then the DB cache, then computed (and cached)."""
+        from components.reward.extract import extract_features
+        ids = [int(i) for i in dict.fromkeys(ids)]
+        missing = [i for i in ids if i not in self._features]
+        if missing:
+            self._features.update(self.store.get_features(self.revision, missing))
+            missing = [i for i in missing if i not in self._features]
+        for start in range(0, len(missing), 256):
+            chunk = missing[start:start + 256]
+            prompts, texts = self._texts(chunk)
+            X = extract_features(self.studio.lm, prompts, texts, batch_size=self.settings.feature_batch,
+                                 max_tokens=self.settings.feature_max_tokens, stop=stop,
+                                 progress=(lambda d, t, s=start: progress(s + d, len(missing))) if progress else None)
+            self.store.put_features(self.revision, chunk, X)
+            for i, v in zip(chunk, X):
+                self._features[i] = np.asarray(v, dtype=np.float32)
+        return {i: self._features[i] for i in ids if i in self._features}
+
+    def completions_added(self, ids) -> None:
+        """New completions: compute their features now so that the next label refits at once."""
+        try:
+            self.features(ids)
+        except Exception as e:  # never fail a generation because of scoring
+            self.last_error = f"features: {e}"
+            log.warning("could not compute features: %s", e)
+
+    def model_changed(self) -> None:
+        with self._lock:
+            self._features.clear()
+            self.fast = None
+            self.fast_version = None
+            self.deep = None
+            self.deep_version = None
+
+    # ------------------------------------------------------------- fast tier
+    def pairs(self):
+        return self.store.preference_pairs(self.settings.criterion)
+
+    def label_added(self) -> None:
+        """Refit the fast tier on every pair (well under a second), then maybe start a deep update."""
+        try:
+            self.refit_fast()
+        except Exception as e:
+            self.last_error = f"fast refit: {e}"
+            log.warning("fast refit failed: %s", e)
+        self._maybe_train_deep()
+
+    def refit_fast(self, store_weights: bool | None = None) -> int | None:
+        from components.reward.fast import FastRewardModel
+        with self._lock:
+            pairs = self.pairs()
+            if len(pairs) == 0:
+                return None
+            feats = self.features(list(pairs["chosen_id"]) + list(pairs["rejected_id"]))
+            pairs = pairs[pairs["chosen_id"].isin(feats.keys()) & pairs["rejected_id"].isin(feats.keys())]
+            train = pairs[~pairs["heldout"]]
+            test = pairs[pairs["heldout"]]
+            if len(train) < MIN_TRAIN:
+                return None
+            Xc = np.stack([feats[int(i)] for i in train["chosen_id"]])
+            Xr = np.stack([feats[int(i)] for i in train["rejected_id"]])
+            margin = train["margin"].to_numpy(dtype=np.float32) if "margin" in train else None
+            # Cross-validate L2 when the training set grew by a quarter; reuse it in between (fast refits).
+            cv = self.fast_l2 is None or len(train) >= 1.25 * max(self._l2_pairs, 1) or len(train) < 40
+            t0 = time.perf_counter()
+            model = FastRewardModel()
+            model.fit(Xc, Xr, margin=None, l2=None if cv else self.fast_l2)
+            fit_s = time.perf_counter() - t0
+            if cv:
+                self.fast_l2, self._l2_pairs = model.l2, len(train)
+            metrics = self._evaluate(model, test, feats)
+            metrics.update(fit_seconds=fit_s, train_pairs=len(train), l2=float(model.l2),
+                           conflicts=int(self.store.pair_conflicts(self.settings.criterion)))
+            self._labels_since_store += 1
+            keep = store_weights if store_weights is not None else (
+                self._labels_since_store >= self.settings.store_fast_weights_every or self.fast_version is None)
+            pair_keys = [f"{a}>{b}" for a, b in zip(train["chosen_id"], train["rejected_id"])]
+            vid = self.store.add_reward_version(
+                tier="fast", criterion=_criterion_key(self.settings.criterion),
+                config={"l2": float(model.l2), "feature_max_tokens": self.settings.feature_max_tokens,
+                        "model_revision": self.revision, "pairs_sha1": _digest(pair_keys)},
+                pair_ids=pair_keys if keep else [], labels_seen=int(self._labels_seen()), metrics=metrics,
+                weights=model.to_bytes() if keep else None, parent_id=self.fast_version)
+            if keep:
+                self._labels_since_store = 0
+            self.fast, self.fast_version = model, vid
+            return vid
+
+    def _labels_seen(self) -> int:
+        return int(self.store.stats().get("feedback", 0))
+
+    def _evaluate(self, model, test, feats) -> dict:
+        n = len(test)
+        out = {"heldout_pairs": n}
+        if n == 0:
+            out.update(heldout_accuracy=None, heldout_loss=None, note="no held-out pairs yet")
+            return out
+        Xc = np.stack([feats[int(i)] for i in test["chosen_id"]])
+        Xr = np.stack([feats[int(i)] for i in test["rejected_id"]])
+        ev = model.evaluate(Xc, Xr)
+        out.update(heldout_accuracy=float(ev["accuracy"]), heldout_loss=float(ev["loss"]),
+                   ece=float(ev.get("ece", float("nan"))), bins=_jsonable(ev.get("bins")))
+        if n < MIN_HELDOUT:
+            out["note"] = f"only {n} held-out pairs: accuracy is not meaningful yet (need {MIN_HELDOUT})"
+        return out
+
+    # -------------------------------------------------------------- scoring
+    def _ensure_fast(self):
+        if self.fast is None:
+            self._load_latest("fast")
+            if self.fast is None:
+                self.refit_fast()
+        return self.fast
+
+    def _load_latest(self, tier: str) -> None:
+        from components.reward.fast import FastRewardModel
+        v = self.store.latest_reward_version(tier, with_weights=True)
+        if v is None or v.get("weights") is None:
+            return
+        if (json.loads(v["config"]) if isinstance(v["config"], str) else v["config"]).get(
+                "model_revision") != self.revision:
+            return
+        if tier == "fast":
+            self.fast, self.fast_version = FastRewardModel.from_bytes(v["weights"]), int(v["id"])
+        else:
+            from components.reward.deep import DeepRewardModel
+            self.deep, self.deep_version = DeepRewardModel.from_bytes(self.studio.lm, v["weights"]), int(v["id"])
+
+    def visible_scores(self, ids) -> list[tuple[float, float, str] | None]:
+        """(mean, std, tier) per completion id for the cards on screen; None where no model exists yet."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        try:
+            model = self._ensure_fast()
+            if model is None:
+                return [None] * len(ids)
+            feats = self.features(ids)
+            X = np.stack([feats[i] for i in ids])
+            mean, std = model.score(X)
+            return [(float(m), float(s), f"fast v{self.fast_version}") for m, s in zip(mean, std)]
+        except Exception as e:
+            self.last_error = f"scores: {e}"
+            return [None] * len(ids)
+
+    def score(self, completion_id: int, tier: str | None = None) -> tuple[float, float]:
+        from .errors import StudioError
+        tier = tier or ("deep" if self._has_deep() else "fast")
+        if tier == "deep" and self._has_deep():
+            prompts, texts = self._texts([int(completion_id)])
+            s = float(self.deep.score(prompts, texts)[0])
+            _, std = self._fast_score_ids([int(completion_id)])
+            return s, float(std[0]) if std is not None else float("nan")
+        model = self._ensure_fast()
+        if model is None:
+            raise StudioError("no reward model yet: give a few labels (pairs) first")
+        self.store.get_completion(int(completion_id))
+        mean, std = self._fast_score_ids([int(completion_id)])
+        return float(mean[0]), float(std[0])
+
+    def _fast_score_ids(self, ids):
+        if self._ensure_fast() is None:
+            return None, None
+        feats = self.features(ids)
+        return self.fast.score(np.stack([feats[i] for i in ids]))
+
+    def score_text(self, prompt: str, completion: str, tier: str | None = None) -> tuple[float, float]:
+        from components.reward.extract import extract_features
+        from .errors import StudioError
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise StudioError("prompt and completion must be text")
+        if self._ensure_fast() is None:
+            raise StudioError("no reward model yet: give a few labels (pairs) first")
+        X = extract_features(self.studio.lm, [prompt], [completion], max_tokens=self.settings.feature_max_tokens)
+        mean, std = self.fast.score(X)
+        if (tier or ("deep" if self._has_deep() else "fast")) == "deep" and self._has_deep():
+            return float(self.deep.score([prompt], [completion])[0]), float(std[0])
+        return float(mean[0]), float(std[0])
+
+    def _has_deep(self) -> bool:
+        if self.deep is None:
+            try:
+                self._load_latest("deep")
+            except Exception as e:
+                self.last_error = f"deep load: {e}"
+        return self.deep is not None
+
+    # -------------------------------------------------------- active learning
+    def suggest_pair(self, prompt_id: int | None = None) -> dict | None:
+        """The unlabelled pair of completions (same prompt) where the fast tier is least certain."""
+        model = self._ensure_fast()
+        cands = self.store.unlabelled_pairs(prompt_id=prompt_id, limit=2000)
+        if len(cands) == 0:
+            return None
+        if model is None:
+            r = cands.iloc[0]
+            return {"prompt_id": int(r.prompt_id), "a": int(r.a), "b": int(r.b), "p": 0.5, "std": float("nan")}
+        feats = self.features(list(cands["a"]) + list(cands["b"]))
+        Xa = np.stack([feats[int(i)] for i in cands["a"]])
+        Xb = np.stack([feats[int(i)] for i in cands["b"]])
+        p, std = model.prob_chosen(Xa, Xb)
+        # Most informative: a coin flip for the model and a wide posterior (BALD-like, cheap).
+        value = (1 - np.abs(2 * p - 1)) * (1 + std)
+        k = int(np.argmax(value))
+        r = cands.iloc[k]
+        return {"prompt_id": int(r.prompt_id), "a": int(r.a), "b": int(r.b), "p": float(p[k]), "std": float(std[k])}
+
+    # -------------------------------------------------------------- deep tier
+    def _maybe_train_deep(self) -> None:
+        every = self.settings.deep_every
+        if not every or (self._deep_thread and self._deep_thread.is_alive()):
+            return
+        n = int((~self.pairs()["heldout"]).sum())
+        if n - self._deep_pairs_at_last >= every:
+            self._deep_thread = threading.Thread(target=self._train_deep_safe, daemon=True, name="deep-reward")
+            self._deep_thread.start()
+
+    def _train_deep_safe(self, **config):
+        try:
+            return self.train_deep(**config)
+        except Exception as e:
+            self.last_error = f"deep training: {e}"
+            log.warning("deep reward training failed: %s", e)
+            return None
+
+    def train_deep(self, **config) -> int | None:
+        from components.reward.deep import DeepRewardConfig, DeepRewardTrainer
+        from .errors import StudioError
+        pairs = self.pairs()
+        train = pairs[~pairs["heldout"]]
+        if len(train) < MIN_TRAIN:
+            raise StudioError("no preference pairs to train on yet: compare, rank or rate completions first")
+        self.refit_fast(store_weights=True)     # the deep head starts from the current probe
+        seen: set = set()
+        parent = self.store.latest_reward_version("deep", with_weights=True)
+        if parent is not None:
+            seen = set(json.loads(parent["pair_ids"]) if isinstance(parent["pair_ids"], str) else parent["pair_ids"] or [])
+        keys = [f"{a}>{b}" for a, b in zip(train["chosen_id"], train["rejected_id"])]
+        new_idx = [i for i, k in enumerate(keys) if k not in seen]
+        old_idx = [i for i, k in enumerate(keys) if k in seen]
+        rng = np.random.default_rng(len(keys))
+        replay_idx = list(rng.permutation(old_idx)[: self.settings.deep_replay]) if old_idx else []
+        ids = list(train["chosen_id"]) + list(train["rejected_id"])
+        prompts_c, texts_c = self._texts([int(i) for i in train["chosen_id"]])
+        _, texts_r = self._texts([int(i) for i in train["rejected_id"]])
+        margins = train["margin"].to_numpy(dtype=np.float32)
+        as_tuples = lambda idx: [(prompts_c[i], texts_c[i], texts_r[i], float(margins[i])) for i in idx]  # noqa: E731
+        cfg = DeepRewardConfig(**{k: v for k, v in config.items() if k in DeepRewardConfig.__dataclass_fields__})
+        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward")
+        if parent is not None and parent.get("weights") is not None:
+            trainer.load_state_bytes(parent["weights"])
+        else:
+            trainer.init_head_from_fast(self.fast)
+        t0 = time.perf_counter()
+        train_metrics = trainer.train(as_tuples(new_idx or list(range(len(keys)))), as_tuples(replay_idx),
+                                      stop=self._stop.is_set)
+        seconds = time.perf_counter() - t0
+        test = pairs[pairs["heldout"]]
+        metrics = {"heldout_pairs": len(test), "train_seconds": seconds, "new_pairs": len(new_idx),
+                   "replayed_pairs": len(replay_idx), **{f"train_{k}": v for k, v in (train_metrics or {}).items()
+                                                         if isinstance(v, (int, float))}}
+        if len(test):
+            pc, tc = self._texts([int(i) for i in test["chosen_id"]])
+            _, tr = self._texts([int(i) for i in test["rejected_id"]])
+            from components.reward.bt import bt_loss
+            import torch
+            sc, sr = trainer.score(pc, tc), trainer.score(pc, tr)
+            metrics.update(heldout_accuracy=float(np.mean(sc > sr)),
+                           heldout_loss=float(bt_loss(torch.tensor(sc), torch.tensor(sr))))
+            if len(test) < MIN_HELDOUT:
+                metrics["note"] = f"only {len(test)} held-out pairs: accuracy is not meaningful yet"
+        vid = self.store.add_reward_version(
+            tier="deep", criterion=_criterion_key(self.settings.criterion),
+            config={**cfg.__dict__, "model_revision": self.revision}, pair_ids=sorted(seen | set(keys)),
+            labels_seen=self._labels_seen(), metrics=metrics, weights=trainer.state_bytes(),
+            parent_id=parent["id"] if parent is not None else None)
+        from components.reward.deep import DeepRewardModel
+        self.deep = DeepRewardModel.from_bytes(self.studio.lm, trainer.state_bytes())
+        self.deep_version = vid
+        self._deep_pairs_at_last = len(keys)
+        return vid
+
+    def train(self, tier: str = "deep", wait: bool = True, **config) -> int | None:
+        from .errors import StudioError
+        if tier not in ("fast", "deep"):
+            raise StudioError("tier must be 'fast' or 'deep'")
+        if len(self.pairs()) == 0:
+            raise StudioError("no preference pairs yet: compare, rank or rate at least two completions of a prompt")
+        if tier == "fast":
+            vid = self.refit_fast(store_weights=True)
+            if vid is None:
+                raise StudioError("too few training pairs for a reward model yet (the held-out split keeps ~20%)")
+            return vid
+        if wait:
+            return self.train_deep(**config)
+        if self._deep_thread and self._deep_thread.is_alive():
+            raise StudioError("a deep reward-model update is already running")
+        self._deep_thread = threading.Thread(target=self._train_deep_safe, kwargs=config, daemon=True)
+        self._deep_thread.start()
+        return None
+
+    # --------------------------------------------------------------- imports
+    def import_preferences(self, path: str, format: str = "hh", compute_features: bool = True) -> int:
+        from components.reward.datasets import PreferenceFormatError, parse_hh, parse_trl
+        from .errors import StudioError
+        if format not in ("hh", "trl"):
+            raise StudioError("format must be 'hh' (HH-RLHF) or 'trl' (prompt/chosen/rejected)")
+        if not os.path.isfile(path):
+            raise StudioError(f"no such file: {path}")
+        try:
+            rows = parse_hh(path) if format == "hh" else parse_trl(path)
+        except PreferenceFormatError as e:
+            raise StudioError(f"{os.path.basename(path)}: {e} — nothing was imported") from None
+        try:
+            n = self.store.import_preference_pairs(rows, source=f"import:{format}:{os.path.basename(path)}")
+        except InvalidInput as e:
+            raise StudioError(str(e)) from None
+        if compute_features:
+            self.start_feature_job()
+        return n
+
+    def start_feature_job(self) -> None:
+        """Compute features of every completion that lacks them, in the background, with progress."""
+        if self._feature_thread and self._feature_thread.is_alive():
+            return
+        def work():
+            p = self.progress
+            p.running, p.message = True, "computing reward features"
+            try:
+                ids = self.store.completion_ids_without_features(self.revision)
+                p.done, p.total = 0, len(ids)
+                def prog(d, t):
+                    p.done, p.total = d, t
+                self.features(ids, progress=prog, stop=self._stop.is_set)
+                p.message = f"features ready for {len(ids)} completions"
+                self.refit_fast(store_weights=True)
+            except Exception as e:
+                p.message = f"feature job failed: {e}"
+                self.last_error = p.message
+            finally:
+                p.running = False
+        self._feature_thread = threading.Thread(target=work, daemon=True, name="features")
+        self._feature_thread.start()
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        for t in (self._feature_thread, self._deep_thread):
+            if t is not None:
+                t.join(timeout)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.wait_idle(timeout=30)
+
+
+def _criterion_key(c) -> str:
+    return c if isinstance(c, str) else json.dumps(c, sort_keys=True)
+
+
+def _digest(keys) -> str:
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def _jsonable(x):
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x

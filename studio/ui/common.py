@@ -1,0 +1,39 @@
+"""Small helpers shared by the tabs: who is labelling, and how results are shown."""
+from __future__ import annotations
+
+import html
+import string
+
+import gradio as gr
+
+LETTERS = string.ascii_uppercase[:8]
+
+
+def annotator_of(request: gr.Request | None, default: str = "local") -> str:
+    """The logged-in user name when auth is on, else the local user."""
+    user = getattr(request, "username", None) if request is not None else None
+    return str(user) if user else default
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def ok(message: str) -> str:
+    return f"✅ {html.escape(message)}"
+
+
+def fail(message: str) -> str:
+    return f"⚠️ {html.escape(str(message))}"
+
+
+def letters_to_index(text: str, n: int) -> list[int]:
+    """'C A B' or 'CAB' or 'c,a,b' -> [2, 0, 1]; raises ValueError with a readable message."""
+    cleaned = [ch for ch in (text or "").upper() if ch.isalpha()]
+    idx = []
+    for ch in cleaned:
+        i = LETTERS.find(ch)
+        if i < 0 or i >= n:
+            raise ValueError(f"'{ch}' is not one of the completions shown ({', '.join(LETTERS[:n])})")
+        idx.append(i)
+    return idx

@@ -1,0 +1,64 @@
+"""Blind A/B compare: the same prompt answered by two policies, sides randomised, identities hidden until the
+vote; votes are stored as pairwise feedback, and each policy's win rate is shown."""
+from __future__ import annotations
+
+import random
+
+import gradio as gr
+
+from ..errors import StudioError
+from .common import annotator_of, fail, ok, session_of
+
+
+def build(studio, role: str = "owner"):
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="blind-prompt", scale=3)
+        pol_a = gr.Dropdown(["base"], value="base", label="Policy 1", elem_id="blind-policy-1")
+        pol_b = gr.Dropdown(["base"], value="base", label="Policy 2", elem_id="blind-policy-2")
+        new_tokens = gr.Number(64, precision=0, label="Max new tokens", elem_id="blind-new-tokens")
+    go_btn = gr.Button("Generate blind pair", variant="primary", elem_id="blind-generate")
+    with gr.Row():
+        left = gr.Textbox(label="Left", lines=8, interactive=False, elem_id="blind-left")
+        right = gr.Textbox(label="Right", lines=8, interactive=False, elem_id="blind-right")
+    with gr.Row():
+        votes = [gr.Button(lbl, elem_id=f"blind-vote-{v}") for lbl, v in
+                 [("Left is better", "a"), ("Right is better", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]]
+    reveal = gr.Markdown(elem_id="blind-reveal")
+    table = gr.Dataframe(label="Win rate per policy (blind votes)", interactive=False, elem_id="blind-winrates")
+    secret = gr.State(None)
+
+    def on_generate(p, a, b, n):
+        if a == b:
+            return [gr.skip(), gr.skip(), fail("pick two different policies"), None]
+        try:
+            first = studio.generate(p, n=1, max_new_tokens=int(n or 64), adapter=a, prompt_source="blind")[0]
+            second = studio.generate(p, n=1, max_new_tokens=int(n or 64), adapter=b, prompt_source="blind")[0]
+        except StudioError as e:
+            return [gr.skip(), gr.skip(), fail(e), None]
+        pair = [(first, a), (second, b)]
+        random.shuffle(pair)
+        s = {"left": pair[0][0].id, "right": pair[1][0].id, "left_policy": pair[0][1], "right_policy": pair[1][1]}
+        return [pair[0][0].text, pair[1][0].text, "Vote, then the policies are revealed.", s]
+
+    def vote(winner):
+        def handler(s, request: gr.Request):
+            if not s:
+                return [fail("generate a blind pair first"), gr.skip(), None]
+            try:
+                studio.compare(s["left"], s["right"], winner, annotator=annotator_of(request, studio.annotator),
+                               session_id=session_of(request))
+            except StudioError as e:
+                return [fail(e), gr.skip(), s]
+            return [ok(f"vote saved. Left was **{s['left_policy']}**, right was **{s['right_policy']}**."),
+                    studio.policy_winrates(), None]
+        return handler
+
+    def choices():
+        ad = studio.adapters()
+        names = ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])
+        return gr.update(choices=names), gr.update(choices=names, value=names[-1]), studio.policy_winrates()
+
+    go_btn.click(on_generate, [prompt, pol_a, pol_b, new_tokens], [left, right, reveal, secret])
+    for btn, w in zip(votes, ["a", "b", "tie", "both_bad"]):
+        btn.click(vote(w), [secret], [reveal, table, secret])
+    return dict(on_load=(choices, None, [pol_a, pol_b, table]))

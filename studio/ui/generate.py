@@ -1,0 +1,293 @@
+"""Generate & Rate tab: a prompt, N streamed completions side by side, and all six kinds of feedback."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import gradio as gr
+
+from components.generation import MAX_N
+from ..facade import THUMBS_DOWN_TAGS, StudioError
+from .common import LETTERS, annotator_of, fail, letters_to_index, ok, session_of
+
+WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
+
+
+def _score_md(score) -> str:
+    if score is None:
+        return "<small>reward: –</small>"
+    mean, std, tier = score
+    return f"<small>reward ({tier}): <b>{mean:+.2f}</b> ± {std:.2f}</small>"
+
+
+def build(studio, role: str = "owner"):
+    """Lay out the tab; returns nothing (events are wired at the bottom)."""
+    ids_state = gr.State([])          # completion ids shown, slot order
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                placeholder="Ask the model something, or press 'Next prompt'")
+        with gr.Column(scale=1, min_width=220):
+            next_btn = gr.Button("Next prompt (n)", elem_id="next-prompt-btn")
+            library = gr.Dropdown(label="Prompt library (fewest labels first)", choices=[], elem_id="library",
+                                  allow_custom_value=False)
+            load_btn = gr.Button("Load its completions", size="sm", elem_id="load-prompt-btn")
+    with gr.Row():
+        n = gr.Slider(1, MAX_N, value=4, step=1, label="Completions (n)", elem_id="n")
+        max_new = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", elem_id="max-new-tokens")
+        temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p", elem_id="top-p")
+        seed = gr.Number(value=None, label="Seed (empty = random)", precision=0, elem_id="seed")
+        adapter = gr.Dropdown(label="Policy", choices=["base"], value="base", elem_id="adapter")
+    with gr.Row():
+        gen_btn = gr.Button("Generate (g)", variant="primary", elem_id="generate-btn")
+        stop_btn = gr.Button("Stop", elem_id="stop-btn")
+        criterion = gr.Dropdown(label="Criterion", choices=["overall"], value="overall", elem_id="criterion")
+    rubric = gr.Markdown(elem_id="rubric")
+    status = gr.Markdown(elem_id="status")
+
+    cols, texts, scores, stars, ups, downs, tags = [], [], [], [], [], [], []
+    with gr.Row(equal_height=False):
+        for i in range(MAX_N):
+            with gr.Column(visible=i < 4, min_width=220, elem_id=f"card-{i}", elem_classes=["rlhf-card"]) as col:
+                texts.append(gr.Textbox(label=LETTERS[i], lines=8, max_lines=20, interactive=False,
+                                        elem_id=f"comp-{i}", buttons=["copy"]))
+                scores.append(gr.Markdown(_score_md(None), elem_id=f"score-{i}"))
+                stars.append(gr.Radio(["1", "2", "3", "4", "5"], label="Stars", elem_id=f"stars-{i}"))
+                with gr.Row():
+                    ups.append(gr.Button("👍", size="sm", elem_id=f"up-{i}", min_width=40))
+                    downs.append(gr.Button("👎", size="sm", elem_id=f"down-{i}", min_width=40))
+                tags.append(gr.CheckboxGroup(list(THUMBS_DOWN_TAGS), label="👎 reasons", elem_id=f"tags-{i}"))
+            cols.append(col)
+
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("**Pairwise choice**")
+            with gr.Row():
+                left = gr.Dropdown(list(LETTERS[:4]), value="A", label="A side", elem_id="pair-left")
+                right = gr.Dropdown(list(LETTERS[:4]), value="B", label="B side", elem_id="pair-right")
+            winner = gr.Radio(WINNER_CHOICES, label="Which is better?", elem_id="winner")
+            compare_btn = gr.Button("Save choice", elem_id="compare-btn")
+            suggest_btn = gr.Button("Suggest what to label next", size="sm", elem_id="suggest-btn")
+            suggestion = gr.Markdown(elem_id="suggestion")
+        with gr.Column():
+            gr.Markdown("**Ranking** (all shown completions, best first)")
+            ranking = gr.Textbox(label="Order, e.g. B A D C", elem_id="ranking")
+            rank_btn = gr.Button("Save ranking", elem_id="rank-btn")
+        with gr.Column():
+            gr.Markdown("**Critique and corrected rewrite**")
+            target = gr.Dropdown(list(LETTERS[:4]), value="A", label="Completion", elem_id="critique-target")
+            critique = gr.Textbox(label="Critique", lines=2, elem_id="critique")
+            rewrite = gr.Textbox(label="Corrected rewrite (optional)", lines=3, elem_id="rewrite")
+            critique_btn = gr.Button("Save critique", elem_id="critique-btn")
+    stop_flag = gr.State(None)
+
+    # ------------------------------------------------------------------ logic
+    def scores_for(ids):
+        return [gr.update(value=_score_md(s)) for s in studio.reward.visible_scores(ids)] + \
+               [gr.update(value=_score_md(None))] * (MAX_N - len(ids))
+
+    def slot_updates(ids, texts_now):
+        k = len(ids)
+        letters = list(LETTERS[:max(k, 1)])
+        return ([gr.update(visible=i < k) for i in range(MAX_N)]
+                + [gr.update(value=texts_now[i] if i < len(texts_now) else "") for i in range(MAX_N)]
+                + [gr.update(value=None) for _ in range(MAX_N)]
+                + [gr.update(value=[]) for _ in range(MAX_N)]
+                + [gr.update(choices=letters, value=letters[0]), gr.update(choices=letters, value=letters[min(1, k - 1)] if k else "A"),
+                   gr.update(choices=letters, value=letters[0])])
+
+    slot_outputs = cols + texts + stars + tags + [left, right, target]
+
+    def on_generate(prompt_text, n_, max_new_, temp_, top_p_, seed_, adapter_, request: gr.Request):
+        n_ = int(n_)
+        stop_event = threading.Event()
+        updates: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def work():
+            try:
+                result["cs"] = studio.generate(
+                    prompt_text, n=n_, max_new_tokens=int(max_new_), temperature=float(temp_), top_p=float(top_p_),
+                    seed=None if seed_ in (None, "") else int(seed_),
+                    adapter=None if adapter_ in (None, "", "base") else adapter_,
+                    on_update=updates.put, stop=stop_event.is_set)
+            except StudioError as e:
+                result["error"] = str(e)
+            except Exception as e:  # an unexpected failure must still reach the user
+                result["error"] = f"generation failed: {type(e).__name__}: {e}"
+            finally:
+                updates.put(None)
+
+        _GEN_STOPS[session_of(request)] = stop_event
+        threading.Thread(target=work, daemon=True).start()
+        blank = [""] * n_
+        yield [[], "⏳ generating…"] + slot_updates(list(range(n_)), blank) + scores_for([])
+        while True:
+            item = updates.get()
+            if item is None:
+                break
+            yield [gr.skip(), "⏳ generating…"] + [gr.skip()] * MAX_N + \
+                [gr.update(value=item[i]) if i < len(item) else gr.skip() for i in range(MAX_N)] + \
+                [gr.skip()] * (2 * MAX_N + 3) + [gr.skip()] * MAX_N
+        if "error" in result:
+            yield [[], fail(result["error"])] + slot_updates([], []) + scores_for([])
+            return
+        cs = result["cs"]
+        ids = [c.id for c in cs]
+        msg = f"{len(cs)} completions saved (ids {ids[0]}–{ids[-1]})"
+        if any(c.finish_reason == "stopped" for c in cs):
+            msg += " — stopped early"
+        yield [ids, ok(msg)] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids)
+
+    def on_stop(request: gr.Request):
+        ev = _GEN_STOPS.get(session_of(request))
+        if ev:
+            ev.set()
+        return "⏹ stopping…"
+
+    def label_result(ids, action):
+        try:
+            message = action()
+        except StudioError as e:
+            return [fail(e)] + [gr.skip()] * MAX_N
+        except Exception as e:  # e.g. a storage error: show it, the inputs stay on screen for a retry
+            return [fail(f"not saved: {e}")] + [gr.skip()] * MAX_N
+        return [ok(message)] + scores_for(ids)
+
+    def on_star(i):
+        def handler(ids, value, crit, request: gr.Request):
+            if i >= len(ids) or value in (None, ""):
+                return [gr.skip()] * (MAX_N + 1)
+            return label_result(ids, lambda: _saved("rating", studio.rate(
+                ids[i], int(value), criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
+                session_id=session_of(request)), f"{value}★ for {LETTERS[i]}"))
+        return handler
+
+    def on_thumb(i, up):
+        def handler(ids, tag_values, request: gr.Request):
+            if i >= len(ids):
+                return [fail("generate or load completions first")] + [gr.skip()] * MAX_N
+            return label_result(ids, lambda: _saved("thumbs", studio.thumbs(
+                ids[i], up, tags=None if up else tag_values, annotator=annotator_of(request, studio.annotator),
+                session_id=session_of(request)), f"{'👍' if up else '👎'} for {LETTERS[i]}"))
+        return handler
+
+    def on_compare(ids, l_, r_, w_, crit, request: gr.Request):
+        def act():
+            if not ids:
+                raise StudioError("generate or load completions first")
+            if not w_:
+                raise StudioError("choose A wins, B wins, tie or both bad")
+            a, b = letters_to_index(l_, len(ids))[0], letters_to_index(r_, len(ids))[0]
+            fid = studio.compare(ids[a], ids[b], w_, criterion=crit or "overall",
+                                 annotator=annotator_of(request, studio.annotator), session_id=session_of(request))
+            return _saved("choice", fid, f"{l_} vs {r_}: {w_}")
+        return label_result(ids, act)
+
+    def on_rank(ids, order, crit, request: gr.Request):
+        def act():
+            if not ids:
+                raise StudioError("generate or load completions first")
+            try:
+                idx = letters_to_index(order, len(ids))
+            except ValueError as e:
+                raise StudioError(str(e)) from None
+            if sorted(idx) != list(range(len(ids))):
+                raise StudioError(f"a ranking must list every completion shown exactly once "
+                                  f"({', '.join(LETTERS[:len(ids)])})")
+            fid = studio.rank([ids[i] for i in idx], criterion=crit or "overall",
+                              annotator=annotator_of(request, studio.annotator), session_id=session_of(request))
+            return _saved("ranking", fid, " > ".join(LETTERS[i] for i in idx))
+        return label_result(ids, act)
+
+    def on_critique(ids, t_, text, rw, request: gr.Request):
+        def act():
+            if not ids:
+                raise StudioError("generate or load completions first")
+            i = letters_to_index(t_, len(ids))[0]
+            out = studio.critique(ids[i], text, rewrite=rw or None, annotator=annotator_of(request, studio.annotator),
+                                  session_id=session_of(request))
+            parts = (["critique"] if "critique_id" in out else []) + (["rewrite"] if "rewrite_id" in out else [])
+            return f"{' and '.join(parts)} saved for {t_}"
+        res = label_result(ids, act)
+        if res[0].startswith("✅"):
+            return res + [gr.update(value=""), gr.update(value="")]
+        return res + [gr.skip(), gr.skip()]   # keep the unsaved text on screen for a retry
+
+    def on_next(request: gr.Request):
+        p = studio.next_prompt(annotator=annotator_of(request, studio.annotator))
+        if p is None:
+            return [gr.skip(), fail("the prompt library is empty: type a prompt or import a file")]
+        return [gr.update(value=p["text"]), ok(f"prompt #{p['id']} has the fewest labels")]
+
+    def library_choices():
+        df = studio.prompts()
+        if df is None or len(df) == 0:
+            return gr.update(choices=[])
+        col = "labels" if "labels" in df.columns else None
+        df = df.sort_values([col, "id"] if col else ["id"])
+        return gr.update(choices=[(_short(t), int(i)) for i, t in zip(df["id"], df["text"])][:500])
+
+    def on_load(prompt_id):
+        if prompt_id in (None, ""):
+            return [[], gr.skip(), fail("choose a prompt from the library")] + slot_updates([], []) + scores_for([])
+        df = studio.completions(int(prompt_id))
+        df = df.sort_values("id").tail(MAX_N)
+        ids = [int(x) for x in df["id"]]
+        text = studio.prompts().set_index("id").loc[int(prompt_id), "text"]
+        return [ids, gr.update(value=text), ok(f"{len(ids)} completions of prompt #{prompt_id} loaded")] + \
+            slot_updates(ids, list(df["text"])) + scores_for(ids)
+
+    def criteria_update():
+        df = studio.criteria()
+        names = list(df["name"]) if len(df) else ["overall"]
+        md = "**Rubric** — " + " · ".join(f"**{n}**: {d or ''}" for n, d in zip(df["name"], df["description"]))
+        return gr.update(choices=names), md
+
+    def on_suggest(ids):
+        try:
+            sug = studio.suggest_pair()
+        except StudioError as e:
+            return [gr.skip()] * 2 + [fail(e)]
+        if not sug:
+            return [gr.skip()] * 2 + [fail("nothing to suggest yet: generate completions and add a few labels")]
+        if ids and sug["a"] in ids and sug["b"] in ids:
+            la, lb = LETTERS[ids.index(sug["a"])], LETTERS[ids.index(sug["b"])]
+            return [gr.update(value=la), gr.update(value=lb),
+                    ok(f"the reward model is least sure about {la} vs {lb} (p={sug['p']:.2f}); choose the winner")]
+        return [gr.skip(), gr.skip(), ok(f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the "
+                                         f"library and press 'Load its completions' (p={sug['p']:.2f})")]
+
+    # ----------------------------------------------------------------- events
+    gen_inputs = [prompt, n, max_new, temperature, top_p, seed, adapter]
+    gen_outputs = [ids_state, status] + slot_outputs + scores
+    gen_event = gen_btn.click(on_generate, gen_inputs, gen_outputs, concurrency_limit=2,
+                              concurrency_id="generate")
+    prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_limit=2, concurrency_id="generate")
+    stop_btn.click(on_stop, None, status, queue=False)
+    gen_event.then(library_choices, None, library)
+    for i in range(MAX_N):
+        stars[i].input(on_star(i), [ids_state, stars[i], criterion], [status] + scores, concurrency_limit=8)
+        ups[i].click(on_thumb(i, True), [ids_state, tags[i]], [status] + scores, concurrency_limit=8)
+        downs[i].click(on_thumb(i, False), [ids_state, tags[i]], [status] + scores, concurrency_limit=8)
+    compare_btn.click(on_compare, [ids_state, left, right, winner, criterion], [status] + scores)
+    rank_btn.click(on_rank, [ids_state, ranking, criterion], [status] + scores)
+    critique_btn.click(on_critique, [ids_state, target, critique, rewrite], [status] + scores + [critique, rewrite])
+    next_btn.click(on_next, None, [prompt, status])
+    load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores)
+    suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion])
+    return dict(on_load=(library_choices, library), criteria=(criteria_update, [criterion, rubric]),
+                adapter=adapter)
+
+
+_GEN_STOPS: dict = {}
+
+
+def _saved(what: str, fid: int, detail: str) -> str:
+    return f"{what} saved: {detail} (label #{fid})"
+
+
+def _short(text: str, n: int = 70) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 1] + "…"

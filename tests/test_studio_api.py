@@ -1,0 +1,148 @@
+"""The notebook API of the issue, end to end on a real DuckDB file and the real model; every bad input."""
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from storage import StorageError
+from studio import Studio, StudioError
+
+pytestmark = pytest.mark.slow
+
+
+def test_readme_flow(studio):
+    s = studio
+    cs = s.generate("Write a haiku about rain", n=4, max_new_tokens=12, temperature=0.8, seed=0)
+    assert len(cs) == 4 and all(c.id and c.text is not None and c.prompt_id == cs[0].prompt_id for c in cs)
+    s.rate(cs[0].id, stars=5)
+    s.thumbs(cs[1].id, up=False, tags=["incorrect"])
+    s.compare(cs[0].id, cs[1].id, winner="a")
+    s.rank([cs[2].id, cs[0].id, cs[1].id, cs[3].id])
+    out = s.critique(cs[3].id, "Too long.", rewrite="Rain on tin roofs...")
+    assert {"critique_id", "rewrite_id", "rewrite_completion_id"} <= set(out)
+
+    fb = s.feedback()
+    assert sorted(fb["kind"]) == sorted(["stars", "thumbs", "pairwise", "ranking", "critique", "rewrite"])
+    assert set(fb["annotator"]) == {"local"}
+    assert fb["session_id"].notna().all() and fb["created_at"].notna().all()
+    comp = s.completions()
+    assert len(comp) == 5
+    human = comp[comp["source"] == "human"].iloc[0]
+    assert human["text"] == "Rain on tin roofs..." and int(human["corrects_id"]) == cs[3].id
+    model_rows = comp[comp["source"] == "model"]
+    for col in ("model_id", "model_revision", "seed", "prompt_tokens", "completion_tokens", "finish_reason",
+                "latency_s", "params"):
+        assert model_rows[col].notna().all(), col
+    assert s.prompts()["text"].tolist() == ["Write a haiku about rain"]
+
+
+def test_label_history_latest_wins(studio):
+    cs = studio.generate("Say something kind", n=2, max_new_tokens=6, seed=1)
+    studio.rate(cs[0].id, stars=2)
+    studio.rate(cs[0].id, stars=4)
+    cur = studio.feedback()
+    assert cur[cur["kind"] == "stars"]["stars"].tolist() == [4]
+    hist = studio.feedback(history=True)
+    stars = hist[hist["kind"] == "stars"].sort_values("id")
+    assert stars["stars"].tolist() == [2, 4]
+    assert stars["superseded"].tolist() == [True, False]
+
+
+def test_criteria_and_idempotency(studio):
+    studio.add_criterion("helpfulness", "Does it help the user?")
+    assert "helpfulness" in studio.criteria()["name"].tolist()
+    cs = studio.generate("Explain rain", n=2, max_new_tokens=6, seed=2)
+    studio.rate(cs[0].id, 3, criterion="helpfulness")
+    studio.compare(cs[0].id, cs[1].id, "b", criterion="helpfulness")
+    a = studio.rate(cs[1].id, 5, idempotency_key="click-1")
+    b = studio.rate(cs[1].id, 5, idempotency_key="click-1")      # double submit
+    assert a == b
+    assert len(studio.feedback(history=True)) == 3
+    with pytest.raises(StudioError):
+        studio.rate(cs[0].id, 3, criterion="no-such-criterion")
+
+
+def test_bad_inputs_write_nothing(studio):
+    cs = studio.generate("Count to three", n=2, max_new_tokens=6, seed=3)
+    other = studio.generate("Another prompt", n=1, max_new_tokens=4, seed=3)
+    before = len(studio.feedback(history=True)), len(studio.completions()), len(studio.prompts())
+    bad = [
+        (lambda: studio.generate("   "), "empty"),
+        (lambda: studio.generate("x " * 9000, max_new_tokens=8), "context"),
+        (lambda: studio.generate("hi", n=0), "between 1 and 8"),
+        (lambda: studio.generate("hi", n=9), "between 1 and 8"),
+        (lambda: studio.rate(999999, 3), "999999"),
+        (lambda: studio.rate(cs[0].id, 6), "1 to 5"),
+        (lambda: studio.rate(cs[0].id, 0), "1 to 5"),
+        (lambda: studio.compare(cs[0].id, other[0].id, "a"), "same prompt"),
+        (lambda: studio.compare(cs[0].id, cs[1].id, "left"), "winner"),
+        (lambda: studio.rank([cs[0].id, cs[0].id]), "permutation|once|distinct|twice"),
+        (lambda: studio.rank([cs[0].id, other[0].id]), "same prompt|one prompt"),
+        (lambda: studio.thumbs(123456, up=True), "123456"),
+        (lambda: studio.critique(cs[0].id, "  "), "critique"),
+    ]
+    for fn, pattern in bad:
+        with pytest.raises(StudioError, match=pattern):
+            fn()
+    after = len(studio.feedback(history=True)), len(studio.completions()), len(studio.prompts())
+    assert before == after
+
+
+def test_unknown_model_keeps_previous(studio):
+    rev = studio.lm.revision
+    with pytest.raises(StudioError, match="stays loaded"):
+        studio.switch_model("./definitely/not/a/model")
+    assert studio.lm.revision == rev
+    assert studio.generate("still works?", n=1, max_new_tokens=3)[0].id
+
+
+def test_locked_file_and_not_duckdb(tmp_path, lm):
+    db = tmp_path / "locked.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(db)!r}); "
+                               "print('ok', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(StorageError) as e:
+            Studio(str(db), model=lm)
+        msg = str(e.value)
+        assert str(db.name) in msg and "another process" in msg and "--db" in msg
+    finally:
+        holder.kill()
+    junk = tmp_path / "notes.duckdb"
+    junk.write_bytes(b"this is not a database\n" * 200)
+    with pytest.raises(StorageError, match="not a DuckDB"):
+        Studio(str(junk), model=lm)
+    assert junk.read_bytes().startswith(b"this is not a database")   # left untouched
+
+
+def test_same_file_twice_in_one_process(tmp_path, lm):
+    """A notebook that re-runs `s = Studio(path)` must not fail on its own lock."""
+    path = str(tmp_path / "twice.duckdb")
+    a = Studio(path, model=lm)
+    b = Studio(path, model=lm)
+    try:
+        cs = a.generate("hello", n=1, max_new_tokens=3)
+        b.rate(cs[0].id, 4)
+        assert len(a.feedback()) == 1
+    finally:
+        a.close()
+        b.close()
+    with duckdb.connect(path, read_only=True) as con:
+        assert con.execute("select count(*) from feedback").fetchall()[0][0] == 1
+
+
+def test_prompt_library(studio, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("First prompt\n\nSecond prompt\nThird prompt\n")
+    assert studio.import_prompts(str(f)) == 3
+    cs = studio.generate("First prompt", n=2, max_new_tokens=4)
+    studio.rate(cs[0].id, 4)
+    nxt = studio.next_prompt()
+    assert nxt["text"] in ("Second prompt", "Third prompt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(StudioError, match="line 2"):
+        studio.import_prompts(str(bad))
+    assert "ok" not in studio.prompts()["text"].tolist()
