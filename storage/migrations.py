@@ -225,8 +225,14 @@ SELECT prompt_id, chosen_id, rejected_id, margin, kind, feedback_id, criterion, 
 FROM keyed;
 """
 
+# 2: automatic fast-tier refits after each label keep their metrics but not always their weights.
+_V2 = """
+ALTER TABLE reward_versions ALTER COLUMN weights DROP NOT NULL;
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
+    (2, _V2),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

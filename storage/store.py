@@ -724,7 +724,7 @@ class Store:
     # ------------------------------------------------------------ reward model versions
     def add_reward_version(self, tier: str, criterion: str | Mapping[str, float], config: Mapping[str, Any],
                            pair_ids: Sequence[Any], labels_seen: int, metrics: Mapping[str, Any],
-                           weights: bytes, parent_id: int | None = None) -> int:
+                           weights: bytes | None, parent_id: int | None = None) -> int:
         if tier not in TIERS:
             raise InvalidInput(f"tier must be one of {', '.join(TIERS)}, got {tier!r}.")
         if isinstance(criterion, Mapping):
@@ -734,7 +734,7 @@ class Store:
             crit = _criterion_name(criterion)
         values = [tier, _int(parent_id, "parent_id", optional=True), crit, _to_json(dict(config or {})),
                   _to_json(list(pair_ids)), _int(labels_seen, "labels_seen", minimum=0),
-                  _to_json(dict(metrics or {})), _bytes(weights, "weights")]
+                  _to_json(dict(metrics or {})), None if weights is None else _bytes(weights, "weights")]
 
         def fn(cur):
             if values[1] is not None and not _rows(cur, "SELECT 1 FROM reward_versions WHERE id = ?", [values[1]]):
@@ -746,6 +746,12 @@ class Store:
 
         return self._write(fn, "the reward model version",
                            lambda cur, vid: _count_ids(cur, "reward_versions", [vid]) == 1)
+
+    def latest_reward_version(self, tier: str, with_weights: bool = True) -> dict | None:
+        """The newest version of a tier (that has stored weights, if with_weights), or None."""
+        cond = " AND weights IS NOT NULL" if with_weights else ""
+        df = self._df(f"SELECT id FROM reward_versions WHERE tier = ?{cond} ORDER BY id DESC LIMIT 1", [tier])
+        return None if df.empty else self.reward_version(int(df["id"].iloc[0]))
 
     def reward_versions(self) -> pd.DataFrame:
         df = self._df("SELECT id, tier, parent_id, criterion, config, pair_ids, labels_seen, metrics, "
@@ -1005,6 +1011,32 @@ class Store:
                 if os.path.exists(p):
                     os.remove(p)
             raise
+
+    def completion_texts(self, completion_ids: Sequence[int]) -> pd.DataFrame:
+        """id, prompt, text for the given completions (the reward model's inputs)."""
+        ids = _ids(completion_ids, "completion id")
+        return self._df("SELECT c.id, p.text AS prompt, c.text FROM completions c JOIN prompts p ON p.id = c.prompt_id "
+                        "WHERE c.id IN (SELECT unnest(?::BIGINT[]))", [ids])
+
+    def completion_ids_without_features(self, model_revision: str) -> list[int]:
+        df = self._df("SELECT id FROM completions WHERE id NOT IN (SELECT completion_id FROM features "
+                      "WHERE model_revision = ?) ORDER BY id", [_str(model_revision, "model_revision")])
+        return [int(i) for i in df["id"]]
+
+    def unlabelled_pairs(self, prompt_id: int | None = None, limit: int = 2000) -> pd.DataFrame:
+        """Pairs (a < b) of completions of one prompt that no current pairwise or ranking label covers yet,
+        newest prompts first: the candidates for active learning."""
+        cond = "" if prompt_id is None else " AND a.prompt_id = ?"
+        params: list = [] if prompt_id is None else [_int(prompt_id, "prompt id")]
+        return self._df(
+            "WITH recent AS (SELECT id FROM prompts ORDER BY id DESC LIMIT 500), "
+            "covered AS (SELECT least(chosen_id, rejected_id) AS x, greatest(chosen_id, rejected_id) AS y "
+            "FROM preference_pairs) "
+            "SELECT a.prompt_id, a.id AS a, b.id AS b FROM completions a JOIN completions b "
+            "ON a.prompt_id = b.prompt_id AND a.id < b.id "
+            "WHERE a.prompt_id IN (SELECT id FROM recent)" + cond +
+            " AND NOT EXISTS (SELECT 1 FROM covered WHERE covered.x = a.id AND covered.y = b.id) "
+            f"ORDER BY a.prompt_id DESC, a.id, b.id LIMIT {int(limit)}", params)
 
     def stats(self) -> dict[str, int]:
         """Row counts per table."""
