@@ -22,17 +22,18 @@ SHORTCUTS_JS = """
 (() => {
   let sel = 0;
   const q = (s) => document.querySelector(s);
-  const visibleCards = () => [...document.querySelectorAll('.rlhf-card')].filter(c => c.offsetParent !== null);
-  const mark = () => visibleCards().forEach((c, i) => c.classList.toggle('rlhf-selected', i === sel));
+  // Cards are the Columns with elem_id card-<i>; a card counts as shown when its text box is on screen.
+  const shown = () => [...Array(8).keys()].filter(i => { const t = q(`#comp-${i}`); return t && t.getClientRects().length > 0; });
+  const mark = () => document.querySelectorAll('[id^="card-"]').forEach(c => c.classList.toggle('rlhf-selected', c.id === `card-${sel}`));
   document.addEventListener('click', (e) => {
-    const card = e.target.closest && e.target.closest('.rlhf-card');
-    if (card) { sel = Math.max(0, visibleCards().indexOf(card)); mark(); }
-  });
+    const card = e.target.closest && e.target.closest('[id^="card-"]');
+    if (card) { sel = parseInt(card.id.slice(5)) || 0; mark(); }
+  }, true);
   document.addEventListener('keydown', (e) => {
     const t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
     if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox') || t.isContentEditable)) return;
-    const cards = visibleCards();
+    const cards = shown();
     const k = e.key;
     const click = (s) => { const el = q(s); if (el) { el.click(); e.preventDefault(); } };
     if (k === 'g') click('#generate-btn');

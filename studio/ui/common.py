@@ -7,6 +7,7 @@ import string
 import gradio as gr
 
 LETTERS = string.ascii_uppercase[:8]
+ERROR_PREFIX = "**Error:**"
 
 
 def annotator_of(request: gr.Request | None, default: str = "local") -> str:
@@ -20,11 +21,11 @@ def session_of(request: gr.Request | None) -> str | None:
 
 
 def ok(message: str) -> str:
-    return f"✅ {html.escape(message)}"
+    return html.escape(message)
 
 
 def fail(message: str) -> str:
-    return f"⚠️ {html.escape(str(message))}"
+    return f"{ERROR_PREFIX} {html.escape(str(message))}"
 
 
 def letters_to_index(text: str, n: int) -> list[int]:

@@ -8,7 +8,7 @@ import gradio as gr
 
 from components.generation import MAX_N
 from ..facade import THUMBS_DOWN_TAGS, StudioError
-from .common import LETTERS, annotator_of, fail, letters_to_index, ok, session_of
+from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, session_of
 
 WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
 
@@ -37,7 +37,7 @@ def build(studio, role: str = "owner"):
         max_new = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", elem_id="max-new-tokens")
         temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p", elem_id="top-p")
-        seed = gr.Number(value=None, label="Seed (empty = random)", precision=0, elem_id="seed")
+        seed = gr.Textbox(value="", label="Seed (empty = random)", elem_id="seed", max_lines=1)
         adapter = gr.Dropdown(label="Policy", choices=["base"], value="base", elem_id="adapter")
     with gr.Row():
         gen_btn = gr.Button("Generate (g)", variant="primary", elem_id="generate-btn")
@@ -55,9 +55,10 @@ def build(studio, role: str = "owner"):
                 scores.append(gr.Markdown(_score_md(None), elem_id=f"score-{i}"))
                 stars.append(gr.Radio(["1", "2", "3", "4", "5"], label="Stars", elem_id=f"stars-{i}"))
                 with gr.Row():
-                    ups.append(gr.Button("👍", size="sm", elem_id=f"up-{i}", min_width=40))
-                    downs.append(gr.Button("👎", size="sm", elem_id=f"down-{i}", min_width=40))
-                tags.append(gr.CheckboxGroup(list(THUMBS_DOWN_TAGS), label="👎 reasons", elem_id=f"tags-{i}"))
+                    ups.append(gr.Button("Thumbs up (u)", size="sm", elem_id=f"up-{i}", min_width=40))
+                    downs.append(gr.Button("Thumbs down (d)", size="sm", elem_id=f"down-{i}", min_width=40))
+                tags.append(gr.CheckboxGroup(list(THUMBS_DOWN_TAGS), label="Thumbs-down reasons",
+                                             elem_id=f"tags-{i}"))
             cols.append(col)
 
     with gr.Row():
@@ -101,6 +102,11 @@ def build(studio, role: str = "owner"):
 
     def on_generate(prompt_text, n_, max_new_, temp_, top_p_, seed_, adapter_, request: gr.Request):
         n_ = int(n_)
+        seed_ = (seed_ or "").strip()
+        if seed_ and not seed_.lstrip("-").isdigit():
+            yield [[], fail(f"the seed must be a whole number or empty, got {seed_!r}")] + \
+                slot_updates([], []) + scores_for([])
+            return
         stop_event = threading.Event()
         updates: queue.Queue = queue.Queue()
         result: dict = {}
@@ -122,12 +128,12 @@ def build(studio, role: str = "owner"):
         _GEN_STOPS[session_of(request)] = stop_event
         threading.Thread(target=work, daemon=True).start()
         blank = [""] * n_
-        yield [[], "⏳ generating…"] + slot_updates(list(range(n_)), blank) + scores_for([])
+        yield [[], "Generating…"] + slot_updates(list(range(n_)), blank) + scores_for([])
         while True:
             item = updates.get()
             if item is None:
                 break
-            yield [gr.skip(), "⏳ generating…"] + [gr.skip()] * MAX_N + \
+            yield [gr.skip(), "Generating…"] + [gr.skip()] * MAX_N + \
                 [gr.update(value=item[i]) if i < len(item) else gr.skip() for i in range(MAX_N)] + \
                 [gr.skip()] * (2 * MAX_N + 3) + [gr.skip()] * MAX_N
         if "error" in result:
@@ -144,7 +150,7 @@ def build(studio, role: str = "owner"):
         ev = _GEN_STOPS.get(session_of(request))
         if ev:
             ev.set()
-        return "⏹ stopping…"
+        return "Stopping…"
 
     def label_result(ids, action):
         try:
@@ -161,7 +167,7 @@ def build(studio, role: str = "owner"):
                 return [gr.skip()] * (MAX_N + 1)
             return label_result(ids, lambda: _saved("rating", studio.rate(
                 ids[i], int(value), criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
-                session_id=session_of(request)), f"{value}★ for {LETTERS[i]}"))
+                session_id=session_of(request)), f"{value} stars for {LETTERS[i]}"))
         return handler
 
     def on_thumb(i, up):
@@ -170,7 +176,7 @@ def build(studio, role: str = "owner"):
                 return [fail("generate or load completions first")] + [gr.skip()] * MAX_N
             return label_result(ids, lambda: _saved("thumbs", studio.thumbs(
                 ids[i], up, tags=None if up else tag_values, annotator=annotator_of(request, studio.annotator),
-                session_id=session_of(request)), f"{'👍' if up else '👎'} for {LETTERS[i]}"))
+                session_id=session_of(request)), f"{'up' if up else 'down'} for {LETTERS[i]}"))
         return handler
 
     def on_compare(ids, l_, r_, w_, crit, request: gr.Request):
@@ -211,7 +217,7 @@ def build(studio, role: str = "owner"):
             parts = (["critique"] if "critique_id" in out else []) + (["rewrite"] if "rewrite_id" in out else [])
             return f"{' and '.join(parts)} saved for {t_}"
         res = label_result(ids, act)
-        if res[0].startswith("✅"):
+        if not res[0].startswith(ERROR_PREFIX):
             return res + [gr.update(value=""), gr.update(value="")]
         return res + [gr.skip(), gr.skip()]   # keep the unsaved text on screen for a retry
 
@@ -263,20 +269,25 @@ def build(studio, role: str = "owner"):
     gen_inputs = [prompt, n, max_new, temperature, top_p, seed, adapter]
     gen_outputs = [ids_state, status] + slot_outputs + scores
     gen_event = gen_btn.click(on_generate, gen_inputs, gen_outputs, concurrency_limit=2,
-                              concurrency_id="generate")
-    prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_limit=2, concurrency_id="generate")
-    stop_btn.click(on_stop, None, status, queue=False)
-    gen_event.then(library_choices, None, library)
+                              concurrency_id="generate", api_name="generate")
+    prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_limit=2, concurrency_id="generate",
+                  api_visibility="private")
+    stop_btn.click(on_stop, None, status, queue=False, api_name="stop")
+    gen_event.then(library_choices, None, library, api_visibility="private")
     for i in range(MAX_N):
-        stars[i].input(on_star(i), [ids_state, stars[i], criterion], [status] + scores, concurrency_limit=8)
-        ups[i].click(on_thumb(i, True), [ids_state, tags[i]], [status] + scores, concurrency_limit=8)
-        downs[i].click(on_thumb(i, False), [ids_state, tags[i]], [status] + scores, concurrency_limit=8)
-    compare_btn.click(on_compare, [ids_state, left, right, winner, criterion], [status] + scores)
-    rank_btn.click(on_rank, [ids_state, ranking, criterion], [status] + scores)
-    critique_btn.click(on_critique, [ids_state, target, critique, rewrite], [status] + scores + [critique, rewrite])
-    next_btn.click(on_next, None, [prompt, status])
-    load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores)
-    suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion])
+        stars[i].input(on_star(i), [ids_state, stars[i], criterion], [status] + scores, concurrency_limit=8,
+                       api_name=f"rate_{LETTERS[i].lower()}")
+        ups[i].click(on_thumb(i, True), [ids_state, tags[i]], [status] + scores, concurrency_limit=8,
+                     api_name=f"thumbs_up_{LETTERS[i].lower()}")
+        downs[i].click(on_thumb(i, False), [ids_state, tags[i]], [status] + scores, concurrency_limit=8,
+                       api_name=f"thumbs_down_{LETTERS[i].lower()}")
+    compare_btn.click(on_compare, [ids_state, left, right, winner, criterion], [status] + scores, api_name="compare")
+    rank_btn.click(on_rank, [ids_state, ranking, criterion], [status] + scores, api_name="rank")
+    critique_btn.click(on_critique, [ids_state, target, critique, rewrite], [status] + scores + [critique, rewrite],
+                       api_name="critique")
+    next_btn.click(on_next, None, [prompt, status], api_name="next_prompt")
+    load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores, api_name="load_prompt")
+    suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion], api_name="suggest_pair")
     return dict(on_load=(library_choices, library), criteria=(criteria_update, [criterion, rubric]),
                 adapter=adapter)
 

@@ -32,13 +32,13 @@ def _status_md(studio) -> str:
     p = rs.progress
     if p.running:
         pct = 100 * p.done / max(p.total, 1)
-        parts.append(f"⏳ {p.message}: {p.done}/{p.total} ({pct:.0f}%)")
+        parts.append(f"{p.message}: {p.done}/{p.total} ({pct:.0f}%)")
     elif p.message:
         parts.append(p.message)
     if rs._deep_thread is not None and rs._deep_thread.is_alive():
-        parts.append("⏳ deep tier training in the background (labelling continues)")
+        parts.append("deep tier training in the background (labelling continues)")
     if rs.last_error:
-        parts.append(f"⚠️ last problem: {rs.last_error}")
+        parts.append(f"last problem: {rs.last_error}")
     return "\n\n".join(parts)
 
 

@@ -34,7 +34,7 @@ def _memory_md(studio, settings: dict) -> str:
     if avail:
         line += f" of {avail / 2**30:.1f} GiB available"
         if est["bytes"] > avail:
-            line += " — ⚠️ will not fit: lower batch size / new tokens or load the base in 4-bit"
+            line += " — will not fit: lower batch size / new tokens or load the base in 4-bit"
     return line
 
 

@@ -1,0 +1,68 @@
+"""Helpers for tests that drive the real app: start `launch.py` in a subprocess, open headless Chromium."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(db: str, *extra: str, timeout: float = 180):
+    """Start the app as a user would (`python launch.py ...`); yield (url, process); stop it afterwards."""
+    port = free_port()
+    log = open(Path(db).with_suffix(".log"), "w+")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--db", db, "--port", str(port),
+                             "--no-browser", *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            log.seek(0)
+            if "RLHF Studio running at" in log.read():
+                break
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the app exited early:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the app did not start in time")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@contextmanager
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -1,0 +1,118 @@
+"""The app as a user meets it: `launch.py` in a subprocess, headless Chromium clicking through every kind of
+feedback, then the DuckDB file checked row by row; and gradio_client against the same server."""
+import duckdb
+import pytest
+
+from tests.browser import ARTIFACTS, browser, running_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def _wait_status(page, text, timeout=120_000):
+    from playwright.sync_api import expect
+    expect(page.locator("#status")).to_contain_text(text, timeout=timeout)
+
+
+def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
+    db = str(tmp_path / "ui.duckdb")
+    with running_app(db) as (url, _), browser() as b:
+        page = b.new_page(viewport={"width": 1500, "height": 1300})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.locator("#prompt textarea").fill("Write a haiku about rain")
+        page.locator("#max-new-tokens input[type=number]").fill("16")
+        page.locator("#max-new-tokens input[type=number]").press("Enter")
+        page.locator("#seed textarea, #seed input").first.fill("7")
+        page.click("#generate-btn")
+        _wait_status(page, "4 completions saved")
+        texts = [page.locator(f"#comp-{i} textarea").input_value() for i in range(4)]
+        assert all(isinstance(t, str) for t in texts) and any(t.strip() for t in texts)
+
+        # 1. stars by clicking, 2. stars by keyboard shortcut on the selected card
+        page.locator("#stars-0 input[value='5']").click()
+        _wait_status(page, "5 stars for A")
+        page.locator("#score-2").click()
+        page.keyboard.press("3")
+        _wait_status(page, "3 stars for C")
+        # 3. thumbs down with a reason tag, thumbs up
+        page.locator("#tags-1 input[name='incorrect']").check()
+        page.click("#down-1")
+        _wait_status(page, "down for B")
+        page.click("#up-3")
+        _wait_status(page, "up for D")
+        # 4. pairwise choice: A vs B, B wins
+        page.locator("#winner input[value='b']").click()
+        page.click("#compare-btn")
+        _wait_status(page, "A vs B: b")
+        # 5. ranking of all four; a bad ranking first (not a permutation): clear message, nothing saved
+        page.locator("#ranking textarea").fill("B A")
+        page.click("#rank-btn")
+        _wait_status(page, "every completion shown exactly once")
+        page.locator("#ranking textarea").fill("B A D C")
+        page.click("#rank-btn")
+        _wait_status(page, "B > A > D > C")
+        # 6. critique with a corrected rewrite, on D
+        page.locator("#critique-target input").click()
+        page.get_by_role("option", name="D").click()
+        page.locator("#critique textarea").fill("Not a haiku: wrong syllable count.")
+        page.locator("#rewrite textarea").fill("Rain on tin roofs sings\nsoft drums for the sleeping town\npuddles hold the sky")
+        page.click("#critique-btn")
+        _wait_status(page, "critique and rewrite saved for D")
+
+        # History tab shows the labels
+        page.get_by_role("tab", name="History").click()
+        page.click("#history-refresh")
+        from playwright.sync_api import expect
+        expect(page.locator("#history-summary")).to_contain_text("8 labels shown", timeout=60_000)
+        page.get_by_role("tab", name="Generate & Rate").click()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "generate-and-rate.png"), full_page=True)
+        assert not errors, errors
+
+    # The app is stopped: every acknowledged label is in the file.
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute("SELECT id, source, text, corrects_id FROM completions ORDER BY id").fetchall()
+        assert len(rows) == 5
+        model_ids = [r[0] for r in rows if r[1] == "model"]
+        assert [r[2] for r in rows if r[1] == "model"] == texts
+        human = [r for r in rows if r[1] == "human"][0]
+        assert human[2].startswith("Rain on tin roofs sings") and human[3] == model_ids[3]
+        fb = con.execute("SELECT kind, completion_id, other_completion_id, stars, up, winner, ranking, text, tags, "
+                         "rewrite_completion_id, annotator FROM feedback ORDER BY id").fetchall()
+        kinds = [f[0] for f in fb]
+        assert kinds == ["stars", "stars", "thumbs", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
+        A, B, C, D = model_ids
+        assert (fb[0][1], fb[0][3]) == (A, 5)
+        assert (fb[1][1], fb[1][3]) == (C, 3)
+        assert (fb[2][1], fb[2][4], list(fb[2][8])) == (B, False, ["incorrect"])
+        assert (fb[3][1], fb[3][4]) == (D, True)
+        assert (fb[4][1], fb[4][2], fb[4][5]) == (A, B, "b")
+        assert list(fb[5][6]) == [B, A, D, C]
+        assert (fb[6][1], fb[6][7]) == (D, "Not a haiku: wrong syllable count.")
+        assert fb[7][1] == D and fb[7][9] == human[0]
+        assert {f[10] for f in fb} == {"local"}
+
+
+def test_gradio_client_endpoints(tmp_path):
+    from gradio_client import Client
+    db = str(tmp_path / "client.duckdb")
+    with running_app(db) as (url, _):
+        client = Client(url, verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)
+        names = set(api["named_endpoints"])
+        assert {"/generate", "/rate_a", "/compare", "/rank", "/critique"} <= names, sorted(names)
+        job = client.submit("Name a colour", 2, 8, 0.7, 0.9, "3", "base", api_name="/generate")
+        outputs = job.result(timeout=180)
+        status, text_a = outputs[0], outputs[1]
+        assert "2 completions saved" in status
+        # The completion ids live in the client's session state: rating A needs only stars and criterion.
+        res = client.predict("4", "overall", api_name="/rate_a")
+        assert "4 stars for A" in res[0]
+        bad = client.predict("A", "A", "a", "overall", api_name="/compare")   # a completion against itself
+        assert "Error" in bad[0]
+    with duckdb.connect(db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM completions").fetchall()[0][0] == 2
+        assert con.execute("SELECT stars FROM feedback").fetchall() == [(4,)]
+        first = con.execute("SELECT c.text FROM completions c JOIN feedback f ON f.completion_id = c.id").fetchall()
+        assert first[0][0] == (text_a["value"] if isinstance(text_a, dict) else text_a)
