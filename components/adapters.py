@@ -40,9 +40,9 @@ def use_adapter(model, name: str | None):
 
 
 # ---------------------------------------------------------------- adapter files as one BLOB
-# A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) packed in a zip, so it can live in the
+# A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, + the PPO value head) packed in a zip, so it can live in the
 # DuckDB file. Unpacking accepts only those two names (plus a README): no paths, no pickles, nothing executable.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "value_head.safetensors", "README.md")
 
 
 class AdapterFormatError(ValueError):

@@ -844,6 +844,7 @@ class Store:
         rid, step = _int(run_id, "run_id"), _int(step, "step", minimum=0)
         if not isinstance(metrics, Mapping):
             raise InvalidInput("metrics must be a dict {name: value}.")
+        metrics = {k: v for k, v in metrics.items() if k != "step"}   # the step is the row key already
         names = [_str(k, "metric name") for k in metrics]
         values = [_float(v, f"metric {k!r}", optional=True) for k, v in metrics.items()]
         if not names:

@@ -72,6 +72,9 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
             cmp = compare_tab.build(studio, role)
         with gr.Tab("History", id="history"):
             hist = history_tab.build(studio, role)
+        with gr.Tab("Dashboard", id="dashboard") as dash_tab:
+            from .ui import dashboard as dashboard_tab
+            dash = dashboard_tab.build(studio, role)
         fn, out = gen["on_load"]
         demo.load(fn, None, out)
         fn, outs = gen["criteria"]
@@ -85,6 +88,8 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
             demo.load(f, None, [gen["adapter"]])
         f, i, o = hist["on_load"]
         demo.load(f, i, o)
+        f, i, o = dash["on_load"]
+        dash_tab.select(f, i, o)      # on opening the tab: the aggregates take a second at a million labels
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
 

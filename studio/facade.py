@@ -286,6 +286,26 @@ class Studio:
         rows = [(p, v, w, l, t, (w + 0.5 * t) / v) for p, (v, w, l, t) in sorted(stats.items())]
         return pd.DataFrame(rows, columns=cols)
 
+    # ------------------------------------------------------- data (issue 5)
+    def export(self, kind: str, path: str, format: str = "parquet", **options) -> int:
+        """kind preference|unpaired|sft|raw; format parquet|jsonl|csv; options: conversational, criterion,
+        split, metadata. Derived from the same SQL views the reward model trains from."""
+        from . import exports
+        return exports.export(self.store, kind, path, format, **options)
+
+    def import_rated(self, path: str, criterion: str = "overall", scale: str = "auto") -> dict:
+        """UltraFeedback-like rated completions (a prompt, several completions with scores) as star labels."""
+        from . import exports
+        out = exports.import_rated(self.store, path, criterion=criterion, scale=scale)
+        if out["completions"]:
+            self.reward.start_feature_job()
+        return out
+
+    def leaderboard(self, criterion: str = "overall", blind_only: bool = False):
+        """Policies (base and each adapter) ranked by a Bradley-Terry score from pairwise votes, with CIs."""
+        from . import dashboards
+        return dashboards.leaderboard_table(self.store, criterion, blind_only)
+
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
         self.store.backup(path)

@@ -4,7 +4,6 @@ checkpoints and the final adapter back through a pipe; the app writes them. One 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import threading
 import time
@@ -16,6 +15,31 @@ log = logging.getLogger("rlhf_studio.jobs")
 
 
 # ------------------------------------------------------------------------ the worker process
+class _CancelFlag:
+    """The app asks for a cancel by sending ("cancel",) on the duplex connection."""
+
+    def __init__(self, conn):
+        self.conn, self._set = conn, False
+
+    def is_set(self) -> bool:
+        try:
+            while not self._set and self.conn.poll():
+                if self.conn.recv()[0] == "cancel":
+                    self._set = True
+        except (EOFError, OSError):
+            self._set = True        # the app is gone: stop and save
+        return self._set
+
+
+def worker_main(address: str, authkey_hex: str) -> None:
+    """`python -m studio.jobs HOST:PORT KEY`: connect back to the app, receive the spec, train."""
+    from multiprocessing.connection import Client
+    host, port = address.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(authkey_hex))
+    spec = conn.recv()
+    ppo_worker(conn, _CancelFlag(conn), spec)
+
+
 def ppo_worker(conn, cancel, spec: dict) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
     ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
@@ -24,7 +48,6 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         from components.models import load_model
         from components.ppo.config import PPOConfig
         from components.ppo.trainer import PPOTrainer
-        from components.reward.ppo_reward import reward_fn_from_bytes
 
         torch.set_num_threads(max(1, int(spec.get("threads") or os.cpu_count() or 1)))
         lm = load_model(spec["model_id"], device=spec.get("device"), dtype=spec.get("dtype"),
@@ -34,20 +57,20 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         trainer = PPOTrainer(lm, reward_fn, cfg, spec["prompts"])
         if spec.get("checkpoint"):
             trainer.load_state_bytes(spec["checkpoint"])
-        conn.send(("started", trainer.global_step))
+        conn.send(("started", trainer.step_count))
         status = "completed"
-        while trainer.global_step < cfg.steps:
+        while trainer.step_count < cfg.steps:
             if cancel.is_set():
                 status = "cancelled"
                 break
             m = trainer.step()
             samples = m.pop("samples", [])
             conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
-            if cfg.checkpoint_every and trainer.global_step % cfg.checkpoint_every == 0 \
-                    and trainer.global_step < cfg.steps:
-                conn.send(("checkpoint", trainer.global_step, trainer.state_bytes()))
-        conn.send(("checkpoint", trainer.global_step, trainer.state_bytes()))
-        conn.send(("adapter", trainer.adapter_zip(), trainer.global_step))
+            if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
+                    and trainer.step_count < cfg.steps:
+                conn.send(("checkpoint", trainer.step_count, trainer.state_bytes()))
+        conn.send(("checkpoint", trainer.step_count, trainer.state_bytes()))
+        conn.send(("adapter", adapter_zip(trainer), trainer.step_count))
         conn.send(("done", status))
     except Exception as e:  # report, then exit: the app marks the run failed and keeps serving
         import traceback
@@ -65,6 +88,35 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             pass
 
 
+def reward_fn_from_bytes(lm, tier: str, weights: bytes):
+    """Rebuild the reward model version that the app snapshotted, as a PPO reward function."""
+    from components.reward.ppo_reward import reward_fn_for_ppo
+    if tier == "fast":
+        from components.reward.fast import FastRewardModel
+        return reward_fn_for_ppo(FastRewardModel.from_bytes(weights), lm)
+    from components.reward.deep import DeepRewardModel
+    return reward_fn_for_ppo(DeepRewardModel.from_bytes(lm, weights), lm)
+
+
+def adapter_zip(trainer) -> bytes:
+    import tempfile
+    from components.adapters import pack_adapter_dir
+    with tempfile.TemporaryDirectory() as d:
+        trainer.save_adapter(d)
+        return pack_adapter_dir(d)
+
+
+class _RemoteCancel:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def set(self) -> None:
+        try:
+            self.conn.send(("cancel",))
+        except (OSError, EOFError):
+            pass
+
+
 # ---------------------------------------------------------------------------- the app side
 @dataclass
 class RunHandle:
@@ -72,7 +124,7 @@ class RunHandle:
     run_id: int
     _manager: "JobManager"
     _thread: threading.Thread | None = None
-    _process: mp.Process | None = None
+    _process: object = None          # subprocess.Popen of the worker
     _cancel: object = None
     adapter_id: int | None = None
     error: str | None = None
@@ -187,20 +239,37 @@ class JobManager:
         return v["tier"], int(version)
 
     def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait) -> RunHandle:
+        """Start `python -m studio.jobs` and hand it the snapshot over an authenticated local connection
+        (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
+        import secrets
+        import subprocess
+        import sys
+        from multiprocessing.connection import Listener
         lm = self.studio.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"))
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        cancel = ctx.Event()
-        proc = ctx.Process(target=ppo_worker, args=(child, cancel, spec), daemon=True, name=f"ppo-run-{run_id}")
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        host, port = listener.address
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.Popen([sys.executable, "-m", "studio.jobs", f"{host}:{port}", key.hex()], env=env,
+                                cwd=root)
+        try:
+            listener._listener._socket.settimeout(300)
+            conn = listener.accept()
+        except Exception as e:
+            proc.kill()
+            self.store.set_run_status(run_id, "failed", error=f"the training process did not start: {e}")
+            raise StudioError(f"the training process did not start: {e}") from None
+        finally:
+            listener.close()
+        conn.send(spec)
         self.store.set_run_status(run_id, "running")
-        proc.start()
-        child.close()
-        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=cancel)
-        handle._thread = threading.Thread(target=self._pump, args=(handle, parent, proc), daemon=True,
+        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=_RemoteCancel(conn))
+        handle._thread = threading.Thread(target=self._pump, args=(handle, conn, proc), daemon=True,
                                           name=f"ppo-pump-{run_id}")
         handle._thread.start()
         self.current = handle
@@ -241,10 +310,13 @@ class JobManager:
             handle.error = f"{type(e).__name__}: {e}"
             final = "failed"
         finally:
-            proc.join(timeout=30)
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                proc.kill()
             if final is None:     # the worker died without saying goodbye (kill -9, OOM killer)
                 final = "interrupted"
-                handle.error = handle.error or f"the training process exited unexpectedly (code {proc.exitcode})"
+                handle.error = handle.error or f"the training process exited unexpectedly (code {proc.returncode})"
             try:
                 self.store.set_run_status(run_id, final, error=handle.error)
             except Exception:
@@ -308,5 +380,10 @@ class JobManager:
         if h and h.running():
             h.cancel()
             h.wait(timeout=60)
-            if h._process and h._process.is_alive():
+            if h._process and h._process.poll() is None:
                 h._process.kill()
+
+
+if __name__ == "__main__":
+    import sys
+    worker_main(sys.argv[1], sys.argv[2])
