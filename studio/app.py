@@ -6,6 +6,7 @@ import sys
 
 import gradio as gr
 
+from .auth import Accounts, role_of
 from .ui import generate as generate_tab
 from .ui import history as history_tab
 
@@ -64,7 +65,7 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
         with gr.Tab("Reward model", id="reward"):
             from .ui import reward as reward_tab
             rew = reward_tab.build(studio, role)
-        with gr.Tab("Train (PPO)", id="train"):
+        with gr.Tab("Train (PPO)", id="train") as train_tab_:
             from .ui import train as train_tab
             trn = train_tab.build(studio, role)
         with gr.Tab("Blind compare", id="compare"):
@@ -90,6 +91,17 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
         demo.load(f, i, o)
         f, i, o = dash["on_load"]
         dash_tab.select(f, i, o)      # on opening the tab: the aggregates take a second at a million labels
+
+        # What a role may not do is hidden on page load (the handlers refuse it on the server as well).
+        owner_only = [c for part in (gen, rew, trn, dash) for c in part.get("owner_only", [])] + [train_tab_]
+        blind_hidden = gen.get("blind_hidden", [])
+
+        def apply_role(request: gr.Request):
+            is_owner = role_of(studio, request) == "owner"
+            # A Tab ignores visible=False in an update; "hidden" hides it (and its button).
+            return [gr.update(visible=True if is_owner else "hidden")] * len(owner_only) + \
+                [gr.update(visible=is_owner or not getattr(studio, "blind", False))] * len(blind_hidden)
+        demo.load(apply_role, None, owner_only + blind_hidden, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
 
@@ -100,18 +112,30 @@ def strong_password() -> str:
 
 def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
                inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True,
-               quiet: bool = False):
-    """Launch the app; with share=True never without a password (one is generated and printed if missing)."""
-    if isinstance(auth, str):
-        user, _, pw = auth.partition(":")
-        if not user or not pw:
-            raise ValueError("--auth must look like USER:PASSWORD")
-        auth = (user, pw)
-    if share and not auth:
-        auth = ("studio", strong_password())
-        print(f"Sharing needs a login. Generated one: user 'studio', password '{auth[1]}'", flush=True)
+               quiet: bool = False, auth_file: str | None = None, blind: bool = False):
+    """Launch the app; with share=True never without a password (one is generated and printed if missing).
+
+    auth: "USER:PASS" or (user, pass) for one owner; auth_file: several accounts with roles (studio/auth.py).
+    blind: hide model/adapter identity and reward-model scores while labelling.
+    """
+    accounts = None
+    if auth_file:
+        accounts = Accounts.from_file(auth_file)
+    elif auth:
+        if isinstance(auth, str):
+            user, _, pw = auth.partition(":")
+            if not user or not pw:
+                raise ValueError("--auth must look like USER:PASSWORD")
+            auth = (user, pw)
+        accounts = Accounts.single(*auth)
+    if share and accounts is None:
+        pw = strong_password()
+        accounts = Accounts.single("studio", pw)
+        print(f"Sharing needs a login. Generated one: user 'studio', password '{pw}'", flush=True)
+    studio.accounts = accounts
+    studio.blind = bool(blind)
     demo = build_app(studio)
-    demo.launch(share=share, auth=auth, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+    demo.launch(share=share, auth=accounts, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],
                 theme=gr.themes.Soft(), strict_cors=True)

@@ -18,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="temporary public Gradio link (always behind a login)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
+    p.add_argument("--auth-file", metavar="PATH", help="JSON file of accounts with roles (owner / annotator)")
+    p.add_argument("--blind", action="store_true",
+                   help="blind labelling: hide model/adapter identity and reward-model scores")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
@@ -40,7 +43,13 @@ def main(argv=None) -> int:
     except (StorageError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = s.launch(share=args.share, auth=args.auth, host=args.host, port=args.port, open_browser=False)
+    try:
+        app = s.launch(share=args.share, auth=args.auth, host=args.host, port=args.port, open_browser=False,
+                       auth_file=args.auth_file, blind=args.blind)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        s.close()
+        return 2
     print(f"Ready in {time.perf_counter() - t0:.1f} s. Press Ctrl+C to stop.", flush=True)
     if not args.no_browser:
         try:

@@ -49,6 +49,8 @@ class Studio:
         self._device, self._dtype, self._quantization = device, dtype, quantization
         self.lm: LoadedModel | None = None
         self._app = None
+        self.accounts = None          # set by launch(): logins and roles
+        self.blind = False
         self.session_id = uuid.uuid4().hex[:12]
         try:
             if not read_only:
@@ -312,11 +314,16 @@ class Studio:
         return path
 
     def launch(self, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
-               inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True):
-        """Start the Gradio app (inline in Jupyter). Returns the running Blocks; `.local_url` has the address."""
+               inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True,
+               auth_file: str | None = None, blind: bool = False):
+        """Start the Gradio app (inline in Jupyter). Returns the running Blocks; `.local_url` has the address.
+
+        auth "USER:PASS" (one owner) or auth_file (accounts with roles owner/annotator); share=True always
+        requires a login (a password is generated if none is given); blind hides identities and scores."""
         from .app import launch_app
         self._app = launch_app(self, share=share, auth=auth, host=host, port=port, inline=inline,
-                               open_browser=open_browser, prevent_thread_lock=prevent_thread_lock)
+                               open_browser=open_browser, prevent_thread_lock=prevent_thread_lock,
+                               auth_file=auth_file, blind=blind)
         return self._app
 
     def close(self) -> None:

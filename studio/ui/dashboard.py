@@ -15,6 +15,7 @@ from storage import exports as q
 
 from .. import dashboards as dash
 from .. import exports as ex
+from ..auth import require_owner
 from ..errors import StudioError
 from .common import fail, ok
 
@@ -76,7 +77,7 @@ def build(studio, role: str = "owner"):
         kappa_table = gr.Dataframe(label="Cohen's kappa per annotator pair (stars)", interactive=False,
                                    elem_id="dash-kappa-table")
 
-    with gr.Accordion("Export training data", open=False, visible=owner):
+    with gr.Accordion("Export training data", open=False, visible=owner) as export_box:
         with gr.Row():
             kind = gr.Dropdown([("Preference pairs (prompt/chosen/rejected)", "preference"),
                                 ("Unpaired (prompt/completion/label, KTO)", "unpaired"),
@@ -88,7 +89,7 @@ def build(studio, role: str = "owner"):
             export_btn = gr.Button("Export", elem_id="export-data-btn")
         export_msg = gr.Markdown(elem_id="export-msg")
         export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
-    with gr.Accordion("Import rated completions (UltraFeedback-like)", open=False, visible=owner):
+    with gr.Accordion("Import rated completions (UltraFeedback-like)", open=False, visible=owner) as import_box:
         gr.Markdown('One row per prompt: `{"prompt": ..., "completions": [{"text": ..., "score": ...}, ...]}` '
                     "(JSONL or Parquet). Scores 1..5 are kept, 0..10 are halved (rounded half up).")
         with gr.Row():
@@ -120,7 +121,11 @@ def build(studio, role: str = "owner"):
         kap = agg["kappa"].head(50).round({"kappa": 3, "kappa_quadratic": 3, "exact_agreement": 3})
         return [md] + figs + [show, kap]
 
-    def on_export(kind_, fmt_, conv_, crit_):
+    def on_export(kind_, fmt_, conv_, crit_, request: gr.Request):
+        try:
+            require_owner(studio, request, "export data")
+        except StudioError as e:
+            return fail(e), None
         criterion = None if crit_ in (None, "", ALL) else crit_
         folder = tempfile.mkdtemp(prefix="rlhf-export-")
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -138,7 +143,11 @@ def build(studio, role: str = "owner"):
             return fail(e), None
         return ok(f"exported {n:,} rows"), path
 
-    def on_import(f, scale_, crit_):
+    def on_import(f, scale_, crit_, request: gr.Request):
+        try:
+            require_owner(studio, request, "import data")
+        except StudioError as e:
+            return fail(e)
         if f is None:
             return fail("choose a file first")
         path = f if isinstance(f, str) else getattr(f, "name", None)
@@ -161,6 +170,6 @@ def build(studio, role: str = "owner"):
     refresh.click(load, inputs, outputs)
     crit.change(load, inputs, outputs)
     blind.change(load, inputs, outputs)
-    export_btn.click(on_export, [kind, fmt, conv, crit], [export_msg, export_file])
-    import_btn.click(on_import, [upload, scale, crit], import_msg).then(load, inputs, outputs)
-    return dict(on_load=(load, inputs, outputs))
+    export_btn.click(on_export, [kind, fmt, conv, crit], [export_msg, export_file], api_name="export_data")
+    import_btn.click(on_import, [upload, scale, crit], import_msg, api_name="import_rated").then(load, inputs, outputs)
+    return dict(on_load=(load, inputs, outputs), owner_only=[export_box, import_box])

@@ -8,6 +8,7 @@ import gradio as gr
 
 from components.generation import MAX_N
 from ..facade import THUMBS_DOWN_TAGS, StudioError
+from ..auth import require_owner
 from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, session_of
 
 WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
@@ -32,6 +33,13 @@ def build(studio, role: str = "owner"):
             library = gr.Dropdown(label="Prompt library (fewest labels first)", choices=[], elem_id="library",
                                   allow_custom_value=False)
             load_btn = gr.Button("Load its completions", size="sm", elem_id="load-prompt-btn")
+    with gr.Accordion("Add prompts to the library", open=False, visible=role == "owner") as prompts_box:
+        with gr.Row():
+            new_prompts = gr.Textbox(label="One prompt per line", lines=3, elem_id="new-prompts", scale=3)
+            add_btn = gr.Button("Add", elem_id="add-prompts-btn")
+            prompt_file = gr.File(label="or import .txt / .jsonl / .csv / .parquet", elem_id="prompt-file",
+                                  file_types=[".txt", ".jsonl", ".csv", ".parquet"])
+            import_btn = gr.Button("Import file", elem_id="import-prompts-btn")
     with gr.Row():
         n = gr.Slider(1, MAX_N, value=4, step=1, label="Completions (n)", elem_id="n")
         max_new = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", elem_id="max-new-tokens")
@@ -85,6 +93,8 @@ def build(studio, role: str = "owner"):
 
     # ------------------------------------------------------------------ logic
     def scores_for(ids):
+        if getattr(studio, "blind", False):     # blind mode: no reward-model scores while labelling
+            return [gr.update(value="<small>reward: hidden (blind mode)</small>")] * MAX_N
         return [gr.update(value=_score_md(s)) for s in studio.reward.visible_scores(ids)] + \
                [gr.update(value=_score_md(None))] * (MAX_N - len(ids))
 
@@ -265,6 +275,26 @@ def build(studio, role: str = "owner"):
         return [gr.skip(), gr.skip(), ok(f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the "
                                          f"library and press 'Load its completions' (p={sug['p']:.2f})")]
 
+    def on_add(text, request: gr.Request):
+        try:
+            require_owner(studio, request, "add prompts")
+            ids = studio.add_prompts([t for t in (text or "").splitlines() if t.strip()], source="manual")
+        except StudioError as e:
+            return fail(e), gr.skip()
+        if not ids:
+            return fail("type at least one prompt"), gr.skip()
+        return ok(f"{len(ids)} prompts in the library"), gr.update(value="")
+
+    def on_import_prompts(f, request: gr.Request):
+        try:
+            require_owner(studio, request, "import prompts")
+            if f is None:
+                raise StudioError("choose a file first")
+            n = studio.import_prompts(f if isinstance(f, str) else f.name)
+        except StudioError as e:
+            return fail(e)
+        return ok(f"{n} prompts imported")
+
     # ----------------------------------------------------------------- events
     gen_inputs = [prompt, n, max_new, temperature, top_p, seed, adapter]
     gen_outputs = [ids_state, status] + slot_outputs + scores
@@ -288,8 +318,12 @@ def build(studio, role: str = "owner"):
     next_btn.click(on_next, None, [prompt, status], api_name="next_prompt")
     load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores, api_name="load_prompt")
     suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion], api_name="suggest_pair")
+    add_btn.click(on_add, [new_prompts], [status, new_prompts], api_name="add_prompts").then(
+        library_choices, None, library)
+    import_btn.click(on_import_prompts, [prompt_file], status, api_name="import_prompts").then(
+        library_choices, None, library)
     return dict(on_load=(library_choices, library), criteria=(criteria_update, [criterion, rubric]),
-                adapter=adapter)
+                adapter=adapter, owner_only=[prompts_box], blind_hidden=[adapter])
 
 
 _GEN_STOPS: dict = {}

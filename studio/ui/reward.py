@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import plots
 from ..errors import StudioError
+from ..auth import require_owner
 from .common import fail, ok
 
 
@@ -56,7 +57,7 @@ def _likes(studio, k: int = 5):
 def build(studio, role: str = "owner"):
     owner = role == "owner"
     status = gr.Markdown(elem_id="reward-status")
-    with gr.Row(visible=owner):
+    with gr.Row(visible=owner) as owner_row:
         refit = gr.Button("Refit fast tier now", elem_id="refit-fast-btn")
         train_deep = gr.Button("Train deep tier now", elem_id="train-deep-btn")
         every = gr.Number(value=studio.reward.settings.deep_every, precision=0, label="Deep update every K new pairs "
@@ -73,12 +74,14 @@ def build(studio, role: str = "owner"):
     with gr.Row():
         best = gr.Dataframe(label="Liked most", interactive=False, wrap=True)
         worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True)
-    with gr.Accordion("Import preference pairs (HH-RLHF or TRL prompt/chosen/rejected)", open=False, visible=owner):
+    with gr.Accordion("Import preference pairs (HH-RLHF or TRL prompt/chosen/rejected)", open=False,
+                      visible=owner) as import_box:
         upload = gr.File(label="JSONL(.gz) or Parquet", file_types=[".jsonl", ".gz", ".json", ".parquet"],
                          elem_id="pref-file")
         fmt = gr.Radio([("HH-RLHF", "hh"), ("TRL", "trl")], value="hh", label="Format")
         import_btn = gr.Button("Import", elem_id="pref-import-btn")
     timer = gr.Timer(3.0)
+    owner_only = [owner_row, import_box]
 
     def refresh():
         m = studio.reward_metrics()
@@ -97,26 +100,36 @@ def build(studio, role: str = "owner"):
 
     outputs = [status, curves, calib, hist, versions, best, worst]
 
-    def on_refit():
+    def on_refit(request: gr.Request):
         try:
+            require_owner(studio, request, "train the reward model")
             v = studio.train_reward_model(tier="fast")
             return ok(f"fast tier refit: version {v}")
         except StudioError as e:
             return fail(e)
 
-    def on_deep(k):
+    def on_deep(k, request: gr.Request):
         try:
+            require_owner(studio, request, "train the reward model")
             studio.reward.settings.deep_every = max(0, int(k or 0))
             studio.train_reward_model(tier="deep", wait=False)
             return ok("deep tier training started in the background")
         except StudioError as e:
             return fail(e)
 
-    def on_every(k):
+    def on_every(k, request: gr.Request):
+        try:
+            require_owner(studio, request, "change reward-model settings")
+        except StudioError as e:
+            return fail(e)
         studio.reward.settings.deep_every = max(0, int(k or 0))
         return ok(f"deep tier updates every {studio.reward.settings.deep_every} new pairs")
 
-    def on_import(f, fmt_):
+    def on_import(f, fmt_, request: gr.Request):
+        try:
+            require_owner(studio, request, "import data")
+        except StudioError as e:
+            return fail(e)
         if f is None:
             return fail("choose a file first")
         path = f if isinstance(f, str) else getattr(f, "name", None)
@@ -126,7 +139,11 @@ def build(studio, role: str = "owner"):
             return fail(e)
         return ok(f"imported {n} pairs; reward features are being computed in the background")
 
-    def on_select(evt: gr.SelectData, df):
+    def on_select(evt: gr.SelectData, df, request: gr.Request):
+        try:
+            require_owner(studio, request, "choose the reward model for training")
+        except StudioError as e:
+            return fail(e)
         try:
             vid = int(df.iloc[evt.index[0]]["id"])
         except Exception:
@@ -134,10 +151,10 @@ def build(studio, role: str = "owner"):
         studio.reward.selected_version = vid
         return ok(f"PPO will use reward-model version {vid}")
 
-    refit.click(on_refit, None, action).then(refresh, None, outputs)
-    train_deep.click(on_deep, [every], action)
-    every.submit(on_every, [every], action)
-    import_btn.click(on_import, [upload, fmt], action).then(refresh, None, outputs)
+    refit.click(on_refit, None, action, api_name="refit_fast").then(refresh, None, outputs)
+    train_deep.click(on_deep, [every], action, api_name="train_deep")
+    every.submit(on_every, [every], action, api_name="deep_every")
+    import_btn.click(on_import, [upload, fmt], action, api_name="import_preferences").then(refresh, None, outputs)
     versions.select(on_select, [versions], use_version)
-    timer.tick(refresh, None, outputs)
-    return dict(on_load=(refresh, None, outputs))
+    timer.tick(refresh, None, outputs, api_visibility="private")
+    return dict(on_load=(refresh, None, outputs), owner_only=owner_only)

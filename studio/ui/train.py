@@ -8,6 +8,7 @@ import gradio as gr
 
 from .. import plots
 from ..errors import StudioError
+from ..auth import require_owner
 from .common import fail, ok
 
 
@@ -40,7 +41,7 @@ def _memory_md(studio, settings: dict) -> str:
 
 def build(studio, role: str = "owner"):
     owner = role == "owner"
-    with gr.Row(visible=owner):
+    with gr.Row(visible=owner) as settings_row:
         steps = gr.Number(20, precision=0, label="Steps", elem_id="ppo-steps")
         batch = gr.Number(8, precision=0, label="Prompts per step", elem_id="ppo-batch")
         new_tokens = gr.Number(32, precision=0, label="New tokens", elem_id="ppo-new-tokens")
@@ -53,7 +54,7 @@ def build(studio, role: str = "owner"):
     tier = gr.Radio([("Deep tier (if trained)", "deep"), ("Fast tier", "fast")], value="deep",
                     label="Reward model", visible=owner, elem_id="ppo-tier")
     memory = gr.Markdown(elem_id="ppo-memory")
-    with gr.Row(visible=owner):
+    with gr.Row(visible=owner) as launch_row:
         launch = gr.Button("Launch PPO", variant="primary", elem_id="ppo-launch")
         cancel = gr.Button("Cancel", elem_id="ppo-cancel")
         resume_id = gr.Number(None, precision=0, label="Run id to resume", elem_id="ppo-resume-id")
@@ -65,7 +66,7 @@ def build(studio, role: str = "owner"):
                            elem_id="ppo-samples")
     runs = gr.Dataframe(label="Runs", interactive=False, elem_id="ppo-runs")
     adapters = gr.Dataframe(label="Adapters", interactive=False, elem_id="ppo-adapters")
-    with gr.Row(visible=owner):
+    with gr.Row(visible=owner) as export_row:
         export_id = gr.Number(None, precision=0, label="Adapter id", elem_id="export-id")
         export_path = gr.Textbox(label="Export to folder", elem_id="export-path")
         merged = gr.Checkbox(label="Merged full model", elem_id="export-merged")
@@ -105,10 +106,10 @@ def build(studio, role: str = "owner"):
 
     outputs = [status, progress, curves, samples, runs, adapters]
 
-    def on_launch(*vals):
-        *vals, tier_ = vals
+    def on_launch(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, tier_, request: gr.Request):
         try:
-            settings = ppo_settings(*vals)
+            require_owner(studio, request, "launch training")
+            settings = ppo_settings(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_)
             version = getattr(studio.reward, "selected_version", None)
             h = studio.train_ppo(wait=False, reward_tier=tier_ if version is None else None,
                                  reward_version=version, **settings)
@@ -116,14 +117,22 @@ def build(studio, role: str = "owner"):
             return fail(e)
         return ok(f"run {h.run_id} started in the background (closing this tab does not stop it)")
 
-    def on_cancel():
+    def on_cancel(request: gr.Request):
+        try:
+            require_owner(studio, request, "cancel training")
+        except StudioError as e:
+            return fail(e)
         h = studio.jobs.current
         if not h or not h.running():
             return fail("no training job is running")
         h.cancel()
         return ok(f"cancelling run {h.run_id} at the next step boundary (it saves first)")
 
-    def on_resume(rid):
+    def on_resume(rid, request: gr.Request):
+        try:
+            require_owner(studio, request, "resume training")
+        except StudioError as e:
+            return fail(e)
         if rid in (None, ""):
             return fail("enter the id of an interrupted or cancelled run")
         try:
@@ -132,7 +141,11 @@ def build(studio, role: str = "owner"):
             return fail(e)
         return ok(f"run {h.run_id} resumed")
 
-    def on_export(aid, path, merged_):
+    def on_export(aid, path, merged_, request: gr.Request):
+        try:
+            require_owner(studio, request, "export adapters")
+        except StudioError as e:
+            return fail(e)
         if aid in (None, "") or not path:
             return fail("enter an adapter id and a folder")
         try:
@@ -147,15 +160,16 @@ def build(studio, role: str = "owner"):
         except (TypeError, ValueError) as e:
             return fail(e)
 
-    launch.click(on_launch, inputs + [tier], status)
-    cancel.click(on_cancel, None, status)
-    resume.click(on_resume, [resume_id], status)
-    export_btn.click(on_export, [export_id, export_path, merged], export_msg)
+    launch.click(on_launch, inputs + [tier], status, api_name="launch_ppo")
+    cancel.click(on_cancel, None, status, api_name="cancel_ppo")
+    resume.click(on_resume, [resume_id], status, api_name="resume_ppo")
+    export_btn.click(on_export, [export_id, export_path, merged], export_msg, api_name="export_adapter")
     for c in inputs:
-        c.change(on_settings, inputs, memory)
-    timer.tick(refresh, None, outputs)
+        c.change(on_settings, inputs, memory, api_visibility="private")
+    timer.tick(refresh, None, outputs, api_visibility="private")
 
     def adapter_choices():
         ad = studio.adapters()
         return gr.update(choices=["base"] + [f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else ["base"])
-    return dict(on_load=(refresh, None, outputs), adapters=(adapter_choices, None))
+    return dict(on_load=(refresh, None, outputs), adapters=(adapter_choices, None),
+                owner_only=[settings_row, tier, launch_row, export_row])
