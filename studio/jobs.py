@@ -74,6 +74,7 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         conn.send(("done", status))
     except Exception as e:  # report, then exit: the app marks the run failed and keeps serving
         import traceback
+        traceback.print_exc()          # the worker's stderr is the app's: the full trace lands in its log
         msg = f"{type(e).__name__}: {e}"
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
             msg += " — out of memory: lower batch_size, max_new_tokens or use a smaller model"
