@@ -1,0 +1,172 @@
+"""PPOConfig: every knob of one PPO run, documented field by field.
+
+The config is stored with the run, so it must round-trip through JSON: `to_dict()` gives plain Python values and
+`from_dict()` rebuilds it (unknown keys are rejected so that a typo does not silently fall back to a default).
+The defaults follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) where they apply,
+scaled down to what a laptop can run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+@dataclass
+class PPOConfig:
+    # ---- run length and batch shape -------------------------------------------------------------------
+    steps: int = 100
+    """PPO iterations (each = one rollout of `batch_size` prompts + `ppo_epochs` passes of optimisation)."""
+    batch_size: int = 8
+    """Prompts sampled per step (one response each)."""
+    mini_batch_size: int = 8
+    """Sequences per optimiser step; `batch_size` must be a multiple of it."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch: the minibatch is split in `grad_accum` forward/backward passes before one
+    optimiser step (memory knob, same maths). `mini_batch_size` must be a multiple of it."""
+    ppo_epochs: int = 4
+    """Passes over the rollout batch, each over freshly shuffled minibatches."""
+
+    # ---- sampling ----------------------------------------------------------------------------------------
+    max_new_tokens: int = 48
+    """Response length limit; responses that reach it without EOS get `missing_eos_penalty`."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (in tokens, after the chat template) are truncated from the left."""
+    temperature: float = 0.7
+    """Sampling temperature. The same temperature divides the logits when log-probabilities are computed."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 = off. (top-k is always off.) Log-probabilities are those of the untruncated,
+    temperature-scaled distribution, as in TRL."""
+    old_logprobs: str = "auto"
+    """Where the rollout's log-probs and values come from. "forward": one no-grad forward of the policy over
+    prompt + response after sampling (bit-for-bit the computation the first training pass repeats).
+    "generation": the final hidden states recorded while sampling (KV-cached), through the output and value
+    heads: no second trunk forward; equal to "forward" to float rounding in fp32, noisier in bf16/fp16 (the
+    first PPO ratio is then not exactly 1). "auto": "generation" for an fp32 base, else "forward"."""
+    merge_for_generation: str = "auto"
+    """Sample with the LoRA delta merged into a temporary copy of the base weights (the originals are put back
+    after sampling, so nothing drifts): fewer ops per generated token. "auto" = only for an unquantized fp32
+    base (where the merged weights equal base + delta to rounding); "on" = also bf16/fp16 (the delta is then
+    rounded to the base dtype while sampling); "off" = never. Never for 4/8-bit bases."""
+
+    # ---- optimiser -----------------------------------------------------------------------------------------
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA and value-head parameters."""
+    lr_schedule: str = "constant"
+    """"constant" or "linear" (annealed linearly to 0 over `steps`)."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in the OpenAI/Huang et al. implementation, not PyTorch's 1e-8)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip over all trained parameters; 0 = off."""
+
+    # ---- LoRA adapter of the policy --------------------------------------------------------------------------
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    """0 keeps dropout off, so the log-probabilities of the rollout and of the first training pass agree."""
+    target_modules: str | list[str] = "all-linear"
+    """peft target_modules: "all-linear" (every linear layer except the output head) or a list of names."""
+    adapter_name: str = "policy"
+    """Name of the policy adapter on `lm.model`; other adapters (e.g. a reward adapter) are kept."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower); for large models on a GPU."""
+
+    # ---- reward shaping and KL penalty -------------------------------------------------------------------
+    kl_coef: float = 0.05
+    """beta: per-token reward -beta * (log pi(a|s) - log pi_ref(a|s)). Start value when `adaptive_kl`."""
+    adaptive_kl: bool = False
+    """Adapt beta towards `kl_target` (Ziegler et al. 2019 proportional controller)."""
+    kl_target: float = 6.0
+    """Target sequence-level KL (nats, summed over response tokens) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive controller: larger = slower adaptation."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of responses that end without EOS (truncated at `max_new_tokens`)."""
+    score_clip: float = 0.0
+    """Clip reward-model scores to [-score_clip, score_clip] before use; 0 = off."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (scale only, the mean is kept) over the batch before GAE."""
+
+    # ---- advantage estimation -------------------------------------------------------------------------------
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+
+    # ---- losses --------------------------------------------------------------------------------------------------
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon of the policy loss."""
+    cliprange_value: float = 0.2
+    """Clip of the value prediction around its rollout value in the value loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss (value head shares the policy trunk)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight (0 = off; the entropy is still reported)."""
+
+    # ---- value head -------------------------------------------------------------------------------------------
+    value_head_init: str = "reward"
+    """"reward": start the value head from the reward head's weights when the reward function provides them
+    (`reward_fn.value_head_init()`), else zeros. "zeros": weight and bias 0."""
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
+    seed: int = 0
+    """Seeds prompt order, minibatch shuffling and sampling."""
+    checkpoint_every: int = 0
+    """`PPOTrainer.train` hands a `state_bytes()` checkpoint to its callback every N steps; 0 = never."""
+    n_display_samples: int = 4
+    """(prompt, response, reward) triples returned in each step's metrics for display."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+        need(self.steps >= 1, "steps must be >= 1")
+        need(self.batch_size >= 1 and self.mini_batch_size >= 1, "batch sizes must be >= 1")
+        need(self.batch_size % self.mini_batch_size == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        need(self.grad_accum >= 1 and self.mini_batch_size % self.grad_accum == 0,
+             f"mini_batch_size ({self.mini_batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        need(self.ppo_epochs >= 1, "ppo_epochs must be >= 1")
+        need(self.max_new_tokens >= 1 and self.max_prompt_tokens >= 1, "token limits must be >= 1")
+        need(self.temperature > 0, "temperature must be > 0")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(self.lr > 0, "lr must be > 0")
+        need(self.lr_schedule in ("constant", "linear"), "lr_schedule must be 'constant' or 'linear'")
+        need(self.lora_r >= 1, "lora_r must be >= 1")
+        need(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+        need(self.kl_coef >= 0, "kl_coef must be >= 0")
+        need(self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be > 0")
+        need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        need(self.cliprange > 0 and self.cliprange_value > 0, "clip ranges must be > 0")
+        need(self.value_head_init in ("reward", "zeros"), "value_head_init must be 'reward' or 'zeros'")
+        need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
+        need(self.old_logprobs in ("auto", "forward", "generation"),
+             "old_logprobs must be auto, forward or generation")
+        need(bool(self.adapter_name) and self.adapter_name.replace("_", "").replace("-", "").isalnum(),
+             "adapter_name must be letters, digits, '-' or '_'")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        json.dumps(d)  # JSON-safe by construction; fail loudly here rather than in storage
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PPOConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown PPO config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PPOConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,410 @@
+"""Fast tier: a linear Bradley-Terry head on standardised base-model features, refit after every label.
+
+Model: r(x) = ((x - mean) / std) @ w + bias. For a pair, P(chosen beats rejected) = sigmoid(r_c - r_r - margin).
+Fit: maximum a posteriori w under a Gaussian prior, i.e. minimise
+
+    J(w) = sum_i softplus(margin_i - d_i @ w) + l2 / 2 * |w|^2,      d_i = z(chosen_i) - z(rejected_i),
+
+by Newton's method (exact Hessian, line search), in the dual (n x n kernel) when there are fewer pairs than
+features and in the primal (F x F) otherwise, in float64 with torch's LAPACK. The bias does not enter a pair's
+probability; it is set so that the mean score of the standardisation rows is 0 (it is 0 since z is centred).
+
+l2: given, or chosen by 5-fold cross-validation (held-out BT loss) over a grid that scales with the mean
+|d|^2 of the pairs, l2 = c * mean|d|^2 for c in CV_GRID (scale-free across feature sizes and pair
+similarity). Cross-validation uses at most CV_MAX_PAIRS pairs (a fixed random subset) to bound the cost;
+with fewer than MIN_CV_PAIRS pairs, c = DEFAULT_C.
+
+Uncertainty: Laplace approximation. The posterior of w is N(w*, S), S = inverse Hessian of J at w*
+= (D^T W D + l2 I)^-1, W = diag(p(1-p)). score() returns the posterior std of r(x), sqrt(z^T S z);
+prob_chosen() returns the moderated probability sigmoid(mu / sqrt(1 + pi s^2 / 8)) of a pair and the std s of
+the score difference (for active learning: pick pairs with p near 0.5 and large s).
+
+Serialisation: safetensors (no pickle).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from .bt import expected_calibration_error, reliability_bins
+
+CV_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_C = 0.1
+MIN_CV_PAIRS = 20
+CV_FOLDS = 5
+CV_MAX_PAIRS = 300
+DUAL_MAX_FRACTION = 0.75     # dual (n x n) solver while n <= this * F, primal (F x F) above
+FORMAT = "rlhf-studio-fast-reward"
+VERSION = "1"
+
+_F64 = torch.float64
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Small dense problems run faster on one thread, much faster when the cores are shared; the setting is
+    per calling thread under OpenMP (torch's CPU backend), so other threads' generation is not affected."""
+    prev = torch.get_num_threads()
+    if prev > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if prev > 1:
+            torch.set_num_threads(prev)
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.softplus(x)
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    """A [N, F] float tensor (float32 input stays float32, no copy) with finite values."""
+    t = torch.as_tensor(x.detach().cpu() if isinstance(x, torch.Tensor) else np.asarray(x))
+    if not t.is_floating_point():
+        t = t.double()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    if t.ndim == 1:
+        t = t[None, :]
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a [N, F] array, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _as_2d(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a [N, F] array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _dual_fit(K: torch.Tensor, m: torch.Tensor, lam: float, alpha: torch.Tensor | None = None,
+              max_iter: int = 50, tol: float = 1e-9) -> torch.Tensor:
+    """Newton in the dual: w = D^T alpha, f = K alpha. Returns alpha."""
+    n = K.shape[0]
+    if alpha is None:
+        alpha = torch.zeros(n, dtype=_F64)
+    f = K @ alpha
+    obj = _softplus(m - f).sum() + 0.5 * lam * (alpha @ f)
+    eye = torch.eye(n, dtype=_F64)
+    for _ in range(max_iter):
+        u = (f - m).clamp(-60, 60)
+        p = torch.sigmoid(u)
+        sw = torch.sqrt((p * (1 - p)).clamp(min=1e-12))
+        rhs = sw * f + torch.exp(-u / 2)          # sqrt(W) z, z = f + (1-p)/W
+        A = sw[:, None] * K * sw[None, :] + lam * eye
+        L = torch.linalg.cholesky(A)
+        target = sw * torch.cholesky_solve(rhs[:, None], L)[:, 0]
+        direction = target - alpha
+        fd = K @ direction
+        t = 1.0
+        while True:
+            a_new, f_new = alpha + t * direction, f + t * fd
+            obj_new = _softplus(m - f_new).sum() + 0.5 * lam * (a_new @ f_new)
+            if obj_new <= obj + 1e-12 * abs(float(obj)) or t < 1e-4:
+                break
+            t *= 0.5
+        done = float(obj - obj_new) <= tol * (1.0 + abs(float(obj)))
+        alpha, f, obj = a_new, f_new, obj_new
+        if done:
+            break
+    return alpha
+
+
+def _primal_fit(D: torch.Tensor, m: torch.Tensor, lam: float, w: torch.Tensor | None = None,
+                max_iter: int = 50, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton in the primal, re-using a Hessian factor while it keeps making fast progress.
+
+    Returns (w, Cholesky factor of the Hessian at w)."""
+    n, F = D.shape
+    D32 = D.float()
+    if w is None:
+        w = torch.zeros(F, dtype=_F64)
+    eye = torch.eye(F, dtype=_F64)
+
+    def state(w):
+        f = D @ w
+        obj = _softplus(m - f).sum() + 0.5 * lam * (w @ w)
+        return f, obj
+
+    def hessian_factor(f):
+        p = torch.sigmoid(f - m)
+        W = (p * (1 - p)).float()
+        H = (D32.T @ (D32 * W[:, None])).double() + lam * eye
+        return torch.linalg.cholesky(H)
+
+    f, obj = state(w)
+    L = hessian_factor(f)
+    fresh = True
+    prev_decrement = math.inf
+    for _ in range(max_iter):
+        p = torch.sigmoid(f - m)
+        g = -(D.T @ (1 - p)) + lam * w
+        step = -torch.cholesky_solve(g[:, None], L)[:, 0]
+        decrement = float(-(g @ step))
+        if decrement / 2 <= tol * (1.0 + abs(float(obj))):
+            if fresh:
+                break
+            L, fresh = hessian_factor(f), True       # confirm convergence with the exact Hessian
+            continue
+        if not fresh and decrement > 0.1 * prev_decrement:
+            L, fresh = hessian_factor(f), True       # a stale factor converging slowly: refresh it
+            continue
+        prev_decrement = decrement
+        t = 1.0
+        while True:
+            w_new = w + t * step
+            f_new, obj_new = state(w_new)
+            if obj_new <= obj + 1e-12 * abs(float(obj)) or t < 1e-4:
+                break
+            t *= 0.5
+        progress = float(obj - obj_new)
+        w, f, obj = w_new, f_new, obj_new
+        if t < 1.0 or progress < 0.25 * decrement:
+            L, fresh = hessian_factor(f), True
+        else:
+            fresh = False            # next step re-uses this factor (a chord step: one matvec pair, no F^3)
+    if not fresh:
+        L = hessian_factor(f)
+    return w, L
+
+
+class FastRewardModel:
+    """Linear Bradley-Terry reward head on standardised features, with a Laplace posterior."""
+
+    def __init__(self):
+        self.weight: np.ndarray | None = None     # [F] float64, on standardised features
+        self.bias: float = 0.0
+        self.mean: np.ndarray | None = None       # [F] standardisation
+        self.std: np.ndarray | None = None
+        self.cov: np.ndarray | None = None        # [F, F] float32 Laplace posterior covariance of weight
+        self.l2: float | None = None
+        self.l2_scale: float | None = None        # mean |d|^2 of the training pairs (l2 = c * l2_scale)
+        self.n_pairs: int = 0
+        self.cv: dict | None = None               # {"c": [...], "l2": [...], "loss": [...], "n": int} or None
+        self.fit_seconds: float = 0.0
+
+    # ------------------------------------------------------------------ fitting
+    @property
+    def fitted(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def n_features(self) -> int:
+        if self.weight is None:
+            raise RuntimeError("the fast reward model is not fitted yet")
+        return int(self.weight.shape[0])
+
+    def fit(self, X_chosen, X_rejected, margin=None, l2: float | None = None, X_ref=None,
+            seed: int = 0) -> "FastRewardModel":
+        """Fit on n labelled pairs (rows of X_chosen beat the same rows of X_rejected).
+
+        margin: [n] or None. l2: penalty (absolute, on the summed loss); None chooses it by k-fold CV.
+        X_ref: rows for the standardisation (default: the training rows; pass the features of all known
+        completions to standardise on more data than the labelled pairs). Returns self.
+        """
+        t0 = time.perf_counter()
+        Xc, Xr = _as_tensor(X_chosen, "X_chosen"), _as_tensor(X_rejected, "X_rejected")
+        if Xc.shape != Xr.shape:
+            raise ValueError(f"X_chosen {tuple(Xc.shape)} and X_rejected {tuple(Xr.shape)} differ in shape")
+        n, F = Xc.shape
+        if n == 0:
+            raise ValueError("no pairs to fit on")
+        m = np.zeros(n) if margin is None else np.asarray(margin, dtype=np.float64).reshape(-1)
+        if m.shape != (n,) or not np.isfinite(m).all():
+            raise ValueError(f"margin must be {n} finite numbers")
+        if X_ref is None:
+            nr = 2 * n
+            s1 = Xc.sum(0, dtype=_F64) + Xr.sum(0, dtype=_F64)
+            s2 = (Xc.double() ** 2).sum(0) + (Xr.double() ** 2).sum(0)
+        else:
+            ref = _as_tensor(X_ref, "X_ref")
+            if ref.shape[1] != F:
+                raise ValueError(f"X_ref has {ref.shape[1]} features, the pairs have {F}")
+            nr = ref.shape[0]
+            s1, s2 = ref.sum(0, dtype=_F64), (ref.double() ** 2).sum(0)
+        mean = s1 / nr
+        var = (s2 / nr - mean ** 2).clamp(min=0)
+        # Shrink per-feature variances towards their average: with a handful of rows a feature that happens
+        # to vary little would otherwise be blown up. 10 pseudo-rows; negligible for real data sizes.
+        k0 = 10.0
+        var = (nr * var + k0 * var.mean()) / (nr + k0)
+        std_t = var.clamp(min=1e-12).sqrt()
+        mean, std = mean.numpy(), std_t.numpy()
+
+        D = (Xc.double() - Xr.double()) / std_t                  # the mean cancels in the difference
+        mt = torch.from_numpy(m)
+        scale = float((D * D).sum(1).mean()) or 1.0
+        cv = None
+        w0 = None
+        with _one_thread():
+            if l2 is None:
+                if n >= MIN_CV_PAIRS:
+                    c, cv, w0 = self._cross_validate(D, mt, scale, seed)
+                else:
+                    c = DEFAULT_C
+                l2 = c * scale
+            l2 = float(l2)
+            if not l2 > 0:
+                raise ValueError("l2 must be positive")
+            if n <= DUAL_MAX_FRACTION * F:
+                K = D @ D.T
+                alpha = _dual_fit(K, mt, l2)
+                w = D.T @ alpha
+                f = K @ alpha
+                p = torch.sigmoid(f - mt)
+                sw = torch.sqrt(p * (1 - p))
+                L = torch.linalg.cholesky(sw[:, None] * K * sw[None, :] + l2 * torch.eye(n, dtype=_F64))
+                B = torch.linalg.solve_triangular(L, sw[:, None] * D, upper=False)      # [n, F]
+                cov = (torch.eye(F, dtype=_F64) - B.T @ B) / l2
+        if n > DUAL_MAX_FRACTION * F:
+            if self.weight is not None and self.weight.shape == (F,):
+                w0 = torch.from_numpy(self.weight.copy())      # warm start from the previous fit (refits)
+            w, L = _primal_fit(D, mt, l2, w0)
+            cov = torch.cholesky_inverse(L)
+        self.weight = w.numpy().copy()
+        self.mean, self.std = mean, std
+        self.bias = 0.0      # z is centred on the reference rows, so their mean score is already 0
+        self.cov = cov.float().numpy()
+        self.l2, self.l2_scale, self.n_pairs, self.cv = l2, scale, n, cv
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    @staticmethod
+    def _cross_validate(D: torch.Tensor, m: torch.Tensor, scale: float, seed: int
+                        ) -> tuple[float, dict, torch.Tensor]:
+        n = D.shape[0]
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(n)[:CV_MAX_PAIRS] if n > CV_MAX_PAIRS else rng.permutation(n)
+        Ds, ms = D[torch.from_numpy(idx)], m[torch.from_numpy(idx)]
+        K = Ds @ Ds.T
+        k = CV_FOLDS
+        folds = np.arange(len(idx)) % k
+        losses = np.zeros(len(CV_GRID))
+        for j in range(k):
+            tr = torch.from_numpy(np.flatnonzero(folds != j))
+            va = torch.from_numpy(np.flatnonzero(folds == j))
+            Ktr, Kva = K[tr][:, tr], K[va][:, tr]
+            alpha = None
+            for gi in range(len(CV_GRID) - 1, -1, -1):        # strong to weak penalty, warm-started
+                alpha = _dual_fit(Ktr, ms[tr], CV_GRID[gi] * scale, alpha, tol=1e-6)
+                losses[gi] += float(_softplus(ms[va] - Kva @ alpha).sum())
+        losses /= len(idx)
+        best = int(np.argmin(losses))
+        # The subset's solution at the chosen penalty: a warm start for a primal fit on all pairs.
+        alpha = _dual_fit(K, ms, CV_GRID[best] * scale, tol=1e-6)
+        w0 = Ds.T @ alpha
+        cv = {"c": list(CV_GRID), "l2": [c * scale for c in CV_GRID], "loss": losses.tolist(), "n": int(len(idx)),
+              "folds": k}
+        return CV_GRID[best], cv, w0
+
+    # ------------------------------------------------------------------ scoring
+    def _z(self, X) -> np.ndarray:
+        if self.weight is None:
+            raise RuntimeError("the fast reward model is not fitted yet")
+        X = _as_2d(X, "X")
+        if X.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"X has {X.shape[1]} features, the model has {self.weight.shape[0]}")
+        return (X - self.mean) / self.std
+
+    def _quad(self, Z: np.ndarray) -> np.ndarray:
+        cov = torch.from_numpy(self.cov).double()
+        Zt = torch.from_numpy(Z)
+        return ((Zt @ cov) * Zt).sum(1).clamp(min=0).numpy()
+
+    def score(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [N], std [N]) of the reward of feature rows X [N, F] under the Laplace posterior."""
+        Z = self._z(X)
+        return Z @ self.weight + self.bias, np.sqrt(self._quad(Z))
+
+    def prob_chosen(self, Xa, Xb) -> tuple[np.ndarray, np.ndarray]:
+        """(P(a beats b) [N], std of r(a) - r(b) [N]); P is moderated by the posterior variance."""
+        Za, Zb = self._z(Xa), self._z(Xb)
+        d = Za - Zb
+        mu = d @ self.weight
+        var = self._quad(d)
+        p = 1.0 / (1.0 + np.exp(-mu / np.sqrt(1.0 + math.pi * var / 8.0)))
+        return p, np.sqrt(var)
+
+    def evaluate(self, X_chosen, X_rejected, margin=None, n_bins: int = 10) -> dict:
+        """Held-out metrics: accuracy (ties half), mean BT loss (point estimate, with margin), n, ECE and
+        reliability bins (of the moderated probabilities, both sides of each pair)."""
+        mc, _ = self.score(X_chosen)
+        mr, _ = self.score(X_rejected)
+        n = int(mc.shape[0])
+        if n == 0:
+            return {"accuracy": float("nan"), "loss": float("nan"), "n": 0, "ece": float("nan"), "bins": []}
+        m = np.zeros(n) if margin is None else np.asarray(margin, dtype=np.float64).reshape(-1)
+        diff = mc - mr
+        loss = float(np.logaddexp(0.0, -(diff - m)).mean())
+        acc = float(((diff > 0) + 0.5 * (diff == 0)).mean())
+        p, _ = self.prob_chosen(X_chosen, X_rejected)
+        return {"accuracy": acc, "loss": loss, "n": n, "ece": expected_calibration_error(p, n_bins),
+                "bins": [b._asdict() for b in reliability_bins(p, n_bins)]}
+
+    def to_torch_head(self, device=None, dtype=torch.float32):
+        """(weight [F], bias [], mean [F], std [F]) tensors: score = ((f - mean) / std) @ weight + bias."""
+        if self.weight is None:
+            raise RuntimeError("the fast reward model is not fitted yet")
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
+        return t(self.weight), t(self.bias), t(self.mean), t(self.std)
+
+    def reward_fn_for_ppo(self, lm=None):
+        """The PPO RewardFn of this probe (uses_base_hidden=True); see ppo_reward."""
+        from .ppo_reward import FastRewardFn
+        return FastRewardFn(self, lock=getattr(lm, "lock", None))
+
+    # ------------------------------------------------------------------ bytes
+    def to_bytes(self) -> bytes:
+        """safetensors bytes of the fitted model (weights, standardisation, posterior covariance, metadata)."""
+        from safetensors.numpy import save
+        if self.weight is None:
+            raise RuntimeError("the fast reward model is not fitted yet")
+        meta = {"format": FORMAT, "version": VERSION,
+                "info": json.dumps({"bias": self.bias, "l2": self.l2, "l2_scale": self.l2_scale,
+                                    "n_pairs": self.n_pairs, "cv": self.cv, "fit_seconds": self.fit_seconds})}
+        return save({"weight": self.weight.astype(np.float64), "mean": self.mean.astype(np.float64),
+                     "std": self.std.astype(np.float64), "cov": self.cov.astype(np.float32)}, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> "FastRewardModel":
+        from safetensors.numpy import load
+        try:
+            tensors = load(bytes(b))
+            meta = _metadata(bytes(b))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"not a fast reward model: {type(e).__name__}: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a fast reward model (format {meta.get('format')!r})")
+        info = json.loads(meta.get("info", "{}"))
+        self = cls()
+        self.weight, self.mean, self.std = tensors["weight"], tensors["mean"], tensors["std"]
+        self.cov = tensors["cov"]
+        self.bias = float(info.get("bias", 0.0))
+        self.l2, self.l2_scale = info.get("l2"), info.get("l2_scale")
+        self.n_pairs, self.cv = int(info.get("n_pairs", 0)), info.get("cv")
+        self.fit_seconds = float(info.get("fit_seconds", 0.0))
+        return self
+
+
+def _metadata(b: bytes) -> dict:
+    """The __metadata__ of a safetensors buffer (its JSON header)."""
+    if len(b) < 8:
+        raise ValueError("too short for safetensors")
+    n = int.from_bytes(b[:8], "little")
+    if n <= 0 or 8 + n > len(b):
+        raise ValueError("bad safetensors header length")
+    header = json.loads(b[8:8 + n].decode("utf-8"))
+    return header.get("__metadata__") or {}

@@ -1,0 +1,247 @@
+"""PPO on the real embedded model (SmolLM2-135M-Instruct, fp32, CPU) against a real reward model.
+
+The reward model is a linear Bradley-Terry head (components.reward.fast.FastRewardModel) fitted on pooled base
+features of the base model's own samples, labelled by a synthetic preference: the shorter of two responses is
+preferred (a response cut at the token limit counts as longest). PPO must raise the reward of held-out prompts
+clearly above the base policy's with a bounded KL. Also: a state_bytes checkpoint resumes identically, and
+save_adapter folders load with peft / transformers and generate.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TRAIN_PROMPTS = [
+    "Give me one tip for writing a clear email.", "Explain photosynthesis to a child.",
+    "Write a haiku about autumn.", "What is a good name for a cat?", "How do I boil an egg?",
+    "Summarise the plot of Hamlet in one sentence.", "Why is the sky blue?", "Suggest a weekend hobby.",
+    "What is the capital of Australia?", "Describe the smell of rain.", "How can I sleep better?",
+    "Tell me a fun fact about octopuses.", "What should I cook tonight?", "Explain recursion briefly.",
+    "Give a motivational quote.", "How do plants drink water?", "What is a black hole?",
+    "How do I make my code faster?", "Recommend a book for a long flight.", "What does a bee do all day?",
+    "How do I stay focused while studying?", "What is inflation?", "Name a healthy breakfast.",
+    "Why do cats purr?",
+]
+HELDOUT_PROMPTS = [
+    "What is the tallest mountain on Earth?", "How do I water a cactus?", "Give me a tip for public speaking.",
+    "What is a good gift for a friend?", "Why do leaves change colour?", "How do airplanes fly?",
+    "What is the best way to learn a language?", "Describe a sunset.", "How do I start running?",
+    "What is gravity?", "Suggest a name for a dog.", "How can I save money?",
+    "What is a volcano?", "Write a short greeting for a birthday card.", "What do penguins eat?",
+    "How do I fold a paper plane?",
+]
+
+
+@pytest.fixture(scope="module")
+def lm32():
+    """A private fp32 copy of the embedded model: PPO wraps lm.model in a PeftModel, so no sharing."""
+    from components.models import load_model
+    return load_model("embedded", dtype="fp32")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A real reward model on a synthetic preference
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
+    """Base-model samples and their pooled base features, exactly as the PPO reward sees them."""
+    from components.ppo.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from components.reward.features import pool_features
+    torch.manual_seed(seed)
+    q, qm = left_pad(encode_prompts(lm, prompts, 256), lm.pad_token_id)
+    resp = sample(lm.model, q, qm, max_new_tokens, temperature, 1.0, lm.eos_token_id, lm.pad_token_id)
+    rm, has_eos = mask_after_eos(resp, lm.eos_token_id)
+    resp = torch.where(rm.bool(), resp, torch.full_like(resp, lm.pad_token_id))
+    fo = forward_response(lm.model, q, qm, resp, rm, temperature, want_hidden=True)
+    am = torch.cat([qm, rm], 1)
+    feats = pool_features(fo.hidden, am, torch.cat([torch.zeros_like(qm), rm], 1))
+    # a response cut at the limit is "longest": it would have gone on
+    length = rm.sum(1).float() + (~has_eos).float() * max_new_tokens
+    return feats, length
+
+
+def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
+    """FastRewardModel on pairs (shorter chosen) of the base model's samples -> LinearHeadReward."""
+    from components.ppo.rewards import LinearHeadReward
+    from components.reward.fast import FastRewardModel
+    feats, lens = [], []
+    for k in range(n_per_prompt):
+        for s in range(0, len(prompts), 12):
+            f, n = sample_with_features(lm, prompts[s:s + 12], max_new_tokens, 1.0, seed * 100 + k * 10 + s)
+            feats.append(f)
+            lens.append(n)
+    X, L = torch.cat(feats), torch.cat(lens)
+    pairs = [(i, j) for i, j in itertools.permutations(range(len(L)), 2) if L[i] + 4 <= L[j]]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pairs), generator=g)[:600].tolist()
+    ci = torch.tensor([pairs[p][0] for p in pick])
+    ri = torch.tensor([pairs[p][1] for p in pick])
+    rm = FastRewardModel().fit(X[ci], X[ri], X_ref=X)
+    w, b, mean, std = rm.to_torch_head()
+    reward = LinearHeadReward(w, float(b), mean, std)
+    return reward, X, L
+
+
+def heldout_score(trainer, prompts, use_base, seed, repeats=2):
+    """Mean raw reward-model score (and KL-free stats) of fresh samples on held-out prompts."""
+    torch.manual_seed(seed)
+    rows = []
+    for _ in range(repeats):
+        rows += trainer.generate_samples(prompts, use_base=use_base, batch_size=16)
+    return (sum(r["score"] for r in rows) / len(rows), sum(r["length"] for r in rows) / len(rows),
+            sum(r["has_eos"] for r in rows) / len(rows))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# It learns
+# ------------------------------------------------------------------------------------------------------------
+
+def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
+    from components.ppo.config import PPOConfig
+    from components.ppo.trainer import PPOTrainer
+    reward, X, L = fit_length_reward(lm32, TRAIN_PROMPTS)
+    # the reward model really encodes the preference: its scores fall with length on its training samples
+    sc = ((X - reward.mean) / reward.std) @ reward.weight + reward.bias
+    corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
+    assert corr > 0.5, corr
+
+    cfg = PPOConfig(steps=10, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+                    lr=5e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
+    trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
+    assert trainer.value_head_source == "reward"
+    base_score, base_len, base_eos = heldout_score(trainer, HELDOUT_PROMPTS, use_base=True, seed=123)
+    history = trainer.train()
+    assert len(history) == cfg.steps
+    for m in history:
+        for k in ("policy_loss", "value_loss", "kl", "entropy", "approx_kl", "reward_mean"):
+            assert math.isfinite(m[k]), (k, m)
+    ppo_score, ppo_len, ppo_eos = heldout_score(trainer, HELDOUT_PROMPTS, use_base=False, seed=123)
+    spread = float(((X - reward.mean) / reward.std @ reward.weight).std())
+    print(f"\nheld-out score base {base_score:.3f} (len {base_len:.1f}, eos {base_eos:.2f}) -> "
+          f"PPO {ppo_score:.3f} (len {ppo_len:.1f}, eos {ppo_eos:.2f}); score std {spread:.3f}; "
+          f"train reward {[round(m['reward_mean'], 2) for m in history]}; kl {[round(m['kl'], 2) for m in history]}")
+    assert ppo_score > base_score + 0.5 * spread, (base_score, ppo_score, spread)
+    assert max(m["kl"] for m in history) < 25.0
+    assert history[-1]["kl"] < 25.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints resume identically; exported adapters load and generate
+# ------------------------------------------------------------------------------------------------------------
+
+def small_trainer(lm, **kw):
+    from components.ppo.config import PPOConfig
+    from components.ppo.rewards import LinearHeadReward
+    from components.ppo.trainer import PPOTrainer
+    H = lm.model.config.hidden_size
+    g = torch.Generator().manual_seed(7)
+    reward = LinearHeadReward(torch.randn(2 * H, generator=g) / H, 0.1)
+    cfg = PPOConfig(**{**dict(steps=4, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8,
+                              temperature=1.0, lr=1e-3, adaptive_kl=True, kl_coef=0.05, kl_horizon=100, seed=3),
+                       **kw})
+    return PPOTrainer(lm, reward, cfg, TRAIN_PROMPTS)
+
+
+def test_state_bytes_resume_is_identical(lm32):
+    from components.ppo.trainer import safetensors_metadata
+    a = small_trainer(lm32)
+    a.step()
+    blob = a.state_bytes()
+    assert isinstance(blob, bytes) and "ppo_state" in safetensors_metadata(blob)
+    expected = a.step()
+    expected_adapter = a.adapter_bytes()
+
+    b = small_trainer(lm32, seed=99)          # a fresh adapter, another seed: everything must come from the blob
+    meta = b.load_state_bytes(blob)
+    assert meta["step"] == 1 and b.step_count == 1
+    got = b.step()
+    for k, v in expected.items():
+        if k.startswith("t_") or k == "samples_per_s":
+            continue
+        if k == "samples":
+            assert [s["response"] for s in got[k]] == [s["response"] for s in v]
+            continue
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    from safetensors.torch import load
+    got_adapter, want_adapter = load(b.adapter_bytes()), load(expected_adapter)
+    assert got_adapter.keys() == want_adapter.keys()
+    for k in want_adapter:
+        assert torch.equal(got_adapter[k], want_adapter[k]), k
+    assert got["kl_coef"] != 0.05 or expected["kl_coef"] == 0.05   # the adaptive beta came from the blob
+    with pytest.raises(ValueError):
+        b.load_state_bytes(b"definitely not a checkpoint")
+
+
+def test_train_loop_stop_and_checkpoint_callback(lm32):
+    tr = small_trainer(lm32, steps=3, checkpoint_every=1, ppo_epochs=1)
+    seen, blobs = [], []
+    hist = tr.train(callback=seen.append, stop=lambda: len(seen) >= 2,
+                    on_checkpoint=lambda b, s: blobs.append(s))
+    assert len(hist) == 2 and [m["step"] for m in seen] == [1, 2] and blobs == [1, 2]
+    m = seen[-1]
+    for k in ("reward_mean", "reward_std", "score_mean", "kl", "entropy", "policy_loss", "value_loss", "clip_frac",
+              "approx_kl", "response_len", "eos_frac", "lr", "t_generate", "t_score", "t_reference", "t_train",
+              "samples_per_s", "samples"):
+        assert k in m, k
+    assert 1 <= m["response_len"] <= 8 and 0 <= m["eos_frac"] <= 1
+    assert m["samples"] and {"prompt", "response", "reward"} <= set(m["samples"][0])
+
+
+def test_save_adapter_loads_with_peft_and_merged(lm32, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from components.ppo.trainer import generate_with_adapter
+    tr = small_trainer(lm32, steps=1, ppo_epochs=1, lr=3e-3)
+    tr.step()
+    ids = torch.tensor([lm32.prompt_ids("Name a colour.") + [504, 3240, 28]])
+    with torch.no_grad():
+        policy_logits = lm32.model(input_ids=ids).logits
+        with lm32.model.disable_adapter():
+            base_logits = lm32.model(input_ids=ids).logits
+    assert (policy_logits - base_logits).abs().max() > 1e-3      # the adapter learned something
+
+    folder = tr.save_adapter(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(lm32.source_path, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, policy_logits, atol=1e-4)
+        out = loaded.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=lm32.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    del loaded, base
+
+    merged = tr.save_adapter(tmp_path / "merged", merged=True)
+    m = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, policy_logits, atol=1e-3)
+    del m
+
+    texts = generate_with_adapter(lm32, ["Name a colour."], "policy", max_new_tokens=6, greedy=True)
+    base_texts = generate_with_adapter(lm32, ["Name a colour."], None, max_new_tokens=6, greedy=True)
+    assert len(texts) == 1 and isinstance(texts[0], str) and isinstance(base_texts[0], str)
+    assert lm32.model.active_adapter == "policy"
+
+
+def test_generation_hidden_states_match_a_forward(lm32):
+    """old_logprobs="generation" reads the heads off the hidden states recorded while sampling; in fp32 they must
+    equal a fresh forward over prompt + response (the first PPO ratio is then 1 to rounding)."""
+    from components.ppo.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
+        mask_after_eos, sample
+    from components.ppo.trainer import causal_lm_of
+    torch.manual_seed(0)
+    q, qm = left_pad(encode_prompts(lm32, TRAIN_PROMPTS[:4], 256), lm32.pad_token_id)
+    resp, hidden = sample(lm32.model, q, qm, 12, 1.0, 1.0, lm32.eos_token_id, lm32.pad_token_id,
+                          capture_hidden=True)
+    assert hidden is not None and hidden.shape[:2] == resp.shape
+    rm, _ = mask_after_eos(resp, lm32.eos_token_id)
+    resp = torch.where(rm.bool(), resp, torch.full_like(resp, lm32.pad_token_id))
+    with torch.no_grad():
+        a = heads_on_hidden(causal_lm_of(lm32.model).get_output_embeddings(), hidden, resp, 0.7)
+        b = forward_response(lm32.model, q, qm, resp, rm, 0.7)
+    diff = ((a.logp - b.logp).abs() * rm).max().item()
+    assert diff < 2e-3, diff
