@@ -320,11 +320,10 @@ class RewardService:
         margins = train["margin"].to_numpy(dtype=np.float32)
         as_tuples = lambda idx: [(prompts_c[i], texts_c[i], texts_r[i], float(margins[i])) for i in idx]  # noqa: E731
         cfg = DeepRewardConfig(**{k: v for k, v in config.items() if k in DeepRewardConfig.__dataclass_fields__})
-        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward")
+        # The head starts from the current fast-tier probe; a parent version warm-starts adapter and head.
+        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward", probe=self.fast)
         if parent is not None and parent.get("weights") is not None:
             trainer.load_state_bytes(parent["weights"])
-        else:
-            trainer.init_head_from_fast(self.fast)
         t0 = time.perf_counter()
         train_metrics = trainer.train(as_tuples(new_idx or list(range(len(keys)))), as_tuples(replay_idx),
                                       stop=self._stop.is_set)
@@ -348,8 +347,7 @@ class RewardService:
             config={**cfg.__dict__, "model_revision": self.revision}, pair_ids=sorted(seen | set(keys)),
             labels_seen=self._labels_seen(), metrics=metrics, weights=trainer.state_bytes(),
             parent_id=parent["id"] if parent is not None else None)
-        from components.reward.deep import DeepRewardModel
-        self.deep = DeepRewardModel.from_bytes(self.studio.lm, trainer.state_bytes())
+        self.deep = trainer.model          # the adapter just trained, already on the shared base
         self.deep_version = vid
         self._deep_pairs_at_last = len(keys)
         return vid

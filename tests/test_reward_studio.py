@@ -1,0 +1,88 @@
+"""The reward model inside the Studio: refit after every label, versions with metrics, the deep tier trained
+in the background every K new pairs while labelling goes on, honest messages, HH import, active learning."""
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from studio import StudioError
+
+pytestmark = pytest.mark.slow
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _labelled(s, prompts):
+    for p in prompts:
+        cs = s.generate(p, n=3, max_new_tokens=6, seed=0)
+        s.rank([c.id for c in cs])
+    return cs
+
+
+def test_clear_messages_before_any_pair(studio):
+    with pytest.raises(StudioError, match="no preference pairs"):
+        studio.train_reward_model(tier="fast")
+    cs = studio.generate("Say hi", n=2, max_new_tokens=4, seed=0)
+    with pytest.raises(StudioError, match="no reward model yet"):
+        studio.score(cs[0].id)
+    assert studio.suggest_pair()["prompt_id"] == cs[0].prompt_id      # nothing labelled: any pair is informative
+
+
+def test_fast_tier_refits_after_each_label_and_versions_score_identically(studio):
+    _labelled(studio, ["Name a fruit.", "Say hello.", "Name a colour."])
+    m = studio.reward_metrics()
+    assert set(m["tier"]) == {"fast"} and len(m) == 3                  # one refit per label
+    assert m["labels_seen"].tolist() == [1, 2, 3]
+    for col in ("version", "tier", "labels_seen", "heldout_accuracy", "heldout_loss", "heldout_pairs"):
+        assert col in m.columns
+    small = m.iloc[-1]
+    assert small["heldout_pairs"] < 10 and "not meaningful" in str(small.get("note", ""))   # said, not hidden
+    cs = studio.generate("Name a fruit.", n=2, max_new_tokens=5, seed=3)
+    score, std = studio.score(cs[0].id)
+    assert std > 0
+    vid = studio.train_reward_model(tier="fast")
+    from components.reward.fast import FastRewardModel
+    reloaded = FastRewardModel.from_bytes(studio.store.reward_version(vid)["weights"])
+    import numpy as np
+    X = np.stack([studio.reward.features([cs[0].id])[cs[0].id]])
+    assert np.allclose(reloaded.score(X)[0][0], studio.score(cs[0].id)[0], atol=1e-6)
+    t_score, t_std = studio.score_text("Name a fruit.", "Apple.")
+    assert np.isfinite(t_score) and t_std > 0
+
+
+def test_deep_tier_trains_in_background_every_k_pairs(studio):
+    studio.reward.settings.deep_every = 6
+    studio.reward.settings.deep_replay = 4
+    _labelled(studio, ["Name a fruit.", "Say hello."])     # 6 pairs, some held out
+    _labelled(studio, ["Name a colour.", "Describe rain."])
+    # Labelling is never blocked: these labels return while the deep tier may be training.
+    t0 = time.perf_counter()
+    cs = studio.generate("Count to three.", n=2, max_new_tokens=4, seed=1)
+    studio.compare(cs[0].id, cs[1].id, "a")
+    assert time.perf_counter() - t0 < 120
+    studio.reward.wait_idle(timeout=900)
+    versions = studio.reward_versions()
+    deep = versions[versions["tier"] == "deep"]
+    assert len(deep) >= 1, studio.reward.last_error
+    v = studio.store.reward_version(int(deep["id"].iloc[-1]))
+    assert v["weights"] and v["pair_ids"] and v["config"]["model_revision"] == studio.lm.revision
+    s_deep, _ = studio.score(cs[0].id)
+    assert s_deep == pytest.approx(studio.reward.deep.score(["Count to three."], [cs[0].text])[0], abs=1e-5)
+
+
+def test_hh_import_and_malformed_file(studio, tmp_path):
+    lines = gzip.open(HH, "rt").read().splitlines()[:12]
+    good = tmp_path / "hh.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    assert studio.import_preferences(str(good), format="hh") == 12
+    studio.reward.wait_idle(timeout=600)
+    pairs = studio.store.preference_pairs()
+    assert len(pairs) == 12 and set(pairs["source"]) == {"import:hh:hh.jsonl"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n" + json.dumps({"chosen": "x"}) + "\n")
+    before = len(studio.completions())
+    with pytest.raises(StudioError, match="line 2"):
+        studio.import_preferences(str(bad), format="hh")
+    assert len(studio.completions()) == before
