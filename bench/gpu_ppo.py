@@ -5,12 +5,12 @@ SmolLM2-1.7B-like shape) with random weights; the 8/4-bit variants are the same 
 reloaded through transformers' BitsAndBytesConfig (the path `components.models.load_model` uses).
 
 Random weights give a near-uniform next-token distribution that PPO can hardly move in a few steps, so the
-embedding (tied output head) is scaled by --logit-scale to make the random model peaked like a trained LM.
+final norm's weight is scaled so that the random logits have a standard deviation of --logit-std (peaked like
+a trained LM's); the residual stream and the layers are left as initialised.
 Synthetic reward (uses the reference pass's base hidden states, like the app's fast reward):
-    score = 10 * (share of response tokens among K "target" token ids)  +  0.1 * random linear head on pooled
-    base features,
-where the targets are tokens the base model samples, but not its favourites (ranks 9..40 by frequency in a
-probe sample), so their initial share is small and can rise.
+    score = 2 * mean over response tokens of s(token)  +  0.1 * random linear head on pooled base features,
+s(token) = standardised projection of the token's output embedding on a fixed random direction: dense (every
+token carries signal) and reachable by turning the final hidden state, so it must rise within a few steps.
 
 Per (shape, quantization): seconds per PPO step (median after 1 warm-up), tokens/s, peak memory
 (torch.cuda.max_memory_allocated) next to components.ppo.estimate_memory, loss finiteness and whether the
@@ -79,8 +79,8 @@ class IdTokenizer:
         return " ".join(str(i) for i in ids if not (skip_special_tokens and i in (EOS, PAD, BOS)))
 
 
-def save_random_model(name: str, folder: Path, logit_scale: float, seed: int = 0) -> None:
-    """Random weights of shape `name` (embedding scaled by logit_scale), saved in bf16 as a model folder."""
+def save_random_model(name: str, folder: Path, logit_std: float, seed: int = 0) -> None:
+    """Random weights of shape `name`, final norm scaled so the logits have std ~logit_std, saved in bf16."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     cfg = build_config(name)
@@ -88,7 +88,9 @@ def save_random_model(name: str, folder: Path, logit_scale: float, seed: int = 0
     with torch.device(dev):
         m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with torch.no_grad():
-        m.get_input_embeddings().weight.mul_(logit_scale)
+        # logits = norm(x) . e with |norm(x)| ~ sqrt(H) * w and e ~ N(0, std_e^2): std ~ w * sqrt(H) * std_e
+        std_e = float(m.get_output_embeddings().weight.float().std())
+        m.get_decoder().norm.weight.fill_(logit_std / (std_e * cfg.hidden_size ** 0.5))
     m.save_pretrained(str(folder))
     del m
 
@@ -117,22 +119,30 @@ def load(folder: Path, quant: str, device: torch.device, dtype: torch.dtype):
 
 
 class SyntheticReward:
-    """10 * share of target tokens in the response + 0.1 * random linear head on pooled base features."""
+    """A dense synthetic reward that PPO can move on random weights, plus the base-hidden path of the app:
+
+        score = 2 * mean over response tokens of s(token)  +  0.1 * random linear head on pooled base features
+
+    s(token) = standardised projection of the token's output embedding on a random direction u: the policy
+    raises it by turning its final hidden state towards u (every sampled token carries signal).
+    """
     uses_base_hidden = True
 
-    def __init__(self, targets: torch.Tensor, hidden_size: int, seed: int = 0):
+    def __init__(self, output_embeddings: torch.Tensor, hidden_size: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.targets = targets
+        u = torch.randn(output_embeddings.shape[1], generator=g).to(output_embeddings.device)
+        s = output_embeddings.float() @ u
+        self.token_score = ((s - s.mean()) / s.std()).detach()
         self.w = torch.randn(2 * hidden_size, generator=g) / math.sqrt(2 * hidden_size)
 
     @torch.no_grad()
     def __call__(self, *, model, input_ids, attention_mask, response_mask, base_hidden=None):
         from components.reward.features import pool_features
-        hit = torch.isin(input_ids, self.targets.to(input_ids.device)) & response_mask.bool()
-        share = hit.sum(1).float() / response_mask.sum(1).clamp(min=1).float()
+        ts = self.token_score.to(input_ids.device)[input_ids] * response_mask
+        tok = ts.sum(1) / response_mask.sum(1).clamp(min=1)
         feats = pool_features(base_hidden, attention_mask, response_mask)
         feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-6)
-        return 10.0 * share + 0.1 * math.sqrt(feats.shape[1]) * (feats @ self.w.to(feats.device))
+        return 2.0 * tok + 0.1 * math.sqrt(feats.shape[1]) * (feats @ self.w.to(feats.device))
 
 
 def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
@@ -142,19 +152,6 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
         length = int(torch.randint(16, 65, (1,), generator=g))
         out.append(torch.randint(3, vocab, (length,), generator=g).tolist())
     return out
-
-
-@torch.no_grad()
-def pick_targets(lm, prompts, args) -> torch.Tensor:
-    """Token ids the base samples at ranks 9..40 of frequency: present, but with room to grow."""
-    from components.ppo.rollout import encode_prompts, left_pad, sample
-    torch.manual_seed(1)
-    q, qm = left_pad(encode_prompts(lm, prompts[:args.batch], 4096), PAD, lm.device)
-    resp = sample(lm.model, q, qm, args.new_tokens, 1.0, 1.0, EOS, PAD)
-    ids, counts = torch.unique(resp.flatten().cpu(), return_counts=True)
-    order = ids[torch.argsort(counts, descending=True)]
-    order = order[(order != EOS) & (order != PAD)]
-    return order[8:40] if len(order) > 48 else order[len(order) // 4:]
 
 
 def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) -> dict:
@@ -176,8 +173,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type)
     res["estimate_gib"] = est["gib"]
     prompts = random_prompts(64, lm.model.config.vocab_size, seed=0)
-    targets = pick_targets(lm, prompts, args)
-    reward = SyntheticReward(targets, lm.model.config.hidden_size)
+    reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
     trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
     hist = []
@@ -225,8 +221,8 @@ def main():
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--logit-scale", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--logit-std", type=float, default=3.0)
     ap.add_argument("--max-seconds", type=float, default=40.0, help="per configuration; 0 = no limit")
     ap.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--json", default="")
@@ -258,7 +254,7 @@ def main():
         folder = Path(tempfile.mkdtemp(prefix=f"ppo_rand_{shape}_"))
         try:
             t0 = time.perf_counter()
-            save_random_model(shape, folder, args.logit_scale)
+            save_random_model(shape, folder, args.logit_std)
             print(f"[{shape}] random weights saved in {time.perf_counter() - t0:.1f}s", flush=True)
             for q in quants:
                 try:
@@ -285,7 +281,7 @@ def main():
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
             continue
         ph = r["phases"]
-        print(f"| {r['shape']} | {'bf16' if r['quant'] == 'none' else r['quant']} | {r['s_per_step']} | "
+        print(f"| {r['shape']} | {r['dtype'] if r['quant'] == 'none' else r['quant']} | {r['s_per_step']} | "
               f"{r['samples_per_s']} | {ph['t_generate']} | {ph['t_policy']} | {ph['t_reference']} | "
               f"{ph['t_train']} | {r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} |")

@@ -1,7 +1,7 @@
 """PPO on the real embedded model (SmolLM2-135M-Instruct, fp32, CPU) against a real reward model.
 
-The reward model is a linear Bradley-Terry head (components.reward.fast.FastRewardModel) fitted on pooled base
-features of the base model's own samples, labelled by a synthetic preference: the shorter of two responses is
+The reward model is a linear Bradley-Terry head (components.reward.fast.FastRewardModel, served to PPO through
+components.reward.ppo_reward) fitted on pooled base features of the base model's own samples, labelled by a synthetic preference: the shorter of two responses is
 preferred (a response cut at the token limit counts as longest). PPO must raise the reward of held-out prompts
 clearly above the base policy's with a bounded KL. Also: a state_bytes checkpoint resumes identically, and
 save_adapter folders load with peft / transformers and generate.
@@ -67,9 +67,9 @@ def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
 
 
 def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
-    """FastRewardModel on pairs (shorter chosen) of the base model's samples -> LinearHeadReward."""
-    from components.ppo.rewards import LinearHeadReward
+    """FastRewardModel on pairs (shorter chosen) of the base model's samples -> its PPO reward function."""
     from components.reward.fast import FastRewardModel
+    from components.reward.ppo_reward import reward_fn_for_ppo
     feats, lens = [], []
     for k in range(n_per_prompt):
         for s in range(0, len(prompts), 12):
@@ -83,8 +83,8 @@ def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
     ci = torch.tensor([pairs[p][0] for p in pick])
     ri = torch.tensor([pairs[p][1] for p in pick])
     rm = FastRewardModel().fit(X[ci], X[ri], X_ref=X)
-    w, b, mean, std = rm.to_torch_head()
-    reward = LinearHeadReward(w, float(b), mean, std)
+    reward = reward_fn_for_ppo(rm, lm)
+    assert reward.uses_base_hidden      # scored from the trainer's reference pass, no forward of its own
     return reward, X, L
 
 
@@ -111,8 +111,8 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
     assert corr > 0.5, corr
 
-    cfg = PPOConfig(steps=10, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
-                    lr=5e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
+    cfg = PPOConfig(steps=12, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+                    lr=6e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
     base_score, base_len, base_eos = heldout_score(trainer, HELDOUT_PROMPTS, use_base=True, seed=123)

@@ -47,7 +47,8 @@ class PPOConfig:
     """Sample with the LoRA delta merged into a temporary copy of the base weights (the originals are put back
     after sampling, so nothing drifts): fewer ops per generated token. "auto" = only for an unquantized fp32
     base (where the merged weights equal base + delta to rounding); "on" = also bf16/fp16 (the delta is then
-    rounded to the base dtype while sampling); "off" = never. Never for 4/8-bit bases."""
+    rounded to the base dtype while sampling); "off" = never. Never for 4/8-bit bases, and CPU only (on CUDA
+    the sampler in components.fastgen handles LoRA itself)."""
 
     # ---- optimiser -----------------------------------------------------------------------------------------
     lr: float = 1e-4

@@ -37,6 +37,7 @@ import torch
 
 from . import core
 from .config import PPOConfig
+from .rewards import value_head_from_pooled_head
 from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
     mask_after_eos, sample
 
@@ -160,7 +161,9 @@ class PPOTrainer:
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or bool(
                 getattr(causal_lm_of(self.model), "is_quantized", False))
-            self.merge_for_generation = not quantized and (
+            # CUDA sampling goes through components.fastgen (CUDA graphs hold weight addresses; it merges
+            # LoRA itself), so the weight swap below is for CPU sampling only
+            self.merge_for_generation = not quantized and self.device.type == "cpu" and (
                 cfg.merge_for_generation == "on" or
                 (cfg.merge_for_generation == "auto" and base_dtype == torch.float32))
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
@@ -194,15 +197,23 @@ class PPOTrainer:
         with torch.no_grad():
             vh.weight.zero_()
             vh.bias.zero_()
+            if self.config.value_head_init != "reward":
+                return "zeros"
             init = getattr(self.reward_fn, "value_head_init", None)
-            if self.config.value_head_init == "reward" and callable(init):
+            if callable(init):
                 w, b = init()
-                w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
-                if w.numel() == vh.weight.numel():
-                    vh.weight.copy_(w.view_as(vh.weight))
-                    vh.bias.fill_(float(b))
-                    return "reward"
-        return "zeros"
+            elif all(isinstance(getattr(self.reward_fn, a, None), torch.Tensor) for a in ("weight", "mean", "std")):
+                # a linear head on pooled features (e.g. components.reward.ppo_reward.FastRewardFn)
+                rf = self.reward_fn
+                w, b = value_head_from_pooled_head(rf.weight, float(getattr(rf, "bias", 0.0)), rf.mean, rf.std)
+            else:
+                return "zeros"
+            w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)
+            if w.numel() != vh.weight.numel():
+                return "zeros"
+            vh.weight.copy_(w.view_as(vh.weight).to(vh.weight.device))
+            vh.bias.fill_(float(b))
+            return "reward"
 
     def _activate_policy(self) -> None:
         """Make the policy adapter active and trainable again (a reward function may have switched adapters)."""
@@ -283,11 +294,14 @@ class PPOTrainer:
                 seqs = encode_prompts(self.lm, prompts, cfg.max_prompt_tokens)
                 q, qm = left_pad(seqs, self.lm.pad_token_id, self.device)
                 with self._policy_for_generation():
-                    # always ask for the (ids, hidden) pair: with capture off `sample` returns bare ids
-                    resp, gen_hidden = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                              self.lm.eos_token_id, self.lm.pad_token_id, capture_hidden=True)
-                    if not self.logprobs_from_generation:
-                        gen_hidden = None
+                    gen_hidden = None
+                    if self.logprobs_from_generation:   # (ids, hidden) pair
+                        resp, gen_hidden = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature,
+                                                  cfg.top_p, self.lm.eos_token_id, self.lm.pad_token_id,
+                                                  capture_hidden=True)
+                    else:                               # bare ids
+                        resp = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                      self.lm.eos_token_id, self.lm.pad_token_id)
                 rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
                 resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
                 ro = Rollout(q, qm, resp, rmask, has_eos, prompts)
