@@ -92,6 +92,14 @@ def check_prompt(lm: LoadedModel, prompt: str, max_new_tokens: int) -> list[int]
         raise GenerationError("the prompt is empty: type a question or instruction first")
     if "\x00" in prompt:
         raise GenerationError("the prompt contains a NUL character; remove it")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"the prompt contains a character that is not valid Unicode at position {e.start} "
+                              "(often left by a broken copy and paste); remove it") from None
+    if len(prompt) > 64 * lm.context_length:     # refuse at once instead of tokenising megabytes
+        raise GenerationError(f"the prompt is {len(prompt):,} characters, far beyond the model's context of "
+                              f"{lm.context_length} tokens: shorten it")
     ids = lm.prompt_ids(prompt)
     if len(ids) + max_new_tokens > lm.context_length:
         raise GenerationError(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "

@@ -352,7 +352,7 @@ def _connect(path: str, read_only: bool) -> tuple[duckdb.DuckDBPyConnection, lis
     elif os.path.getsize(path) == 0 and not read_only and not os.path.exists(path + ".wal"):
         os.remove(path)  # an empty placeholder (e.g. from `touch`) holds no data: start a new database there
     if not read_only and os.path.isfile(path):
-        pass  # MUTANT
+        warnings += _check_wal_before_open(path)
     for attempt in range(3):
         try:
             return duckdb.connect(path, read_only=read_only), warnings
@@ -411,7 +411,7 @@ class _Core:
         self.warnings: list[str] = [msg for msg, _ in quarantined]
         try:
             if path != MEMORY:
-                pass  # MUTANT
+                self.warnings += verify_file(self.con, path)
             self._check_schema()
             lost = sum(n for _, n in quarantined)
             if lost and not read_only:

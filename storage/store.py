@@ -747,6 +747,11 @@ class Store:
         return self._write(fn, "the reward model version",
                            lambda cur, vid: _count_ids(cur, "reward_versions", [vid]) == 1)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Start-up warnings (a write-ahead log moved aside, a damaged free block), for the UI."""
+        return list(self._core.warnings)
+
     def latest_reward_version(self, tier: str, with_weights: bool = True) -> dict | None:
         """The newest version of a tier (that has stored weights, if with_weights), or None."""
         cond = " AND weights IS NOT NULL" if with_weights else ""

@@ -59,7 +59,10 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
     with gr.Blocks(title="RLHF Studio") as demo:
         gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
                     elem_id="header")
-        loaders = []
+        if studio.store.warnings:
+            import html
+            gr.Markdown("\n\n".join("**Warning:** " + html.escape(w) for w in studio.store.warnings),
+                        elem_id="storage-warnings")
         with gr.Tab("Generate & Rate", id="generate"):
             gen = generate_tab.build(studio, role)
         with gr.Tab("Reward model", id="reward"):
@@ -135,7 +138,7 @@ def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", 
     studio.accounts = accounts
     studio.blind = bool(blind)
     demo = build_app(studio)
-    demo.launch(share=share, auth=accounts, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+    demo.launch(share=share, auth=accounts.acheck if accounts is not None else None, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],
                 theme=gr.themes.Soft(), strict_cors=True)

@@ -10,6 +10,7 @@ A password may be given as "sha256:<hex>" instead of plain text.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -81,6 +82,19 @@ class Accounts:
             n = self._failures[username] = self._failures.get(username, 0) + 1
         log.warning("failed login for user %r (%d in a row)", username, n)
         time.sleep(min(0.25 * 2 ** min(n, 5), 5.0))       # slow down guessing
+        return False
+
+    async def acheck(self, username: str, password: str) -> bool:
+        """Gradio's auth callback; a coroutine so the slow-down does not block the server's event loop."""
+        acc = self.users.get(username)
+        ok = acc is not None and acc.check(password or "")
+        with self._lock:
+            if ok:
+                self._failures.pop(username, None)
+                return True
+            n = self._failures[username] = self._failures.get(username, 0) + 1
+        log.warning("failed login for user %r (%d in a row)", username, n)
+        await asyncio.sleep(min(0.25 * 2 ** min(n, 5), 5.0))
         return False
 
     def role(self, username: str | None) -> str:

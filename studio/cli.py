@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     except (StorageError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in s.store.warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     try:
         app = s.launch(share=args.share, auth=args.auth, host=args.host, port=args.port, open_browser=False,
                        auth_file=args.auth_file, blind=args.blind)

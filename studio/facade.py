@@ -101,6 +101,15 @@ class Studio:
             outs = _generate(lm, prompt, params, adapter=adapter_name, on_update=on_update, stop=stop)
         except (GenerationError, KeyError) as e:
             raise StudioError(str(e).strip("'\"")) from None
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+                raise
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise StudioError(f"out of memory while generating {n} completions of up to {max_new_tokens} new "
+                              "tokens: ask for fewer completions (n), lower max new tokens or shorten the "
+                              "prompt") from None
         pid = self.store.add_prompt(prompt, source=prompt_source)
         rows = [dict(prompt_id=pid, text=g.text, source="model", model_id=lm.model_id, model_revision=lm.revision,
                      adapter_id=adapter_id, params=params.as_dict(), seed=seed, prompt_tokens=g.prompt_tokens,
