@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 from .errors import StudioError
@@ -71,31 +70,24 @@ class Accounts:
             raise StudioError(f"{path}: at least one user must have the role 'owner'")
         return cls(users)
 
-    def __call__(self, username: str, password: str) -> bool:
-        """Gradio's auth callback."""
+    def _penalty(self, username: str, password: str) -> float:
+        """0 for a right password; else seconds to wait, doubling with each failure in a row (logged)."""
         acc = self.users.get(username)
         ok = acc is not None and acc.check(password or "")
         with self._lock:
             if ok:
                 self._failures.pop(username, None)
-                return True
+                return 0.0
             n = self._failures[username] = self._failures.get(username, 0) + 1
         log.warning("failed login for user %r (%d in a row)", username, n)
-        time.sleep(min(0.25 * 2 ** min(n, 5), 5.0))       # slow down guessing
-        return False
+        return min(0.25 * 2 ** min(n, 5), 5.0)
 
     async def acheck(self, username: str, password: str) -> bool:
         """Gradio's auth callback; a coroutine so the slow-down does not block the server's event loop."""
-        acc = self.users.get(username)
-        ok = acc is not None and acc.check(password or "")
-        with self._lock:
-            if ok:
-                self._failures.pop(username, None)
-                return True
-            n = self._failures[username] = self._failures.get(username, 0) + 1
-        log.warning("failed login for user %r (%d in a row)", username, n)
-        await asyncio.sleep(min(0.25 * 2 ** min(n, 5), 5.0))
-        return False
+        wait = self._penalty(username, password)
+        if wait:
+            await asyncio.sleep(wait)
+        return wait == 0.0
 
     def role(self, username: str | None) -> str:
         acc = self.users.get(username or "")
