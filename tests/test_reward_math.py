@@ -14,7 +14,7 @@ from components.reward.bt import bt_loss, expected_calibration_error, pairwise_a
 from components.reward.datasets import PreferenceFormatError, parse_hh, parse_trl
 from components.reward.fast import DEFAULT_C, FastRewardModel
 
-HH_REAL = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
+from tests.data_paths import HH_REAL
 
 
 # ------------------------------------------------------------------------------------------ BT loss

@@ -3,7 +3,6 @@ in the background every K new pairs while labelling goes on, honest messages, HH
 import gzip
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,7 +10,7 @@ from studio import StudioError
 
 pytestmark = pytest.mark.slow
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+from tests.data_paths import HH_REAL as HH
 
 
 def _labelled(s, prompts):
