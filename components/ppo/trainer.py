@@ -690,7 +690,7 @@ def _save_merged(model, adapter_name: str, path: Path, quantization) -> None:
         sd[f"{name}.weight"] = w
         if getattr(base, "bias", None) is not None:
             sd[f"{name}.bias"] = base.bias.detach()
-    for n, p in list(lm.named_parameters()) + list(lm.named_buffers()):
+    for n, p in lm.state_dict().items():          # persistent tensors only (no rotary caches)
         if "lora_" in n or ".base_layer." in n:
             continue
         sd.setdefault(n, p.detach())
