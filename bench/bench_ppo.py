@@ -85,7 +85,7 @@ def run_ours(args, dtype: str) -> dict:
     cfg = PPOConfig(steps=args.steps + args.warmup, batch_size=args.batch, mini_batch_size=args.batch,
                     ppo_epochs=args.epochs, max_new_tokens=args.new_tokens, temperature=0.7, lr=1e-4,
                     lora_r=16, lora_alpha=32, missing_eos_penalty=1.0, seed=0,
-                    merge_for_generation=args.merge)
+                    merge_for_generation=args.merge, old_logprobs=args.old_logprobs)
     trainer = PPOTrainer(lm, reward, cfg, PROMPTS)
     load_s = time.perf_counter() - t0
     steps = [trainer.step() for _ in range(cfg.steps)]
@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--merge", choices=["auto", "on", "off"], default="auto",
                     help="our merge_for_generation setting")
+    ap.add_argument("--old-logprobs", choices=["auto", "forward", "generation"], default="auto",
+                    help="our old_logprobs setting (auto: from generation for fp32, one forward for bf16)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--trl-timeout", type=int, default=1800)
