@@ -210,6 +210,14 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     return res
 
 
+def write_json(args, info, results, total) -> str:
+    out = {"info": info, "args": vars(args), "total_s": round(total, 1), "results": results}
+    dest = args.json or (os.path.join(os.environ["OUT"], "gpu_ppo.json") if os.environ.get("OUT") else "")
+    if dest:
+        Path(dest).write_text(json.dumps(out, indent=1))
+    return dest
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -267,6 +275,7 @@ def main():
                         torch.cuda.empty_cache()
                 results.append(r)
                 print(json.dumps(r), flush=True)
+                write_json(args, info, results, time.perf_counter() - t_all)   # partial results survive a kill
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     total = time.perf_counter() - t_all
@@ -285,10 +294,8 @@ def main():
               f"{r['samples_per_s']} | {ph['t_generate']} | {ph['t_policy']} | {ph['t_reference']} | "
               f"{ph['t_train']} | {r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} |")
-    out = {"info": info, "args": vars(args), "total_s": round(total, 1), "results": results}
-    dest = args.json or (os.path.join(os.environ["OUT"], "gpu_ppo.json") if os.environ.get("OUT") else "")
+    dest = write_json(args, info, results, total)
     if dest:
-        Path(dest).write_text(json.dumps(out, indent=1))
         print(f"wrote {dest}")
     bad = [r for r in results if not r.get("ok")]
     sys.exit(1 if bad else 0)

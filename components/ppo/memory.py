@@ -54,16 +54,36 @@ def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}
 
 
+def available_bytes(device: str) -> int | None:
+    """Memory free for a new process now: CUDA free memory, or the OS's MemAvailable on the CPU; None if unknown."""
+    try:
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                return None
+            return int(torch.cuda.mem_get_info()[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except Exception:
+        return None
+    return None
+
+
 def estimate_memory(model_config, config: PPOConfig, quantization: str | None = None, dtype="bf16",
-                    device: str = "cuda") -> dict:
+                    device: str | None = None) -> dict:
     """Estimated peak bytes of PPO training on one device.
 
     model_config: the model's transformers config (or a dict with the same keys); config: the PPOConfig;
     quantization: None, "8bit" or "4bit" (linear layers only; embeddings, norms and the output head stay in
     `dtype`); dtype: compute dtype ("bf16", "fp32", ... or a torch.dtype). Sequences are assumed at their
-    limits (max_prompt_tokens + max_new_tokens). Returns {"bytes": int, "gib": float, "breakdown": {name: bytes},
-    "params": int, "trainable_params": int}.
+    limits (max_prompt_tokens + max_new_tokens). device: "cuda" or "cpu" (default: cuda when available).
+    Returns {"bytes": int, "gib": float, "breakdown": {name: bytes}, "params": int, "trainable_params": int,
+    "device": str, "available_bytes": int | None (free now on that device)}.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device).split(":")[0]
     s = model_shape(model_config)
     act = _dtype_bytes(dtype)
     H, L, V, nkv, hd = s["H"], s["L"], s["V"], s["nkv"], s["hd"]
@@ -112,4 +132,5 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     breakdown = {"weights": int(weights), "lora_and_optimizer": int(train_state), "generation": int(gen),
                  "scoring": int(score), "training": int(train), "runtime_overhead": int(overhead)}
     return {"bytes": int(total), "gib": round(total / GIB, 2), "breakdown": breakdown,
-            "params": int(linear_params + other_params), "trainable_params": int(trainable)}
+            "params": int(linear_params + other_params), "trainable_params": int(trainable),
+            "device": device, "available_bytes": available_bytes(device)}
