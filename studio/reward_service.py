@@ -29,6 +29,10 @@ class RewardSettings:
     feature_max_tokens: int = 256       # truncation (keeping the end of prompt+completion) for features
     feature_batch: int = 8
     store_fast_weights_every: int = 10  # auto refits store weights every N labels (metrics always)
+    # "incremental": warm-started Newton in completion space on a cached feature matrix (fit_indexed);
+    # "full": the earlier refit from scratch on dense [pairs, F] rows (kept as the reference and the baseline
+    # of bench/bench_reward_latency.py). Both reach the same optimum (same objective, same tolerance).
+    fast_refit: str = "incremental"
 
 
 @dataclass
@@ -55,6 +59,11 @@ class RewardService:
         self._features: dict[int, np.ndarray] = {}
         self._lock = threading.RLock()
         self._labels_since_store = 0
+        # feature matrix cache for incremental refits: rows of _fx for the completion ids in _fx_index
+        self._fx: np.ndarray | None = None
+        self._fx_n = 0
+        self._fx_pos: dict[int, int] = {}
+        self.last_refit: dict = {}            # seconds per stage of the last fast refit (for benchmarks)
         self.progress = Progress()
         self._stop = threading.Event()
         self._deep_thread: threading.Thread | None = None
@@ -101,6 +110,7 @@ class RewardService:
     def model_changed(self) -> None:
         with self._lock:
             self._features.clear()
+            self._fx, self._fx_n, self._fx_pos = None, 0, {}
             self.fast = None
             self.fast_version = None
             self.deep = None
@@ -120,6 +130,100 @@ class RewardService:
         self._maybe_train_deep()
 
     def refit_fast(self, store_weights: bool | None = None) -> int | None:
+        """Refit the fast tier on every current pair and store a version (metrics; weights every N labels)."""
+        if self.settings.fast_refit == "full":
+            return self._refit_fast_full(store_weights)
+        from components.reward.fast import FastRewardModel
+        with self._lock:
+            t = {"start": time.perf_counter()}
+            pairs = self.pairs()
+            t["pairs"] = time.perf_counter()
+            if len(pairs) == 0:
+                return None
+            chosen = pairs["chosen_id"].to_numpy(dtype=np.int64)
+            rejected = pairs["rejected_id"].to_numpy(dtype=np.int64)
+            X, ci, ri = self._feature_rows(chosen, rejected)
+            ok = (ci >= 0) & (ri >= 0)
+            heldout = pairs["heldout"].to_numpy(dtype=bool)
+            tr, te = ok & ~heldout, ok & heldout
+            n_train = int(tr.sum())
+            t["features"] = time.perf_counter()
+            if n_train < MIN_TRAIN:
+                return None
+            # Cross-validate L2 when the training set grew by a quarter; reuse it in between (fast refits).
+            cv = self.fast_l2 is None or n_train >= 1.25 * max(self._l2_pairs, 1) or n_train < 40
+            t0 = time.perf_counter()
+            model = FastRewardModel().fit_indexed(X, ci[tr], ri[tr], margin=None,
+                                                  l2=None if cv else self.fast_l2, warm_start=self.fast)
+            fit_s = time.perf_counter() - t0
+            t["fit"] = time.perf_counter()
+            if cv:
+                self.fast_l2, self._l2_pairs = model.l2, n_train
+            metrics = self._evaluate_indexed(model, X, ci[te], ri[te])
+            t["evaluate"] = time.perf_counter()
+            metrics.update(fit_seconds=fit_s, train_pairs=n_train, l2=float(model.l2),
+                           conflicts=_conflicts(pairs))
+            self._labels_since_store += 1
+            keep = store_weights if store_weights is not None else (
+                self._labels_since_store >= self.settings.store_fast_weights_every or self.fast_version is None)
+            pair_keys = [f"{a}>{b}" for a, b in zip(chosen[tr].tolist(), rejected[tr].tolist())]
+            vid = self.store.add_reward_version(
+                tier="fast", criterion=_criterion_key(self.settings.criterion),
+                config={"l2": float(model.l2), "feature_max_tokens": self.settings.feature_max_tokens,
+                        "model_revision": self.revision, "pairs_sha1": _digest(pair_keys)},
+                pair_ids=pair_keys if keep else [], labels_seen=int(self._labels_seen()), metrics=metrics,
+                weights=model.to_bytes() if keep else None, parent_id=self.fast_version)
+            t["store"] = time.perf_counter()
+            if keep:
+                self._labels_since_store = 0
+            self.fast, self.fast_version = model, vid
+            names = list(t)
+            self.last_refit = {b: t[b] - t[a] for a, b in zip(names, names[1:])}
+            self.last_refit.update(total=t[names[-1]] - t["start"], stored_weights=bool(keep), cv=bool(cv))
+            return vid
+
+    def _feature_rows(self, chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X, ci, ri): a cached feature matrix X whose rows ci / ri hold the features of the chosen / rejected
+        completions; -1 where a completion has no features (yet). Rows are appended for new completions only."""
+        ids = np.unique(np.concatenate([chosen, rejected]))
+        new = [int(i) for i in ids if int(i) not in self._fx_pos]
+        if new:
+            feats = self.features(new)
+            have = [i for i in new if i in feats]
+            if have:
+                F = len(feats[have[0]])
+                if self._fx is None or self._fx.shape[1] != F:
+                    self._fx, self._fx_n, self._fx_pos = np.zeros((max(256, len(have)), F), np.float32), 0, {}
+                if self._fx_n + len(have) > self._fx.shape[0]:
+                    grown = np.zeros((max(2 * self._fx.shape[0], self._fx_n + len(have)), F), np.float32)
+                    grown[:self._fx_n] = self._fx[:self._fx_n]
+                    self._fx = grown
+                self._fx[self._fx_n:self._fx_n + len(have)] = np.stack([feats[i] for i in have])
+                for k, i in enumerate(have):
+                    self._fx_pos[i] = self._fx_n + k
+                self._fx_n += len(have)
+        pos = self._fx_pos
+        lookup = np.array([pos.get(int(i), -1) for i in ids], dtype=np.int64)
+        ci = lookup[np.searchsorted(ids, chosen)]
+        ri = lookup[np.searchsorted(ids, rejected)]
+        X = self._fx[:self._fx_n] if self._fx is not None else np.zeros((0, 0), np.float32)
+        return X, ci, ri
+
+    def _evaluate_indexed(self, model, X, ci, ri) -> dict:
+        n = len(ci)
+        out = {"heldout_pairs": n}
+        if n == 0:
+            out.update(heldout_accuracy=None, heldout_loss=None, note="no held-out pairs yet")
+            return out
+        ev = model.evaluate_indexed(X, ci, ri)
+        out.update(heldout_accuracy=float(ev["accuracy"]), heldout_loss=float(ev["loss"]),
+                   ece=float(ev.get("ece", float("nan"))), bins=_jsonable(ev.get("bins")))
+        if n < MIN_HELDOUT:
+            out["note"] = f"only {n} held-out pairs: accuracy is not meaningful yet (need {MIN_HELDOUT})"
+        return out
+
+    def _refit_fast_full(self, store_weights: bool | None = None) -> int | None:
+        """The reference refit: from scratch on dense [pairs, F] rows, as before incremental refits."""
         from components.reward.fast import FastRewardModel
         with self._lock:
             pairs = self.pairs()
@@ -426,6 +530,13 @@ class RewardService:
 
 def _criterion_key(c) -> str:
     return c if isinstance(c, str) else json.dumps(c, sort_keys=True)
+
+
+def _conflicts(pairs) -> int:
+    """Unordered pairs that appear in both directions (as Store.pair_conflicts, from the pairs already read)."""
+    if len(pairs) == 0:
+        return 0
+    return int((pairs.groupby("pair_key")["chosen_id"].nunique() > 1).sum())
 
 
 def _digest(keys) -> str:

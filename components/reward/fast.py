@@ -19,6 +19,13 @@ Uncertainty: Laplace approximation. The posterior of w is N(w*, S), S = inverse 
 prob_chosen() returns the moderated probability sigmoid(mu / sqrt(1 + pi s^2 / 8)) of a pair and the std s of
 the score difference (for active learning: pick pairs with p near 0.5 and large s).
 
+Refits after every label (`fit_indexed`): the pairs come as row indices into the feature rows of the distinct
+completions. Identical pairs merge into one term weighted by their count (the same objective); when fewer
+completions than distinct pairs take part, Newton forms D^T W D = Z^T (A^T W A) Z in completion space (C F^2
+instead of n F^2; A is the +1/-1 pair incidence matrix); Newton starts from the previous fit's weights
+(re-expressed on the new standardisation) and stops at the same tolerance, so the model is the one a fit from
+scratch gives. The service re-chooses l2 by CV only when the pairs grew by a quarter.
+
 Serialisation: safetensors (no pickle).
 """
 from __future__ import annotations
@@ -123,26 +130,86 @@ def _dual_fit(K: torch.Tensor, m: torch.Tensor, lam: float, alpha: torch.Tensor 
     return alpha
 
 
-def _primal_fit(D: torch.Tensor, m: torch.Tensor, lam: float, w: torch.Tensor | None = None,
-                max_iter: int = 50, tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+class _DenseDesign:
+    """The pair-difference rows D [n, F] held as a matrix."""
+
+    def __init__(self, D: torch.Tensor):
+        self.D, self.D32 = D, D.float()
+        self.F = D.shape[1]
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor:
+        return self.D @ w
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.D.T @ v
+
+    def gram(self, W: torch.Tensor) -> torch.Tensor:
+        """D^T diag(W) D (accumulated in float32, like a Newton direction needs; returned as float64)."""
+        return (self.D32.T @ (self.D32 * W.float()[:, None])).double()
+
+
+class _IndexedDesign:
+    """D = A Z without forming it: Z [C, F] are the standardised rows of the C distinct completions and A [n, C]
+    has +1 at the chosen and -1 at the rejected completion of each pair. D^T diag(W) D = Z^T (A^T W A) Z costs
+    C F^2 (+ C^2 F) instead of n F^2, a large saving when completions take part in many pairs (rankings, star
+    ratings of several completions of a prompt, several annotators)."""
+
+    DENSE_MAX_C = 1024         # A^T W A as a dense C x C matrix up to here (C^2 F), a sparse one above
+
+    def __init__(self, Z: torch.Tensor, ci: torch.Tensor, ri: torch.Tensor):
+        self.Z, self.Z32, self.ci, self.ri = Z, Z.float(), ci, ri
+        self.C, self.F = Z.shape
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.Z @ w
+        return s[self.ci] - s[self.ri]
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        a = torch.zeros(self.C, dtype=v.dtype)
+        a.index_add_(0, self.ci, v)
+        a.index_add_(0, self.ri, -v)
+        return self.Z.T @ a
+
+    def gram(self, W: torch.Tensor) -> torch.Tensor:
+        W = W.float()
+        rows = torch.cat([self.ci, self.ri, self.ci, self.ri])
+        cols = torch.cat([self.ci, self.ri, self.ri, self.ci])
+        vals = torch.cat([W, W, -W, -W])
+        if self.C <= self.DENSE_MAX_C:
+            M = torch.zeros(self.C, self.C, dtype=torch.float32)
+            M.index_put_((rows, cols), vals, accumulate=True)
+            MZ = M @ self.Z32
+        else:
+            M = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (self.C, self.C),
+                                        check_invariants=False).coalesce()
+            MZ = torch.sparse.mm(M, self.Z32)
+        return (self.Z32.T @ MZ).double()
+
+
+def _primal_fit(D, m: torch.Tensor, lam: float, w: torch.Tensor | None = None,
+                max_iter: int = 50, tol: float = 1e-12, counts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Newton in the primal, re-using a Hessian factor while it keeps making fast progress.
 
-    Returns (w, Cholesky factor of the Hessian at w)."""
-    n, F = D.shape
-    D32 = D.float()
+    D: the pair-difference rows, a [n, F] tensor or a design (_DenseDesign / _IndexedDesign). counts: [n] weight
+    of each pair (identical pairs merged into one row), None for all 1. Returns (w, Cholesky factor of the
+    Hessian at w)."""
+    design = _DenseDesign(D) if isinstance(D, torch.Tensor) else D
+    F = design.F
     if w is None:
         w = torch.zeros(F, dtype=_F64)
     eye = torch.eye(F, dtype=_F64)
 
     def state(w):
-        f = D @ w
-        obj = _softplus(m - f).sum() + 0.5 * lam * (w @ w)
+        f = design.matvec(w)
+        loss = _softplus(m - f)
+        obj = (loss if counts is None else counts * loss).sum() + 0.5 * lam * (w @ w)
         return f, obj
 
     def hessian_factor(f):
         p = torch.sigmoid(f - m)
-        W = (p * (1 - p)).float()
-        H = (D32.T @ (D32 * W[:, None])).double() + lam * eye
+        W = p * (1 - p)
+        H = design.gram(W if counts is None else counts * W) + lam * eye
         return torch.linalg.cholesky(H)
 
     f, obj = state(w)
@@ -151,7 +218,7 @@ def _primal_fit(D: torch.Tensor, m: torch.Tensor, lam: float, w: torch.Tensor | 
     prev_decrement = math.inf
     for _ in range(max_iter):
         p = torch.sigmoid(f - m)
-        g = -(D.T @ (1 - p)) + lam * w
+        g = -design.rmatvec((1 - p) if counts is None else counts * (1 - p)) + lam * w
         step = -torch.cholesky_solve(g[:, None], L)[:, 0]
         decrement = float(-(g @ step))
         if decrement / 2 <= tol * (1.0 + abs(float(obj))):
@@ -283,15 +350,23 @@ class FastRewardModel:
         return self
 
     @staticmethod
+    def _cv_subset(n: int, seed: int) -> np.ndarray:
+        """The (fixed, seeded) pairs that cross-validation uses: all, shuffled, or CV_MAX_PAIRS of them."""
+        rng = np.random.default_rng(seed)
+        return rng.permutation(n)[:CV_MAX_PAIRS] if n > CV_MAX_PAIRS else rng.permutation(n)
+
+    @staticmethod
     def _cross_validate(D: torch.Tensor, m: torch.Tensor, scale: float, seed: int
                         ) -> tuple[float, dict, torch.Tensor]:
-        n = D.shape[0]
-        rng = np.random.default_rng(seed)
-        idx = rng.permutation(n)[:CV_MAX_PAIRS] if n > CV_MAX_PAIRS else rng.permutation(n)
-        Ds, ms = D[torch.from_numpy(idx)], m[torch.from_numpy(idx)]
+        idx = torch.from_numpy(FastRewardModel._cv_subset(D.shape[0], seed))
+        return FastRewardModel._cross_validate_rows(D[idx], m[idx], scale)
+
+    @staticmethod
+    def _cross_validate_rows(Ds: torch.Tensor, ms: torch.Tensor, scale: float) -> tuple[float, dict, torch.Tensor]:
+        """k-fold CV over CV_GRID on the subset's difference rows Ds; (c, cv record, warm start for the fit)."""
         K = Ds @ Ds.T
         k = CV_FOLDS
-        folds = np.arange(len(idx)) % k
+        folds = np.arange(Ds.shape[0]) % k
         losses = np.zeros(len(CV_GRID))
         for j in range(k):
             tr = torch.from_numpy(np.flatnonzero(folds != j))
@@ -301,14 +376,109 @@ class FastRewardModel:
             for gi in range(len(CV_GRID) - 1, -1, -1):        # strong to weak penalty, warm-started
                 alpha = _dual_fit(Ktr, ms[tr], CV_GRID[gi] * scale, alpha, tol=1e-6)
                 losses[gi] += float(_softplus(ms[va] - Kva @ alpha).sum())
-        losses /= len(idx)
+        losses /= Ds.shape[0]
         best = int(np.argmin(losses))
         # The subset's solution at the chosen penalty: a warm start for a primal fit on all pairs.
         alpha = _dual_fit(K, ms, CV_GRID[best] * scale, tol=1e-6)
         w0 = Ds.T @ alpha
-        cv = {"c": list(CV_GRID), "l2": [c * scale for c in CV_GRID], "loss": losses.tolist(), "n": int(len(idx)),
-              "folds": k}
+        cv = {"c": list(CV_GRID), "l2": [c * scale for c in CV_GRID], "loss": losses.tolist(),
+              "n": int(Ds.shape[0]), "folds": k}
         return CV_GRID[best], cv, w0
+
+    # ------------------------------------------------------------------ incremental fitting
+    def fit_indexed(self, X, chosen, rejected, margin=None, l2: float | None = None, X_ref=None, seed: int = 0,
+                    warm_start: "FastRewardModel | None" = None) -> "FastRewardModel":
+        """The fit of `fit(X[chosen], X[rejected], margin, l2, X_ref, seed)`, with the pairs given as row indices
+        into X [C, F], the feature rows of the distinct completions. Made for refits after every label:
+
+        - identical pairs (same chosen, rejected and margin: the same comparison by several annotators, or
+          repeated by the pair compiler) become one loss term weighted by their count: the same objective;
+        - when fewer completions than distinct pairs take part, Newton works in completion space
+          (D^T W D = Z^T (A^T W A) Z: C F^2 instead of n F^2 per Hessian; `_IndexedDesign`);
+        - warm_start: a previous fit (any standardisation, the same features) whose weights, re-expressed on
+          this fit's standardisation, start Newton; a few steps instead of ~10. The objective is strictly convex
+          and Newton stops at the same relative tolerance, so the answer does not depend on the start.
+
+        With few pairs (the dual regime) it simply calls `fit` on the gathered rows. Returns self."""
+        t0 = time.perf_counter()
+        Xt = _as_tensor(X, "X")
+        C, F = Xt.shape
+        ci = np.asarray(chosen, dtype=np.int64).reshape(-1)
+        ri = np.asarray(rejected, dtype=np.int64).reshape(-1)
+        n = ci.shape[0]
+        if ri.shape != (n,):
+            raise ValueError(f"chosen ({n}) and rejected ({ri.shape[0]}) differ in length")
+        if n == 0:
+            raise ValueError("no pairs to fit on")
+        if min(ci.min(), ri.min()) < 0 or max(ci.max(), ri.max()) >= C:
+            raise ValueError(f"pair indices must lie in 0..{C - 1}")
+        m = np.zeros(n) if margin is None else np.asarray(margin, dtype=np.float64).reshape(-1)
+        if m.shape != (n,) or not np.isfinite(m).all():
+            raise ValueError(f"margin must be {n} finite numbers")
+        if n <= DUAL_MAX_FRACTION * F:
+            self.weight = None            # the dual path starts from zero anyway
+            return self.fit(Xt[torch.from_numpy(ci)], Xt[torch.from_numpy(ri)], margin=m, l2=l2, X_ref=X_ref,
+                            seed=seed)
+        # Only the completions that take part matter (X may hold more rows, e.g. a cache of all completions).
+        used, inv = np.unique(np.concatenate([ci, ri]), return_inverse=True)
+        ci, ri = inv[:n], inv[n:]
+        Xu = Xt[torch.from_numpy(used)].double()
+        if X_ref is None:            # the rows of the pairs, each as often as it occurs (as fit stacks them)
+            occ = torch.from_numpy(np.bincount(np.concatenate([ci, ri]), minlength=len(used)).astype(np.float64))
+            nr, s1, s2 = 2 * n, occ @ Xu, occ @ (Xu * Xu)
+        else:
+            ref = _as_tensor(X_ref, "X_ref")
+            if ref.shape[1] != F:
+                raise ValueError(f"X_ref has {ref.shape[1]} features, the pairs have {F}")
+            nr = ref.shape[0]
+            s1, s2 = ref.sum(0, dtype=_F64), (ref.double() ** 2).sum(0)
+        mean = s1 / nr
+        var = (s2 / nr - mean ** 2).clamp(min=0)
+        k0 = 10.0                    # the same variance shrinkage as fit
+        var = (nr * var + k0 * var.mean()) / (nr + k0)
+        std_t = var.clamp(min=1e-12).sqrt()
+        Z = (Xu - mean) / std_t                                       # [C_used, F]
+        # Merge identical (chosen, rejected, margin) pairs into one weighted term.
+        key = np.stack([ci, ri, m.view(np.int64)], axis=1)
+        uniq, first, inverse, counts = np.unique(key, axis=0, return_index=True, return_inverse=True,
+                                                 return_counts=True)
+        cu, ru = torch.from_numpy(uniq[:, 0].copy()), torch.from_numpy(uniq[:, 1].copy())
+        mu = torch.from_numpy(m[first])
+        cnt = torch.from_numpy(counts.astype(np.float64))
+        sq = torch.empty(len(uniq), dtype=_F64)       # |d|^2 of each distinct pair, in chunks (no [n, F] matrix)
+        for s0 in range(0, len(uniq), 4096):
+            d = Z[cu[s0:s0 + 4096]] - Z[ru[s0:s0 + 4096]]
+            sq[s0:s0 + 4096] = (d * d).sum(1)
+        scale = float((cnt * sq).sum() / n) or 1.0
+        cv = None
+        w0 = None
+        if l2 is None:
+            if n >= MIN_CV_PAIRS:
+                idx = self._cv_subset(n, seed)
+                Ds = Z[torch.from_numpy(ci[idx])] - Z[torch.from_numpy(ri[idx])]
+                with _one_thread():
+                    c, cv, w0 = self._cross_validate_rows(Ds, torch.from_numpy(m[idx]), scale)
+            else:
+                c = DEFAULT_C
+            l2 = c * scale
+        l2 = float(l2)
+        if not l2 > 0:
+            raise ValueError("l2 must be positive")
+        if warm_start is not None and warm_start.weight is not None and warm_start.weight.shape == (F,):
+            # r = ((x - mean') / std') @ w' + b': the same function on this standardisation has w = w' * std / std'
+            w0 = torch.from_numpy(warm_start.weight * (std_t.numpy() / warm_start.std))
+        if len(used) < len(uniq):
+            design = _IndexedDesign(Z, cu, ru)
+        else:
+            design = _DenseDesign(Z[cu] - Z[ru])
+        w, L = _primal_fit(design, mu, l2, w0, counts=cnt)
+        self.weight = w.numpy().copy()
+        self.mean, self.std = mean.numpy(), std_t.numpy()
+        self.bias = 0.0
+        self.cov = torch.cholesky_inverse(L).float().numpy()
+        self.l2, self.l2_scale, self.n_pairs, self.cv = l2, scale, n, cv
+        self.fit_seconds = time.perf_counter() - t0
+        return self
 
     # ------------------------------------------------------------------ scoring
     def _z(self, X) -> np.ndarray:
@@ -351,6 +521,41 @@ class FastRewardModel:
         loss = float(np.logaddexp(0.0, -(diff - m)).mean())
         acc = float(((diff > 0) + 0.5 * (diff == 0)).mean())
         p, _ = self.prob_chosen(X_chosen, X_rejected)
+        return {"accuracy": acc, "loss": loss, "n": n, "ece": expected_calibration_error(p, n_bins),
+                "bins": [b._asdict() for b in reliability_bins(p, n_bins)]}
+
+    def evaluate_indexed(self, X, chosen, rejected, margin=None, n_bins: int = 10) -> dict:
+        """`evaluate(X[chosen], X[rejected], margin, n_bins)` with the pairs as row indices into X [C, F]: scores
+        once per completion, and the posterior variance of each distinct pair's score difference from the C x C
+        matrix Z S Z^T (when C is small) instead of one F x F quadratic form per pair."""
+        ci = np.asarray(chosen, dtype=np.int64).reshape(-1)
+        ri = np.asarray(rejected, dtype=np.int64).reshape(-1)
+        n = int(ci.shape[0])
+        if ri.shape != (n,):
+            raise ValueError(f"chosen ({n}) and rejected ({ri.shape[0]}) differ in length")
+        if n == 0:
+            return {"accuracy": float("nan"), "loss": float("nan"), "n": 0, "ece": float("nan"), "bins": []}
+        X = np.asarray(X)
+        used, inv = np.unique(np.concatenate([ci, ri]), return_inverse=True)
+        ci, ri = inv[:n], inv[n:]
+        Z = self._z(X[used])
+        s = Z @ self.weight + self.bias
+        m = np.zeros(n) if margin is None else np.asarray(margin, dtype=np.float64).reshape(-1)
+        diff = s[ci] - s[ri]
+        loss = float(np.logaddexp(0.0, -(diff - m)).mean())
+        acc = float(((diff > 0) + 0.5 * (diff == 0)).mean())
+        pair = np.unique(np.stack([ci, ri], 1), axis=0, return_inverse=True)
+        uniq, pinv = pair[0], pair[1].reshape(-1)
+        cov = torch.from_numpy(self.cov).double()
+        Zt = torch.from_numpy(Z)
+        if len(used) <= _IndexedDesign.DENSE_MAX_C and len(used) < len(uniq):
+            G = ((Zt @ cov) @ Zt.T).numpy()
+            var_u = G[uniq[:, 0], uniq[:, 0]] + G[uniq[:, 1], uniq[:, 1]] - 2 * G[uniq[:, 0], uniq[:, 1]]
+        else:
+            var_u = np.concatenate([self._quad(Z[uniq[s0:s0 + 4096, 0]] - Z[uniq[s0:s0 + 4096, 1]])
+                                    for s0 in range(0, len(uniq), 4096)])
+        var = np.clip(var_u, 0, None)[pinv]
+        p = 1.0 / (1.0 + np.exp(-diff / np.sqrt(1.0 + math.pi * var / 8.0)))      # moderated, as prob_chosen
         return {"accuracy": acc, "loss": loss, "n": n, "ece": expected_calibration_error(p, n_bins),
                 "bins": [b._asdict() for b in reliability_bins(p, n_bins)]}
 
