@@ -14,7 +14,7 @@ from components.generation import GenerationError, SamplingParams, generate as _
 from components.models import EMBEDDED, LoadedModel, ModelLoadError, load_model
 from storage import InvalidInput, NotFound, Store, StorageError
 
-from .errors import StudioError
+from .errors import StudioError, is_out_of_memory
 
 WINNERS = ("a", "b", "tie", "both_bad")
 THUMBS_DOWN_TAGS = ("harmful", "toxic", "incorrect", "off-topic", "unhelpful", "other")
@@ -102,7 +102,7 @@ class Studio:
         except (GenerationError, KeyError) as e:
             raise StudioError(str(e).strip("'\"")) from None
         except (MemoryError, RuntimeError) as e:
-            if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            if not is_out_of_memory(e):
                 raise
             import torch
             if torch.cuda.is_available():
@@ -324,15 +324,16 @@ class Studio:
 
     def launch(self, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
                inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True,
-               auth_file: str | None = None, blind: bool = False):
+               auth_file: str | None = None, blind: bool = False, max_queue: int | None = 64):
         """Start the Gradio app (inline in Jupyter). Returns the running Blocks; `.local_url` has the address.
 
         auth "USER:PASS" (one owner) or auth_file (accounts with roles owner/annotator); share=True always
-        requires a login (a password is generated if none is given); blind hides identities and scores."""
+        requires a login (a password is generated if none is given); blind hides identities and scores;
+        max_queue: requests that may wait, more are answered at once with "busy, please try again"."""
         from .app import launch_app
         self._app = launch_app(self, share=share, auth=auth, host=host, port=port, inline=inline,
                                open_browser=open_browser, prevent_thread_lock=prevent_thread_lock,
-                               auth_file=auth_file, blind=blind)
+                               auth_file=auth_file, blind=blind, max_queue=max_queue)
         return self._app
 
     def close(self) -> None:

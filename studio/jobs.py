@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import StudioError
+from .errors import StudioError, is_out_of_memory
 
 log = logging.getLogger("rlhf_studio.jobs")
 
@@ -57,6 +57,8 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         trainer = PPOTrainer(lm, reward_fn, cfg, spec["prompts"])
         if spec.get("checkpoint"):
             trainer.load_state_bytes(spec["checkpoint"])
+        if spec.get("memory_headroom_mb"):
+            cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
         status = "completed"
         while trainer.step_count < cfg.steps:
@@ -75,9 +77,9 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
     except Exception as e:  # report, then exit: the app marks the run failed and keeps serving
         import traceback
         traceback.print_exc()          # the worker's stderr is the app's: the full trace lands in its log
-        msg = f"{type(e).__name__}: {e}"
-        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            msg += " — out of memory: lower batch_size, max_new_tokens or use a smaller model"
+        msg = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+        if is_out_of_memory(e):
+            msg = f"out of memory ({msg}): {OOM_ADVICE}"
         try:
             conn.send(("error", msg, traceback.format_exc()[-4000:]))
         except Exception:
@@ -87,6 +89,21 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             conn.close()
         except Exception:
             pass
+
+
+OOM_ADVICE = ("lower batch_size or mini_batch_size (or raise grad_accum), lower max_new_tokens, turn on "
+              "gradient_checkpointing, load the base in 4-bit on a GPU, or use a smaller model")
+
+
+def cap_address_space(headroom_mb: int) -> None:
+    """Let the job grow by at most `headroom_mb` beyond what it holds now (model loaded, trainer built): past
+    that, allocations fail inside the job with a MemoryError it reports, instead of the system's OOM killer
+    taking the process, or the app, down with no message."""
+    import resource
+    with open("/proc/self/status") as fh:
+        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + headroom_mb * 2**20, hard))
 
 
 def reward_fn_from_bytes(lm, tier: str, weights: bytes):
@@ -168,6 +185,9 @@ class JobManager:
         self.current: RunHandle | None = None
         self._lock = threading.Lock()
         self._loaded_adapters: dict[int, str] = {}
+        # Optional cap on how much a training job may grow after start-up (MB): see cap_address_space.
+        headroom = os.environ.get("RLHF_STUDIO_JOB_HEADROOM_MB")
+        self.memory_headroom_mb: int | None = int(headroom) if headroom else None
 
     def busy(self) -> bool:
         return bool(self.current and self.current.running())
@@ -185,6 +205,7 @@ class JobManager:
             cfg.validate()
         except (TypeError, ValueError) as e:
             raise StudioError(f"invalid PPO settings: {e}") from None
+        self.check_memory(cfg)
         prompts = prompts or self._prompt_snapshot()
         if not prompts:
             raise StudioError("no prompts to train on: add prompts to the library first")
@@ -216,6 +237,17 @@ class JobManager:
                 raise StudioError(f"a training job is already running (run {self.current.run_id})")
             return self._spawn(int(run_id), cfg, prompts, lineage["reward_tier"], lineage["reward_version"],
                                checkpoint=ck[1] if ck else None, wait=wait)
+
+    def check_memory(self, cfg) -> dict:
+        """Refuse, before anything starts, a run whose estimated peak memory exceeds what the device has free."""
+        from components.ppo.memory import estimate_memory
+        lm = self.studio.lm
+        est = estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
+        avail = est.get("available_bytes")
+        if avail and est["bytes"] > avail:
+            raise StudioError(f"this run needs about {est['gib']:.1f} GiB but only {avail / 2**30:.1f} GiB is free "
+                              f"on {est['device']}: {OOM_ADVICE}")
+        return est
 
     def _prompt_snapshot(self) -> list[str]:
         df = self.store.prompts()
@@ -250,7 +282,8 @@ class JobManager:
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
-                    threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"))
+                    threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
+                    memory_headroom_mb=self.memory_headroom_mb)
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = listener.address
@@ -317,7 +350,11 @@ class JobManager:
                 proc.kill()
             if final is None:     # the worker died without saying goodbye (kill -9, OOM killer)
                 final = "interrupted"
-                handle.error = handle.error or f"the training process exited unexpectedly (code {proc.returncode})"
+                why = f"the training process exited unexpectedly (code {proc.returncode})"
+                if proc.returncode == -9:
+                    why += (": killed by signal 9, by a user or by the system's out-of-memory killer; resume "
+                            f"it, and if memory ran out, {OOM_ADVICE}")
+                handle.error = handle.error or why
             try:
                 self.store.set_run_status(run_id, final, error=handle.error)
             except Exception:

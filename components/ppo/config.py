@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 
@@ -125,6 +126,20 @@ class PPOConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
+        # Types first: a string or NaN from a form must not slip through a comparison.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int):
+                need(isinstance(v, int) and not isinstance(v, bool), f"{f.name} must be a whole number, got {v!r}")
+            elif f.type in ("float", float):
+                need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                     f"{f.name} must be a finite number, got {v!r}")
+            elif f.type in ("bool", bool):
+                need(isinstance(v, bool), f"{f.name} must be true or false, got {v!r}")
+        # Upper bounds: far above anything useful on one machine, low enough that a typo (an extra zero or
+        # three) is refused with a message instead of allocating until the process dies.
+        for name, top in _UPPER_BOUNDS.items():
+            need(getattr(self, name) <= top, f"{name} must be at most {top:g}, got {getattr(self, name)!r}")
         need(self.steps >= 1, "steps must be >= 1")
         need(self.batch_size >= 1 and self.mini_batch_size >= 1, "batch sizes must be >= 1")
         need(self.batch_size % self.mini_batch_size == 0,
@@ -143,6 +158,12 @@ class PPOConfig:
         need(self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be > 0")
         need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         need(self.cliprange > 0 and self.cliprange_value > 0, "clip ranges must be > 0")
+        need(self.checkpoint_every >= 0 and self.n_display_samples >= 0, "checkpoint_every and n_display_samples must be >= 0")
+        need(self.adam_eps > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
+             "adam_eps must be > 0; weight_decay and max_grad_norm >= 0")
+        need(self.lora_alpha >= 1, "lora_alpha must be >= 1")
+        need(self.missing_eos_penalty >= 0 and self.score_clip >= 0, "missing_eos_penalty and score_clip must be >= 0")
+        need(self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0")
         need(self.value_head_init in ("reward", "zeros"), "value_head_init must be 'reward' or 'zeros'")
         need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
         need(self.old_logprobs in ("auto", "forward", "generation"),
@@ -171,3 +192,14 @@ class PPOConfig:
     @classmethod
     def from_json(cls, s: str) -> "PPOConfig":
         return cls.from_dict(json.loads(s))
+
+
+# Largest accepted value of each numeric field (see PPOConfig.validate).
+_UPPER_BOUNDS = {
+    "steps": 1_000_000, "batch_size": 4096, "mini_batch_size": 4096, "grad_accum": 4096, "ppo_epochs": 100,
+    "max_new_tokens": 8192, "max_prompt_tokens": 32768, "temperature": 10.0, "lr": 1.0, "adam_eps": 1.0,
+    "weight_decay": 10.0, "max_grad_norm": 1e6, "lora_r": 1024, "lora_alpha": 65536, "kl_coef": 100.0,
+    "kl_target": 1e4, "kl_horizon": 10**9, "missing_eos_penalty": 1e4, "score_clip": 1e6,
+    "cliprange": 10.0, "cliprange_value": 1e4, "vf_coef": 1e3, "ent_coef": 100.0, "seed": 2**63 - 1,
+    "checkpoint_every": 1_000_000, "n_display_samples": 4096,
+}

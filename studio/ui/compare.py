@@ -46,7 +46,8 @@ def build(studio, role: str = "owner"):
                 return [fail("generate a blind pair first"), gr.skip(), None]
             try:
                 studio.compare(s["left"], s["right"], winner, annotator=annotator_of(request, studio.annotator),
-                               session_id=session_of(request))
+                               session_id=session_of(request),   # one vote per blind pair, however often sent
+                               idempotency_key=f"blind-vote:{s['left']}:{s['right']}")
             except StudioError as e:
                 return [fail(e), gr.skip(), s]
             return [ok(f"vote saved. Left was **{s['left_policy']}**, right was **{s['right_policy']}**."),

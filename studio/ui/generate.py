@@ -1,8 +1,10 @@
 """Generate & Rate tab: a prompt, N streamed completions side by side, and all six kinds of feedback."""
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
+import uuid
 
 import gradio as gr
 
@@ -90,6 +92,9 @@ def build(studio, role: str = "owner"):
             rewrite = gr.Textbox(label="Corrected rewrite (optional)", lines=3, elem_id="rewrite")
             critique_btn = gr.Button("Save critique", elem_id="critique-btn")
     stop_flag = gr.State(None)
+    # A fresh key per page load and after each saved label: a double click or a retried request carries the same
+    # key and content, so it is stored once (API callers may pass their own key, or none).
+    label_key = gr.Textbox(value="", visible=False, elem_id="label-key", label="Idempotency key")
 
     # ------------------------------------------------------------------ logic
     def scores_for(ids):
@@ -163,33 +168,37 @@ def build(studio, role: str = "owner"):
         return "Stopping…"
 
     def label_result(ids, action):
+        """[status] + scores + [next idempotency key]; the key only changes once a label is saved."""
         try:
             message = action()
         except StudioError as e:
-            return [fail(e)] + [gr.skip()] * MAX_N
+            return [fail(e)] + [gr.skip()] * MAX_N + [gr.skip()]
         except Exception as e:  # e.g. a storage error: show it, the inputs stay on screen for a retry
-            return [fail(f"not saved: {e}")] + [gr.skip()] * MAX_N
-        return [ok(message)] + scores_for(ids)
+            return [fail(f"not saved: {e}")] + [gr.skip()] * MAX_N + [gr.skip()]
+        return [ok(message)] + scores_for(ids) + [new_label_key()]
 
     def on_star(i):
-        def handler(ids, value, crit, request: gr.Request):
+        def handler(ids, value, crit, key, request: gr.Request):
             if i >= len(ids) or value in (None, ""):
-                return [gr.skip()] * (MAX_N + 1)
+                return [gr.skip()] * (MAX_N + 2)
             return label_result(ids, lambda: _saved("rating", studio.rate(
                 ids[i], int(value), criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
-                session_id=session_of(request)), f"{value} stars for {LETTERS[i]}"))
+                session_id=session_of(request), idempotency_key=label_key_for(key, "stars", ids[i], value, crit)),
+                f"{value} stars for {LETTERS[i]}"))
         return handler
 
     def on_thumb(i, up):
-        def handler(ids, tag_values, request: gr.Request):
+        def handler(ids, tag_values, key, request: gr.Request):
             if i >= len(ids):
-                return [fail("generate or load completions first")] + [gr.skip()] * MAX_N
+                return [fail("generate or load completions first")] + [gr.skip()] * (MAX_N + 1)
+            tags_now = None if up else tag_values
             return label_result(ids, lambda: _saved("thumbs", studio.thumbs(
-                ids[i], up, tags=None if up else tag_values, annotator=annotator_of(request, studio.annotator),
-                session_id=session_of(request)), f"{'up' if up else 'down'} for {LETTERS[i]}"))
+                ids[i], up, tags=tags_now, annotator=annotator_of(request, studio.annotator),
+                session_id=session_of(request), idempotency_key=label_key_for(key, "thumbs", ids[i], up, tags_now)),
+                f"{'up' if up else 'down'} for {LETTERS[i]}"))
         return handler
 
-    def on_compare(ids, l_, r_, w_, crit, request: gr.Request):
+    def on_compare(ids, l_, r_, w_, crit, key, request: gr.Request):
         def act():
             if not ids:
                 raise StudioError("generate or load completions first")
@@ -197,11 +206,12 @@ def build(studio, role: str = "owner"):
                 raise StudioError("choose A wins, B wins, tie or both bad")
             a, b = letters_to_index(l_, len(ids))[0], letters_to_index(r_, len(ids))[0]
             fid = studio.compare(ids[a], ids[b], w_, criterion=crit or "overall",
-                                 annotator=annotator_of(request, studio.annotator), session_id=session_of(request))
+                                 annotator=annotator_of(request, studio.annotator), session_id=session_of(request),
+                                 idempotency_key=label_key_for(key, "pairwise", ids[a], ids[b], w_, crit))
             return _saved("choice", fid, f"{l_} vs {r_}: {w_}")
         return label_result(ids, act)
 
-    def on_rank(ids, order, crit, request: gr.Request):
+    def on_rank(ids, order, crit, key, request: gr.Request):
         def act():
             if not ids:
                 raise StudioError("generate or load completions first")
@@ -212,18 +222,20 @@ def build(studio, role: str = "owner"):
             if sorted(idx) != list(range(len(ids))):
                 raise StudioError(f"a ranking must list every completion shown exactly once "
                                   f"({', '.join(LETTERS[:len(ids)])})")
-            fid = studio.rank([ids[i] for i in idx], criterion=crit or "overall",
-                              annotator=annotator_of(request, studio.annotator), session_id=session_of(request))
+            ranked = [ids[i] for i in idx]
+            fid = studio.rank(ranked, criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
+                              session_id=session_of(request), idempotency_key=label_key_for(key, "ranking", ranked, crit))
             return _saved("ranking", fid, " > ".join(LETTERS[i] for i in idx))
         return label_result(ids, act)
 
-    def on_critique(ids, t_, text, rw, request: gr.Request):
+    def on_critique(ids, t_, text, rw, key, request: gr.Request):
         def act():
             if not ids:
                 raise StudioError("generate or load completions first")
             i = letters_to_index(t_, len(ids))[0]
             out = studio.critique(ids[i], text, rewrite=rw or None, annotator=annotator_of(request, studio.annotator),
-                                  session_id=session_of(request))
+                                  session_id=session_of(request),
+                                  idempotency_key=label_key_for(key, "critique", ids[i], text, rw))
             parts = (["critique"] if "critique_id" in out else []) + (["rewrite"] if "rewrite_id" in out else [])
             return f"{' and '.join(parts)} saved for {t_}"
         res = label_result(ids, act)
@@ -304,17 +316,19 @@ def build(studio, role: str = "owner"):
                   api_visibility="private")
     stop_btn.click(on_stop, None, status, queue=False, api_name="stop")
     gen_event.then(library_choices, None, library, api_visibility="private")
+    label_outputs = [status] + scores + [label_key]
     for i in range(MAX_N):
-        stars[i].input(on_star(i), [ids_state, stars[i], criterion], [status] + scores, concurrency_limit=8,
+        stars[i].input(on_star(i), [ids_state, stars[i], criterion, label_key], label_outputs, concurrency_limit=8,
                        api_name=f"rate_{LETTERS[i].lower()}")
-        ups[i].click(on_thumb(i, True), [ids_state, tags[i]], [status] + scores, concurrency_limit=8,
+        ups[i].click(on_thumb(i, True), [ids_state, tags[i], label_key], label_outputs, concurrency_limit=8,
                      api_name=f"thumbs_up_{LETTERS[i].lower()}")
-        downs[i].click(on_thumb(i, False), [ids_state, tags[i]], [status] + scores, concurrency_limit=8,
+        downs[i].click(on_thumb(i, False), [ids_state, tags[i], label_key], label_outputs, concurrency_limit=8,
                        api_name=f"thumbs_down_{LETTERS[i].lower()}")
-    compare_btn.click(on_compare, [ids_state, left, right, winner, criterion], [status] + scores, api_name="compare")
-    rank_btn.click(on_rank, [ids_state, ranking, criterion], [status] + scores, api_name="rank")
-    critique_btn.click(on_critique, [ids_state, target, critique, rewrite], [status] + scores + [critique, rewrite],
-                       api_name="critique")
+    compare_btn.click(on_compare, [ids_state, left, right, winner, criterion, label_key], label_outputs,
+                      api_name="compare")
+    rank_btn.click(on_rank, [ids_state, ranking, criterion, label_key], label_outputs, api_name="rank")
+    critique_btn.click(on_critique, [ids_state, target, critique, rewrite, label_key],
+                       label_outputs + [critique, rewrite], api_name="critique")
     next_btn.click(on_next, None, [prompt, status], api_name="next_prompt")
     load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores, api_name="load_prompt")
     suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion], api_name="suggest_pair")
@@ -322,11 +336,27 @@ def build(studio, role: str = "owner"):
         library_choices, None, library)
     import_btn.click(on_import_prompts, [prompt_file], status, api_name="import_prompts").then(
         library_choices, None, library)
-    return dict(on_load=(library_choices, library), criteria=(criteria_update, [criterion, rubric]),
+    def page_load():
+        return library_choices(), new_label_key()
+
+    return dict(on_load=(page_load, [library, label_key]), criteria=(criteria_update, [criterion, rubric]),
                 adapter=adapter, owner_only=[prompts_box], blind_hidden=[adapter])
 
 
 _GEN_STOPS: dict = {}
+
+
+def new_label_key() -> str:
+    return uuid.uuid4().hex
+
+
+def label_key_for(key: str | None, *content) -> str | None:
+    """The idempotency key of one label: the page's current key plus what the label says, so that two different
+    labels sent before the key rotates (rating A, then B) are both kept. No key (an API caller) -> None."""
+    if not key:
+        return None
+    digest = hashlib.sha1(repr(content).encode()).hexdigest()[:16]
+    return f"ui:{str(key)[:64]}:{digest}"
 
 
 def _saved(what: str, fid: int, detail: str) -> str:
