@@ -10,6 +10,11 @@ from .auth import Accounts, role_of
 from .ui import generate as generate_tab
 from .ui import history as history_tab
 
+# Requests waiting beyond this many are refused at once: the browser shows Gradio's "This application is currently
+# busy. Please try again." and API clients get HTTP 503 "Queue is full" (gradio_client: QueueError), instead of
+# waiting behind a backlog with no end in sight. Running events do not count, only waiting ones.
+DEFAULT_MAX_QUEUE = 64
+
 CSS = """
 .rlhf-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px; }
 .rlhf-card.rlhf-selected { outline: 3px solid var(--color-accent); }
@@ -55,7 +60,8 @@ SHORTCUTS_JS = """
 """
 
 
-def build_app(studio, role: str = "owner") -> gr.Blocks:
+def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_QUEUE) -> gr.Blocks:
+    """The Blocks app; max_queue bounds the waiting requests (None: unbounded, for tests of the layout only)."""
     with gr.Blocks(title="RLHF Studio") as demo:
         gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
                     elem_id="header")
@@ -105,7 +111,7 @@ def build_app(studio, role: str = "owner") -> gr.Blocks:
             return [gr.update(visible=True if is_owner else "hidden")] * len(owner_only) + \
                 [gr.update(visible=is_owner or not getattr(studio, "blind", False))] * len(blind_hidden)
         demo.load(apply_role, None, owner_only + blind_hidden, api_visibility="private")
-    demo.queue(default_concurrency_limit=4, max_size=64)
+    demo.queue(default_concurrency_limit=4, max_size=max_queue)
     return demo
 
 
@@ -115,12 +121,16 @@ def strong_password() -> str:
 
 def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
                inline: bool | None = None, open_browser: bool = False, prevent_thread_lock: bool = True,
-               quiet: bool = False, auth_file: str | None = None, blind: bool = False):
+               quiet: bool = False, auth_file: str | None = None, blind: bool = False,
+               max_queue: int | None = DEFAULT_MAX_QUEUE):
     """Launch the app; with share=True never without a password (one is generated and printed if missing).
 
     auth: "USER:PASS" or (user, pass) for one owner; auth_file: several accounts with roles (studio/auth.py).
     blind: hide model/adapter identity and reward-model scores while labelling.
+    max_queue: requests allowed to wait; more are answered at once with "busy, please try again".
     """
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
+        raise ValueError(f"max_queue must be a whole number of at least 1, got {max_queue!r}")
     accounts = None
     if auth_file:
         accounts = Accounts.from_file(auth_file)
@@ -137,7 +147,7 @@ def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", 
         print(f"Sharing needs a login. Generated one: user 'studio', password '{pw}'", flush=True)
     studio.accounts = accounts
     studio.blind = bool(blind)
-    demo = build_app(studio)
+    demo = build_app(studio, max_queue=max_queue)
     demo.launch(share=share, auth=accounts.acheck if accounts is not None else None, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],

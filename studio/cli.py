@@ -21,6 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--auth-file", metavar="PATH", help="JSON file of accounts with roles (owner / annotator)")
     p.add_argument("--blind", action="store_true",
                    help="blind labelling: hide model/adapter identity and reward-model scores")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="requests that may wait in the queue; more are refused at once with a 'busy, please try "
+                        "again' message instead of waiting (default: 64)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
@@ -30,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.max_queue is not None and args.max_queue < 1:
+        print("error: --max-queue must be at least 1", file=sys.stderr)
+        return 2
     if args.auth and ":" not in args.auth:
         print("error: --auth must look like USER:PASSWORD", file=sys.stderr)
         return 2
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     try:
         app = s.launch(share=args.share, auth=args.auth, host=args.host, port=args.port, open_browser=False,
-                       auth_file=args.auth_file, blind=args.blind)
+                       auth_file=args.auth_file, blind=args.blind,
+                       **({"max_queue": args.max_queue} if args.max_queue is not None else {}))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         s.close()
