@@ -42,8 +42,12 @@ def reliability(bins) -> go.Figure:
     if isinstance(bins, dict):
         pred, obs, cnt = bins.get("mean_predicted") or bins.get("pred"), bins.get("observed") or bins.get("obs"), \
             bins.get("count")
-    else:
-        pred, obs, cnt = zip(*[(b[0], b[1], b[2]) for b in bins]) if bins else ([], [], [])
+    else:   # a list of bins: dicts or tuples of components.reward.bt.ReliabilityBin (lo, hi, mean, observed, count)
+        def row(b):
+            if isinstance(b, dict):
+                return b.get("mean_predicted"), b.get("observed"), b.get("count")
+            return (b[2], b[3], b[4]) if len(b) >= 5 else (b[0], b[1], b[2])
+        pred, obs, cnt = zip(*[row(b) for b in bins]) if bins else ([], [], [])
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), name="ideal"))
     fig.add_trace(go.Scatter(x=list(pred), y=list(obs), mode="markers+lines", name="model",
