@@ -227,9 +227,11 @@ def test_save_adapter_loads_with_peft_and_merged(lm32, tmp_path):
     assert lm32.model.active_adapter == "policy"
 
 
-def test_generation_hidden_states_match_a_forward(lm32):
+@pytest.mark.parametrize("fastgen", ["1", "0"], ids=["fast-sampler", "generate"])
+def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
     """old_logprobs="generation" reads the heads off the hidden states recorded while sampling; in fp32 they must
-    equal a fresh forward over prompt + response (the first PPO ratio is then 1 to rounding)."""
+    equal a fresh forward over prompt + response (the first PPO ratio is then 1 to rounding), with either sampler."""
+    monkeypatch.setenv("RLHF_STUDIO_FASTGEN", fastgen)
     from components.ppo.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
         mask_after_eos, sample
     from components.ppo.trainer import causal_lm_of

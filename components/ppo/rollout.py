@@ -198,25 +198,15 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     """
     if eos_id == pad_id:
         raise ValueError("the pad token must differ from EOS (see components.models._fix_padding)")
-    if query_ids.is_cuda and os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0":
-        # CUDA: static KV cache + CUDA-graph decode (components/fastgen.py); RLHF_STUDIO_FASTGEN=0 falls back.
-        # Hidden states are not recorded inside a graph, so the trainer runs its one policy forward instead.
-        from ..fastgen import fast_generate
-        was_training = model.training
-        model.eval()
-        try:
-            out = fast_generate(model, query_ids, query_mask, max_new_tokens,
-                                temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
-                                pad_token_id=pad_id, merge_lora=False)
-        finally:
-            model.train(was_training)
-        resp = out.sequences[:, query_ids.shape[1]:]
-        if resp.shape[1] == 0:
-            resp = torch.full((query_ids.shape[0], 1), eos_id, dtype=torch.long, device=query_ids.device)
-        return (resp, None) if capture_hidden else resp
+    # The fast sampler (components/fastgen.py: static KV cache; CUDA-graph decode on GPU) is the default on every
+    # device; RLHF_STUDIO_FASTGEN=0 falls back to `model.generate`. Hidden states are recorded by a hook on the
+    # final norm, which sees one call per sampled token in eager decoding (either sampler on the CPU, or
+    # `generate`), but not inside a CUDA graph: there the trainer runs its one policy forward instead.
+    use_fast = os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0"
+    record = capture_hidden and not (use_fast and query_ids.is_cuda)
     store: list[torch.Tensor] = []
     handle = None
-    if capture_hidden:
+    if record:
         norm = final_norm_module(model)
         if norm is not None:
             def hook(_module, _inputs, output):
@@ -226,9 +216,15 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     was_training = model.training
     model.eval()   # dropout off while sampling
     try:
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask,
-                             generation_config=generation_config(max_new_tokens, temperature, top_p, eos_id,
-                                                                 pad_id, greedy))
+        if use_fast:
+            from ..fastgen import fast_generate
+            out = fast_generate(model, query_ids, query_mask, max_new_tokens,
+                                temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
+                                pad_token_id=pad_id, merge_lora=False).sequences
+        else:
+            out = model.generate(input_ids=query_ids, attention_mask=query_mask,
+                                 generation_config=generation_config(max_new_tokens, temperature, top_p, eos_id,
+                                                                     pad_id, greedy))
     finally:
         model.train(was_training)
         if handle is not None:
