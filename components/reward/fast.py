@@ -439,14 +439,15 @@ class FastRewardModel:
         std_t = var.clamp(min=1e-12).sqrt()
         Z = (Xu - mean) / std_t                                       # [C_used, F]
         # Merge identical (chosen, rejected, margin) pairs into one weighted term.
-        key = np.stack([ci, ri, m.view(np.int64)], axis=1)
-        uniq, first, inverse, counts = np.unique(key, axis=0, return_index=True, return_inverse=True,
-                                                 return_counts=True)
-        cu, ru = torch.from_numpy(uniq[:, 0].copy()), torch.from_numpy(uniq[:, 1].copy())
+        mvals, mi = np.unique(m, return_inverse=True)
+        Cu = len(used)
+        key = (ci * Cu + ri) * len(mvals) + mi.reshape(-1)          # < C^2 * n: no int64 overflow in practice
+        _, first, counts = np.unique(key, return_index=True, return_counts=True)
+        cu, ru = torch.from_numpy(ci[first]), torch.from_numpy(ri[first])
         mu = torch.from_numpy(m[first])
         cnt = torch.from_numpy(counts.astype(np.float64))
-        sq = torch.empty(len(uniq), dtype=_F64)       # |d|^2 of each distinct pair, in chunks (no [n, F] matrix)
-        for s0 in range(0, len(uniq), 4096):
+        sq = torch.empty(len(first), dtype=_F64)      # |d|^2 of each distinct pair, in chunks (no [n, F] matrix)
+        for s0 in range(0, len(first), 4096):
             d = Z[cu[s0:s0 + 4096]] - Z[ru[s0:s0 + 4096]]
             sq[s0:s0 + 4096] = (d * d).sum(1)
         scale = float((cnt * sq).sum() / n) or 1.0
@@ -467,15 +468,20 @@ class FastRewardModel:
         if warm_start is not None and warm_start.weight is not None and warm_start.weight.shape == (F,):
             # r = ((x - mean') / std') @ w' + b': the same function on this standardisation has w = w' * std / std'
             w0 = torch.from_numpy(warm_start.weight * (std_t.numpy() / warm_start.std))
-        if len(used) < len(uniq):
+        if len(used) < len(first):
             design = _IndexedDesign(Z, cu, ru)
         else:
             design = _DenseDesign(Z[cu] - Z[ru])
-        w, L = _primal_fit(design, mu, l2, w0, counts=cnt)
+        # One thread: with the cores shared (the app generates, other processes run), multi-threaded LAPACK on
+        # F x F matrices stalls at its barriers (measured on 2 busy cores: cholesky_inverse 1.8 s on 2 threads,
+        # 0.02 s on 1).
+        with _one_thread():
+            w, L = _primal_fit(design, mu, l2, w0, counts=cnt)
+            cov = torch.cholesky_inverse(L)
         self.weight = w.numpy().copy()
         self.mean, self.std = mean.numpy(), std_t.numpy()
         self.bias = 0.0
-        self.cov = torch.cholesky_inverse(L).float().numpy()
+        self.cov = cov.float().numpy()
         self.l2, self.l2_scale, self.n_pairs, self.cv = l2, scale, n, cv
         self.fit_seconds = time.perf_counter() - t0
         return self
@@ -544,16 +550,17 @@ class FastRewardModel:
         diff = s[ci] - s[ri]
         loss = float(np.logaddexp(0.0, -(diff - m)).mean())
         acc = float(((diff > 0) + 0.5 * (diff == 0)).mean())
-        pair = np.unique(np.stack([ci, ri], 1), axis=0, return_inverse=True)
-        uniq, pinv = pair[0], pair[1].reshape(-1)
+        _, first, pinv = np.unique(ci * len(used) + ri, return_index=True, return_inverse=True)
+        uniq, pinv = np.stack([ci[first], ri[first]], 1), pinv.reshape(-1)
         cov = torch.from_numpy(self.cov).double()
         Zt = torch.from_numpy(Z)
-        if len(used) <= _IndexedDesign.DENSE_MAX_C and len(used) < len(uniq):
-            G = ((Zt @ cov) @ Zt.T).numpy()
-            var_u = G[uniq[:, 0], uniq[:, 0]] + G[uniq[:, 1], uniq[:, 1]] - 2 * G[uniq[:, 0], uniq[:, 1]]
-        else:
-            var_u = np.concatenate([self._quad(Z[uniq[s0:s0 + 4096, 0]] - Z[uniq[s0:s0 + 4096, 1]])
-                                    for s0 in range(0, len(uniq), 4096)])
+        with _one_thread():
+            if len(used) <= _IndexedDesign.DENSE_MAX_C and len(used) < len(uniq):
+                G = ((Zt @ cov) @ Zt.T).numpy()
+                var_u = G[uniq[:, 0], uniq[:, 0]] + G[uniq[:, 1], uniq[:, 1]] - 2 * G[uniq[:, 0], uniq[:, 1]]
+            else:
+                var_u = np.concatenate([self._quad(Z[uniq[s0:s0 + 4096, 0]] - Z[uniq[s0:s0 + 4096, 1]])
+                                        for s0 in range(0, len(uniq), 4096)])
         var = np.clip(var_u, 0, None)[pinv]
         p = 1.0 / (1.0 + np.exp(-diff / np.sqrt(1.0 + math.pi * var / 8.0)))      # moderated, as prob_chosen
         return {"accuracy": acc, "loss": loss, "n": n, "ece": expected_calibration_error(p, n_bins),
