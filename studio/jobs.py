@@ -223,6 +223,8 @@ class JobManager:
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
         from components.ppo.config import PPOConfig
         run = self.store.run(int(run_id))
+        if run["kind"] != "ppo":
+            raise StudioError(f"run {run_id} is a {run['kind']} run, not a PPO run; only PPO runs resume here")
         if run["status"] in ("running", "queued") and self.busy() and self.current.run_id == run_id:
             raise StudioError(f"run {run_id} is still running")
         if run["status"] == "completed":

@@ -302,7 +302,8 @@ class RewardService:
             self.fast, self.fast_version = FastRewardModel.from_bytes(v["weights"]), int(v["id"])
         else:
             from components.reward.deep import DeepRewardModel
-            self.deep, self.deep_version = DeepRewardModel.from_bytes(self.studio.lm, v["weights"]), int(v["id"])
+            self.deep = DeepRewardModel.from_bytes(self.studio.lm, v["weights"], replace_adapter=True)
+            self.deep_version = int(v["id"])
 
     def visible_scores(self, ids) -> list[tuple[float, float, str] | None]:
         """(mean, std, tier) per completion id for the cards on screen; None where no model exists yet."""
@@ -402,7 +403,7 @@ class RewardService:
             return None
 
     def train_deep(self, **config) -> int | None:
-        from components.reward.deep import DeepRewardConfig, DeepRewardTrainer
+        from components.reward.deep import DeepRewardConfig
         from .errors import StudioError
         pairs = self.pairs()
         train = pairs[~pairs["heldout"]]
@@ -410,30 +411,54 @@ class RewardService:
             raise StudioError("no preference pairs to train on yet: compare, rank or rate completions first")
         self.refit_fast(store_weights=True)     # the deep head starts from the current probe
         seen: set = set()
+        cfg = DeepRewardConfig(**{k: v for k, v in config.items() if k in DeepRewardConfig.__dataclass_fields__})
         parent = self.store.latest_reward_version("deep", with_weights=True)
-        if parent is not None:
+        # warm start from the newest complete version when its adapter has the shape asked for; else a fresh
+        # adapter that learns every pair (the parent stays in the lineage)
+        warm = parent is not None and parent.get("weights") is not None and _same_shape(parent["config"], cfg)
+        if warm:
             seen = set(json.loads(parent["pair_ids"]) if isinstance(parent["pair_ids"], str) else parent["pair_ids"] or [])
         keys = [f"{a}>{b}" for a, b in zip(train["chosen_id"], train["rejected_id"])]
         new_idx = [i for i, k in enumerate(keys) if k not in seen]
         old_idx = [i for i, k in enumerate(keys) if k in seen]
         rng = np.random.default_rng(len(keys))
         replay_idx = list(rng.permutation(old_idx)[: self.settings.deep_replay]) if old_idx else []
-        ids = list(train["chosen_id"]) + list(train["rejected_id"])
         prompts_c, texts_c = self._texts([int(i) for i in train["chosen_id"]])
         _, texts_r = self._texts([int(i) for i in train["rejected_id"]])
         margins = train["margin"].to_numpy(dtype=np.float32)
         as_tuples = lambda idx: [(prompts_c[i], texts_c[i], texts_r[i], float(margins[i])) for i in idx]  # noqa: E731
-        cfg = DeepRewardConfig(**{k: v for k, v in config.items() if k in DeepRewardConfig.__dataclass_fields__})
+        # Each update is a run row: 'running' while it trains, so that a process killed mid-update leaves it
+        # 'interrupted' at the next start (the version table only ever gets complete versions, in one commit;
+        # the next update warm-starts from the newest of them and still counts the lost update's pairs as new).
+        run_id = self.store.create_run("reward", {"tier": "deep", **cfg.__dict__}, {
+            "parent_version": parent["id"] if parent is not None else None, "new_pairs": len(new_idx),
+            "replayed_pairs": len(replay_idx), "warm_start": warm, "base_model": self.studio.model_id,
+            "base_revision": self.revision})
+        self.store.set_run_status(run_id, "running")
+        try:
+            vid = self._train_deep_run(cfg, parent, warm, seen, keys, new_idx, replay_idx, as_tuples, pairs)
+        except BaseException as e:
+            try:
+                self.store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+            except Exception:   # the store is closing: the next start marks the run interrupted
+                pass
+            raise
+        self.store.set_run_status(run_id, "cancelled" if self._stop.is_set() else "completed")
+        return vid
+
+    def _train_deep_run(self, cfg, parent, warm, seen, keys, new_idx, replay_idx, as_tuples, pairs) -> int:
+        from components.reward.deep import DeepRewardTrainer
         # The head starts from the current fast-tier probe; a parent version warm-starts adapter and head.
-        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward", probe=self.fast)
-        if parent is not None and parent.get("weights") is not None:
+        # (the service owns the "reward" adapter: another shape asked for replaces it; versions live in the DB)
+        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward", probe=self.fast, replace_adapter=True)
+        if warm:
             trainer.load_state_bytes(parent["weights"])
         t0 = time.perf_counter()
         train_metrics = trainer.train(as_tuples(new_idx or list(range(len(keys)))), as_tuples(replay_idx),
                                       stop=self._stop.is_set)
         seconds = time.perf_counter() - t0
         test = pairs[pairs["heldout"]]
-        metrics = {"heldout_pairs": len(test), "train_seconds": seconds, "new_pairs": len(new_idx),
+        metrics = {"heldout_pairs": len(test), "train_seconds": seconds, "new_pairs": len(new_idx), "warm_start": warm,
                    "replayed_pairs": len(replay_idx), **{f"train_{k}": v for k, v in (train_metrics or {}).items()
                                                          if isinstance(v, (int, float))}}
         if len(test):
@@ -526,6 +551,12 @@ class RewardService:
     def shutdown(self) -> None:
         self._stop.set()
         self.wait_idle(timeout=30)
+
+
+def _same_shape(parent_config, cfg) -> bool:
+    """Whether a parent version's adapter can warm-start one with config `cfg` (same LoRA shape)."""
+    d = json.loads(parent_config) if isinstance(parent_config, str) else dict(parent_config or {})
+    return all(d.get(k) == getattr(cfg, k) for k in ("lora_r", "lora_alpha", "lora_layers", "lora_dropout"))
 
 
 def _criterion_key(c) -> str:

@@ -85,3 +85,23 @@ def test_hh_import_and_malformed_file(studio, tmp_path):
     with pytest.raises(StudioError, match="line 2"):
         studio.import_preferences(str(bad), format="hh")
     assert len(studio.completions()) == before
+
+
+def test_deep_tier_with_another_adapter_shape_starts_fresh(studio):
+    """A deep update asked with another LoRA shape than the newest version's replaces the in-memory adapter and
+    learns every pair (no warm start it could not load); with the same shape it warm-starts."""
+    _labelled(studio, ["Name a fruit.", "Say hello.", "Name a colour.", "Describe rain."])
+    small = dict(epochs=1, batch_size=4, micro_batch_size=2, max_tokens=64)
+    v1 = studio.train_reward_model(tier="deep", lora_layers=1, **small)
+    v2 = studio.train_reward_model(tier="deep", lora_layers=2, **small)
+    v3 = studio.train_reward_model(tier="deep", lora_layers=2, **small)
+    m1, m2, m3 = (studio.store.reward_version(v)["metrics"] for v in (v1, v2, v3))
+    assert m2["warm_start"] is False and m2["new_pairs"] == m1["new_pairs"] > 0
+    assert m3["warm_start"] is True and m3["new_pairs"] == 0 and m3["replayed_pairs"] > 0
+    assert studio.reward.deep_version == v3
+    c = studio.completions().iloc[0]
+    score, _ = studio.reward.score(int(c["id"]), tier="deep")
+    p_text = studio.prompts().set_index("id").loc[int(c["prompt_id"]), "text"]
+    assert score == pytest.approx(studio.reward.deep.score([p_text], [c["text"]])[0], abs=1e-5)
+    runs = studio.runs()
+    assert runs[runs["kind"] == "reward"]["status"].tolist() == ["completed"] * 3

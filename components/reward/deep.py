@@ -150,10 +150,12 @@ def _same_lora(a, b) -> bool:
     return all(getattr(a, k, None) == getattr(b, k, None) for k in keys)
 
 
-def ensure_adapter(lm, name: str, cfg: DeepRewardConfig) -> bool:
+def ensure_adapter(lm, name: str, cfg: DeepRewardConfig, replace: bool = False) -> bool:
     """Put a LoRA adapter `name` on lm.model (wrapping it in a PeftModel if needed), switched off.
 
-    Returns True if it was created, False if an adapter of that name and shape was already there.
+    Returns True if it was created, False if an adapter of that name and shape was already there. An adapter of
+    that name with another shape is an error, unless `replace` (the caller owns the name, e.g. the studio's
+    reward service, whose versions all live in its database): then it is deleted and made anew.
     """
     from peft import get_peft_model
     num_layers = int(lm.model.config.num_hidden_layers)
@@ -161,10 +163,12 @@ def ensure_adapter(lm, name: str, cfg: DeepRewardConfig) -> bool:
     with lm.lock:
         model = lm.model
         if is_peft_model(model) and name in model.peft_config:
-            if not _same_lora(model.peft_config[name], lcfg):
+            if _same_lora(model.peft_config[name], lcfg):
+                return False
+            if not replace:
                 raise ValueError(f"the model already has an adapter {name!r} of another shape; "
                                  "use another adapter name")
-            return False
+            model.delete_adapter(name)
         was_peft = is_peft_model(model)
         before = {id(m): (m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)} if was_peft else {}
         grads = {id(p): p.requires_grad for p in model.parameters()}
@@ -337,7 +341,8 @@ class DeepRewardModel:
     same name and shape), `DeepRewardModel.from_bytes(lm, b)` restores a saved one.
     """
 
-    def __init__(self, lm, config: DeepRewardConfig | None = None, adapter_name: str = "reward", probe=None):
+    def __init__(self, lm, config: DeepRewardConfig | None = None, adapter_name: str = "reward", probe=None,
+                 replace_adapter: bool = False):
         self.lm = lm
         self.config = config or DeepRewardConfig()
         self.adapter_name = adapter_name
@@ -348,7 +353,7 @@ class DeepRewardModel:
             if not 0 < int(cfg.trunk_layer) <= self.split:
                 raise ValueError(f"trunk_layer must be in 1..{self.split} (the first adapter layer)")
             self.split = int(cfg.trunk_layer)
-        created = ensure_adapter(lm, adapter_name, cfg)
+        created = ensure_adapter(lm, adapter_name, cfg, replace=replace_adapter)
         if not created:
             self.reset_adapter()
         self.head = RewardHead(2 * int(lm.model.config.hidden_size)).to(lm.device)
@@ -603,11 +608,12 @@ class DeepRewardModel:
         self._trunk_bytes = 0
 
     @classmethod
-    def from_bytes(cls, lm, b: bytes, adapter_name: str | None = None) -> "DeepRewardModel":
+    def from_bytes(cls, lm, b: bytes, adapter_name: str | None = None, replace_adapter: bool = False
+                   ) -> "DeepRewardModel":
         """A scorer restored from state_bytes (adds the adapter to lm.model if it is not there)."""
         _, meta = _read_state(b)
         cfg = DeepRewardConfig.from_dict(json.loads(meta.get("config", "{}")))
-        self = cls(lm, cfg, adapter_name or meta.get("adapter_name") or "reward")
+        self = cls(lm, cfg, adapter_name or meta.get("adapter_name") or "reward", replace_adapter=replace_adapter)
         self.load_state_bytes(b)
         return self
 
@@ -640,10 +646,11 @@ class DeepRewardTrainer:
     the current adapter and head, so calling it after every few labels refines the model incrementally.
     """
 
-    def __init__(self, lm, config: DeepRewardConfig | None = None, adapter_name: str = "reward", probe=None):
+    def __init__(self, lm, config: DeepRewardConfig | None = None, adapter_name: str = "reward", probe=None,
+                 replace_adapter: bool = False):
         self.lm = lm
         self.config = config or DeepRewardConfig()
-        self.model = DeepRewardModel(lm, self.config, adapter_name, probe)
+        self.model = DeepRewardModel(lm, self.config, adapter_name, probe, replace_adapter=replace_adapter)
 
     @property
     def adapter_name(self) -> str:

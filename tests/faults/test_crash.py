@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from studio import StudioError
 from tests.faults.helpers import Child
 
 
@@ -111,3 +112,36 @@ def test_kill_9_during_a_stream_of_labels(writer):
         assert len(st.feedback(history=True)) == n + 1
     finally:
         st.close()
+
+
+def test_kill_9_during_reward_model_training(tmp_path, child_factory, lm):
+    """The run is marked interrupted at the next start, only complete versions exist, and the next update
+    warm-starts from the newest complete one and still trains on the pairs the lost update had."""
+    from studio import Studio
+    db = str(tmp_path / "deep.duckdb")
+    child = child_factory("deep_writer.py", db)
+    v1 = int(child.expect("V1").split()[1])
+    _, run_id, n_feedback = child.expect("TRAINING").split()
+    time.sleep(2)                                    # well inside the long update
+    child.kill()
+    s = Studio(db, model=lm)
+    try:
+        s.reward.settings.deep_every = 0
+        run = s.store.run(int(run_id))
+        assert run["kind"] == "reward" and run["status"] == "interrupted", run
+        assert run["lineage"]["parent_version"] == v1
+        deep = s.reward_versions().query("tier == 'deep'")
+        assert deep["id"].tolist() == [v1]            # nothing half-written from the killed update
+        assert s.store.stats()["feedback"] == int(n_feedback)
+        with pytest.raises(StudioError, match="not a PPO run"):
+            s.resume_ppo(int(run_id))
+        v2 = s.train_reward_model(tier="deep", lora_layers=1, epochs=1, batch_size=4, micro_batch_size=2,
+                                  max_tokens=64)
+        row = s.store.reward_version(v2)
+        assert row["parent_id"] == v1
+        assert row["metrics"]["new_pairs"] == run["lineage"]["new_pairs"] > 0
+        runs = s.runs()
+        assert runs.set_index("id").loc[int(run_id), "status"] == "interrupted"
+        assert (runs[runs["kind"] == "reward"]["status"] == "completed").sum() == 2
+    finally:
+        s.close()
