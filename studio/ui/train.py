@@ -79,12 +79,17 @@ def build(studio, role: str = "owner"):
         h = studio.jobs.current
         if h is not None:
             return h.run_id
-        r = studio.runs()
+        r = ppo_runs()
         return int(r.sort_values("id").iloc[-1]["id"]) if len(r) else None
+
+    def ppo_runs():
+        """This tab's runs: PPO only (deep reward-model updates are runs too; the Reward tab shows those)."""
+        r = studio.runs()
+        return r[r["kind"] == "ppo"] if len(r) else r
 
     def refresh():
         rid = current_run_id()
-        rs = studio.runs()
+        rs = ppo_runs()
         ad = studio.adapters()
         if rid is None:
             return ("no run yet", 0, plots.ppo_curves(None), None, rs, ad)
