@@ -96,12 +96,47 @@ def unpack_adapter(blob: bytes, path) -> str:
     return str(path)
 
 
+def check_fits(model, path) -> None:
+    """Raise AdapterFormatError unless every LoRA tensor of the adapter folder `path` matches a linear layer of
+    `model` (same module path, in/out features). Checked before loading because peft injects the LoRA layers into
+    the base model in place before it loads the weights: a mismatch found then leaves the base half-modified."""
+    import os
+    from safetensors import safe_open
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if not shapes:
+        raise AdapterFormatError("adapter_model.safetensors holds no tensors")
+    for key, shape in shapes.items():
+        for part in (".lora_A.", ".lora_B."):
+            if part in key:
+                break
+        else:
+            continue
+        module_path = key.split(part)[0]
+        if module_path.startswith("base_model.model."):
+            module_path = module_path[len("base_model.model."):]
+        try:
+            module = base.get_submodule(module_path)
+        except AttributeError:
+            raise AdapterFormatError(f"does not fit this model: it has no layer {module_path!r}") from None
+        layer = getattr(module, "base_layer", module)
+        n_in, n_out = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+        if n_in is None or n_out is None or len(shape) != 2:
+            raise AdapterFormatError(f"does not fit this model: {module_path!r} is not a linear layer")
+        want = shape[1] == n_in if part == ".lora_A." else shape[0] == n_out
+        if not want:
+            raise AdapterFormatError(f"does not fit this model: {key} has shape {list(shape)}, the layer is "
+                                     f"{n_in} -> {n_out}")
+
+
 def load_adapter_blob(model, blob: bytes, name: str):
     """Attach an adapter BLOB to `model` under `name`; returns the (possibly wrapped) PEFT model."""
     import tempfile
     from peft import PeftModel
     with tempfile.TemporaryDirectory() as d:
         unpack_adapter(blob, d)
+        check_fits(model, d)
         if is_peft(model):
             if name not in model.peft_config:
                 model.load_adapter(d, adapter_name=name, is_trainable=False)

@@ -387,8 +387,22 @@ class JobManager:
                 lm.model = load_adapter_blob(lm.model, row["weights"], name)
         except AdapterFormatError as e:
             raise StudioError(f"adapter {aid} cannot be used: {e}") from None
+        except (RuntimeError, ValueError, KeyError) as e:   # e.g. a LoRA made for another model: size mismatch
+            self._drop_adapter(name)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise StudioError(f"adapter {aid} cannot be used: it does not fit this model ({first})") from None
         self._loaded_adapters[aid] = name
         return aid, name
+
+    def _drop_adapter(self, name: str) -> None:
+        """Remove a half-loaded adapter so that the model is as it was."""
+        lm = self.studio.lm
+        with lm.lock:
+            if name in getattr(lm.model, "peft_config", {}):
+                try:
+                    lm.model.delete_adapter(name)
+                except Exception as e:  # noqa: BLE001 - the model still works; the adapter just stays inactive
+                    log.warning("could not remove adapter %s: %s", name, e)
 
     def export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
         from components.adapters import AdapterFormatError, unpack_adapter
