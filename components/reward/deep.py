@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -168,15 +169,19 @@ def ensure_adapter(lm, name: str, cfg: DeepRewardConfig, replace: bool = False) 
             if not replace:
                 raise ValueError(f"the model already has an adapter {name!r} of another shape; "
                                  "use another adapter name")
-            model.delete_adapter(name)
         was_peft = is_peft_model(model)
         before = {id(m): (m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)} if was_peft else {}
         grads = {id(p): p.requires_grad for p in model.parameters()}
         if was_peft:
             prev_active = [a for a in model.active_adapters if a != name]
             prev_disabled = any(d for _, d in before.values())
+            model_active = model.base_model.active_adapter
         else:
-            prev_active, prev_disabled = [], False
+            prev_active, prev_disabled, model_active = [], False, None
+        if was_peft and name in model.peft_config:      # replace: peft re-points the active adapter on delete,
+            with warnings.catch_warnings():              # the states saved above are put back below
+                warnings.simplefilter("ignore")
+                model.delete_adapter(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if was_peft:
@@ -191,6 +196,8 @@ def ensure_adapter(lm, name: str, cfg: DeepRewardConfig, replace: bool = False) 
                 m._active_adapter, m._disable_adapters = list(prev_active), prev_disabled
         for p in model.parameters():
             p.requires_grad_(grads.get(id(p), False))
+        if was_peft:
+            model.base_model.active_adapter = model_active
         return True
 
 
