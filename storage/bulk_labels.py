@@ -14,11 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from .errors import InvalidInput, NotFound
-from .store import (WINNERS, Store, _FEEDBACK_COLS, _KIND_FIELDS, _META_FIELDS, _alloc_ids, _bulk_insert,
-                    _count_ids, _criterion_name, _ids, _int, _rows, _str)
+from .store import Store, _FEEDBACK_COLS, _alloc_ids, _bulk_insert, _count_ids, _rows, normalise_feedback
 
 BULK_KINDS = ("stars", "thumbs", "pairwise", "ranking", "critique")
 _CHUNK = 255            # rows per INSERT (parameter lists; see storage.store._bulk_insert)
@@ -31,62 +28,9 @@ _TYPES = {"kind": "VARCHAR", "criterion": "VARCHAR", "prompt_id": "BIGINT", "com
 def _normalise(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     """One row checked and normalised as Store.add_feedback does (messages prefixed with `where`)."""
     try:
-        kind = fields.get("kind")
-        if kind not in BULK_KINDS:
-            raise InvalidInput(f"kind must be one of {', '.join(BULK_KINDS)} here, got {kind!r}.")
-        allowed = _META_FIELDS | _KIND_FIELDS[kind]
-        extra = {k for k, v in fields.items() if k not in allowed and v is not None}
-        if extra:
-            raise InvalidInput(f"Field(s) {', '.join(sorted(extra))} do not apply to a {kind} label.")
-        f = {k: fields.get(k) for k in _FEEDBACK_COLS}
-        f["criterion"] = _criterion_name(f["criterion"]) if f["criterion"] is not None else "overall"
-        f["annotator"] = _str(f["annotator"], "annotator").strip() if f["annotator"] is not None else "local"
-        f["session_id"] = _str(f["session_id"], "session_id", optional=True)
-        f["idempotency_key"] = _str(f["idempotency_key"], "idempotency_key", optional=True)
-        f["source"] = _str(f["source"], "source").strip() if f["source"] is not None else "human"
-        f["prompt_id"] = _int(f["prompt_id"], "prompt_id", optional=True)
-        if kind == "ranking":
-            if f["completion_id"] is not None:
-                raise InvalidInput("A ranking label takes `ranking` (completion ids, best first), not completion_id.")
-            r = f["ranking"]
-            if isinstance(r, (str, bytes)) or not isinstance(r, (list, tuple, np.ndarray)):
-                raise InvalidInput("ranking must be a list of completion ids, best first.")
-            r = _ids(list(r), "ranking entry")
-            if len(r) < 2:
-                raise InvalidInput("A ranking needs at least 2 completions.")
-            if len(set(r)) != len(r):
-                raise InvalidInput("A ranking must list each completion once.")
-            f["ranking"] = r
-        else:
-            f["completion_id"] = _int(f["completion_id"], "completion_id")
-        if kind == "stars":
-            s = f["stars"]
-            if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5:
-                raise InvalidInput(f"stars must be an integer from 1 to 5, got {s!r}.")
-            f["stars"] = int(s)
-        elif kind == "thumbs":
-            if not isinstance(f["up"], (bool, np.bool_)):
-                raise InvalidInput(f"up must be True (thumbs up) or False (thumbs down), got {f['up']!r}.")
-            f["up"] = bool(f["up"])
-            tags = f["tags"]
-            if tags is not None:
-                if isinstance(tags, str) or not isinstance(tags, (list, tuple, set)):
-                    raise InvalidInput("tags must be a list of texts.")
-                f["tags"] = [_str(t, "tag").strip() for t in tags]
-        elif kind == "pairwise":
-            f["other_completion_id"] = _int(f["other_completion_id"], "other_completion_id")
-            if f["winner"] not in WINNERS:
-                raise InvalidInput(f"winner must be one of {', '.join(WINNERS)}, got {f['winner']!r}.")
-            if f["completion_id"] == f["other_completion_id"]:
-                raise InvalidInput("A pairwise label needs two different completions.")
-        elif kind == "critique":
-            t = f["text"]
-            if not isinstance(t, str) or not t.strip():
-                raise InvalidInput("A critique needs non-empty text.")
-            f["text"] = t.strip()
+        return normalise_feedback(fields, BULK_KINDS)
     except InvalidInput as e:
         raise InvalidInput(f"{where}: {e}") from None
-    return f
 
 
 def add_feedback_many(store: Store, rows: Sequence[Mapping[str, Any]]) -> list[int]:

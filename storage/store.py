@@ -222,6 +222,70 @@ def _import_source(source: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ Store
+
+def normalise_feedback(fields: Mapping[str, Any], kinds: Sequence[str] = FEEDBACK_KINDS) -> dict[str, Any]:
+    """One label's fields checked and normalised (the row add_feedback writes); InvalidInput says what is wrong.
+    `kinds` narrows the kinds accepted (the bulk path takes no rewrites)."""
+    kind = fields.get("kind")
+    if kind not in kinds:
+        raise InvalidInput(f"Unknown feedback kind {kind!r}; use one of {', '.join(kinds)}.")
+    allowed = _META_FIELDS | _KIND_FIELDS[kind]
+    extra = {k for k, v in fields.items() if k not in allowed and v is not None}
+    if extra:
+        raise InvalidInput(f"Field(s) {', '.join(sorted(extra))} do not apply to a {kind} label.")
+    f = {k: fields.get(k) for k in _FEEDBACK_COLS}
+    f["criterion"] = _criterion_name(f["criterion"]) if f["criterion"] is not None else "overall"
+    f["annotator"] = _str(f["annotator"], "annotator").strip() if f["annotator"] is not None else "local"
+    f["session_id"] = _str(f["session_id"], "session_id", optional=True)
+    f["idempotency_key"] = _str(f["idempotency_key"], "idempotency_key", optional=True)
+    f["source"] = _str(f["source"], "source").strip() if f["source"] is not None else "human"
+    f["prompt_id"] = _int(f["prompt_id"], "prompt_id", optional=True)
+    if kind == "ranking":
+        if f["completion_id"] is not None:
+            raise InvalidInput("A ranking label takes `ranking` (completion ids, best first), not completion_id.")
+        r = f["ranking"]
+        if isinstance(r, (str, bytes)) or not isinstance(r, (list, tuple, np.ndarray)):
+            raise InvalidInput("ranking must be a list of completion ids, best first.")
+        r = _ids(list(r), "ranking entry")
+        if len(r) < 2:
+            raise InvalidInput("A ranking needs at least 2 completions.")
+        if len(set(r)) != len(r):
+            raise InvalidInput("A ranking must list each completion once.")
+        f["ranking"] = r
+    else:
+        f["completion_id"] = _int(f["completion_id"], "completion_id")
+    if kind == "stars":
+        s = f["stars"]
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5:
+            raise InvalidInput(f"stars must be an integer from 1 to 5, got {s!r}.")
+        f["stars"] = int(s)
+    elif kind == "thumbs":
+        if not isinstance(f["up"], (bool, np.bool_)):
+            raise InvalidInput(f"up must be True (thumbs up) or False (thumbs down), got {f['up']!r}.")
+        f["up"] = bool(f["up"])
+        tags = f["tags"]
+        if tags is not None:
+            if isinstance(tags, str) or not isinstance(tags, (list, tuple, set)):
+                raise InvalidInput("tags must be a list of texts.")
+            f["tags"] = [_str(t, "tag").strip() for t in tags]
+    elif kind == "pairwise":
+        f["other_completion_id"] = _int(f["other_completion_id"], "other_completion_id")
+        if f["winner"] not in WINNERS:
+            raise InvalidInput(f"winner must be one of {', '.join(WINNERS)}, got {f['winner']!r}.")
+        if f["completion_id"] == f["other_completion_id"]:
+            raise InvalidInput("A pairwise label needs two different completions.")
+    elif kind == "critique":
+        t = f["text"]
+        if not isinstance(t, str) or not t.strip():
+            raise InvalidInput("A critique needs non-empty text.")
+        f["text"] = t.strip()
+    elif kind == "rewrite":
+        rewrite_text = fields.get("rewrite_text")
+        if not isinstance(rewrite_text, str) or not rewrite_text.strip():
+            raise InvalidInput("A rewrite needs the non-empty rewritten text (rewrite_text).")
+    return f
+
+
 class Store:
     """One RLHF Studio database file. See docs/ARCHITECTURE.md (storage.Store contract)."""
 
@@ -465,64 +529,8 @@ class Store:
         return fb, new
 
     def _add_feedback(self, fields: dict[str, Any]) -> tuple[int, int | None]:
-        kind = fields.get("kind")
-        if kind not in FEEDBACK_KINDS:
-            raise InvalidInput(f"Unknown feedback kind {kind!r}; use one of {', '.join(FEEDBACK_KINDS)}.")
-        allowed = _META_FIELDS | _KIND_FIELDS[kind]
-        extra = {k for k, v in fields.items() if k not in allowed and v is not None}
-        if extra:
-            raise InvalidInput(f"Field(s) {', '.join(sorted(extra))} do not apply to a {kind} label.")
-        f = {k: fields.get(k) for k in _FEEDBACK_COLS}
-        f["criterion"] = _criterion_name(f["criterion"]) if f["criterion"] is not None else "overall"
-        f["annotator"] = _str(f["annotator"], "annotator").strip() if f["annotator"] is not None else "local"
-        f["session_id"] = _str(f["session_id"], "session_id", optional=True)
-        f["idempotency_key"] = _str(f["idempotency_key"], "idempotency_key", optional=True)
-        f["source"] = _str(f["source"], "source").strip() if f["source"] is not None else "human"
-        f["prompt_id"] = _int(f["prompt_id"], "prompt_id", optional=True)
-        rewrite_text = None
-        if kind == "ranking":
-            if f["completion_id"] is not None:
-                raise InvalidInput("A ranking label takes `ranking` (completion ids, best first), not completion_id.")
-            r = f["ranking"]
-            if isinstance(r, (str, bytes)) or not isinstance(r, (list, tuple, np.ndarray)):
-                raise InvalidInput("ranking must be a list of completion ids, best first.")
-            r = _ids(list(r), "ranking entry")
-            if len(r) < 2:
-                raise InvalidInput("A ranking needs at least 2 completions.")
-            if len(set(r)) != len(r):
-                raise InvalidInput("A ranking must list each completion once.")
-            f["ranking"] = r
-        else:
-            f["completion_id"] = _int(f["completion_id"], "completion_id")
-        if kind == "stars":
-            s = f["stars"]
-            if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 1 <= int(s) <= 5:
-                raise InvalidInput(f"stars must be an integer from 1 to 5, got {s!r}.")
-            f["stars"] = int(s)
-        elif kind == "thumbs":
-            if not isinstance(f["up"], (bool, np.bool_)):
-                raise InvalidInput(f"up must be True (thumbs up) or False (thumbs down), got {f['up']!r}.")
-            f["up"] = bool(f["up"])
-            tags = f["tags"]
-            if tags is not None:
-                if isinstance(tags, str) or not isinstance(tags, (list, tuple, set)):
-                    raise InvalidInput("tags must be a list of texts.")
-                f["tags"] = [_str(t, "tag").strip() for t in tags]
-        elif kind == "pairwise":
-            f["other_completion_id"] = _int(f["other_completion_id"], "other_completion_id")
-            if f["winner"] not in WINNERS:
-                raise InvalidInput(f"winner must be one of {', '.join(WINNERS)}, got {f['winner']!r}.")
-            if f["completion_id"] == f["other_completion_id"]:
-                raise InvalidInput("A pairwise label needs two different completions.")
-        elif kind == "critique":
-            t = f["text"]
-            if not isinstance(t, str) or not t.strip():
-                raise InvalidInput("A critique needs non-empty text.")
-            f["text"] = t.strip()
-        elif kind == "rewrite":
-            rewrite_text = fields.get("rewrite_text")
-            if not isinstance(rewrite_text, str) or not rewrite_text.strip():
-                raise InvalidInput("A rewrite needs the non-empty rewritten text (rewrite_text).")
+        f = normalise_feedback(fields)
+        kind, rewrite_text = f["kind"], fields.get("rewrite_text") if f["kind"] == "rewrite" else None
 
         def fn(cur):
             key = f["idempotency_key"]
