@@ -163,19 +163,9 @@ class RewardService:
             t["evaluate"] = time.perf_counter()
             metrics.update(fit_seconds=fit_s, train_pairs=n_train, l2=float(model.l2),
                            conflicts=_conflicts(pairs))
-            self._labels_since_store += 1
-            keep = store_weights if store_weights is not None else (
-                self._labels_since_store >= self.settings.store_fast_weights_every or self.fast_version is None)
-            pair_keys = [f"{a}>{b}" for a, b in zip(chosen[tr].tolist(), rejected[tr].tolist())]
-            vid = self.store.add_reward_version(
-                tier="fast", criterion=_criterion_key(self.settings.criterion),
-                config={"l2": float(model.l2), "feature_max_tokens": self.settings.feature_max_tokens,
-                        "model_revision": self.revision, "pairs_sha1": _digest(pair_keys)},
-                pair_ids=pair_keys if keep else [], labels_seen=int(self._labels_seen()), metrics=metrics,
-                weights=model.to_bytes() if keep else None, parent_id=self.fast_version)
+            vid, keep = self._store_fast_version(model, zip(chosen[tr].tolist(), rejected[tr].tolist()), metrics,
+                                                 store_weights)
             t["store"] = time.perf_counter()
-            if keep:
-                self._labels_since_store = 0
             self.fast, self.fast_version = model, vid
             names = list(t)
             self.last_refit = {b: t[b] - t[a] for a, b in zip(names, names[1:])}
@@ -249,20 +239,29 @@ class RewardService:
             metrics = self._evaluate(model, test, feats)
             metrics.update(fit_seconds=fit_s, train_pairs=len(train), l2=float(model.l2),
                            conflicts=int(self.store.pair_conflicts(self.settings.criterion)))
-            self._labels_since_store += 1
-            keep = store_weights if store_weights is not None else (
-                self._labels_since_store >= self.settings.store_fast_weights_every or self.fast_version is None)
-            pair_keys = [f"{a}>{b}" for a, b in zip(train["chosen_id"], train["rejected_id"])]
-            vid = self.store.add_reward_version(
-                tier="fast", criterion=_criterion_key(self.settings.criterion),
-                config={"l2": float(model.l2), "feature_max_tokens": self.settings.feature_max_tokens,
-                        "model_revision": self.revision, "pairs_sha1": _digest(pair_keys)},
-                pair_ids=pair_keys if keep else [], labels_seen=int(self._labels_seen()), metrics=metrics,
-                weights=model.to_bytes() if keep else None, parent_id=self.fast_version)
-            if keep:
-                self._labels_since_store = 0
+            vid, _ = self._store_fast_version(model, zip(train["chosen_id"], train["rejected_id"]), metrics,
+                                              store_weights)
             self.fast, self.fast_version = model, vid
             return vid
+
+    def _store_fast_version(self, model, train_pairs, metrics: dict, store_weights: bool | None
+                            ) -> tuple[int, bool]:
+        """A version row for a fast refit: its metrics always; its weights and pair ids every
+        `store_fast_weights_every` refits (or when asked), since a refit after every label would bloat the file.
+        Returns (version id, whether the weights were stored)."""
+        self._labels_since_store += 1
+        keep = store_weights if store_weights is not None else (
+            self._labels_since_store >= self.settings.store_fast_weights_every or self.fast_version is None)
+        pair_keys = [f"{a}>{b}" for a, b in train_pairs]
+        vid = self.store.add_reward_version(
+            tier="fast", criterion=_criterion_key(self.settings.criterion),
+            config={"l2": float(model.l2), "feature_max_tokens": self.settings.feature_max_tokens,
+                    "model_revision": self.revision, "pairs_sha1": _digest(pair_keys)},
+            pair_ids=pair_keys if keep else [], labels_seen=int(self._labels_seen()), metrics=metrics,
+            weights=model.to_bytes() if keep else None, parent_id=self.fast_version)
+        if keep:
+            self._labels_since_store = 0
+        return vid, keep
 
     def _labels_seen(self) -> int:
         return int(self.store.stats().get("feedback", 0))
