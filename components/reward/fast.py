@@ -97,6 +97,25 @@ def _as_2d(x, name: str) -> np.ndarray:
     return a
 
 
+def _ref_moments(X_ref, F: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(rows, sum, sum of squares) per feature of the standardisation rows X_ref, in float64."""
+    ref = _as_tensor(X_ref, "X_ref")
+    if ref.shape[1] != F:
+        raise ValueError(f"X_ref has {ref.shape[1]} features, the pairs have {F}")
+    return ref.shape[0], ref.sum(0, dtype=_F64), (ref.double() ** 2).sum(0)
+
+
+def _mean_std(nr: int, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation from (rows, sum, sum of squares). Variances are shrunk towards
+    their average: with a handful of rows a feature that happens to vary little would otherwise be blown up.
+    10 pseudo-rows; negligible for real data sizes."""
+    mean = s1 / nr
+    var = (s2 / nr - mean ** 2).clamp(min=0)
+    k0 = 10.0
+    var = (nr * var + k0 * var.mean()) / (nr + k0)
+    return mean, var.clamp(min=1e-12).sqrt()
+
+
 def _dual_fit(K: torch.Tensor, m: torch.Tensor, lam: float, alpha: torch.Tensor | None = None,
               max_iter: int = 50, tol: float = 1e-9) -> torch.Tensor:
     """Newton in the dual: w = D^T alpha, f = K alpha. Returns alpha."""
@@ -297,18 +316,8 @@ class FastRewardModel:
             s1 = Xc.sum(0, dtype=_F64) + Xr.sum(0, dtype=_F64)
             s2 = (Xc.double() ** 2).sum(0) + (Xr.double() ** 2).sum(0)
         else:
-            ref = _as_tensor(X_ref, "X_ref")
-            if ref.shape[1] != F:
-                raise ValueError(f"X_ref has {ref.shape[1]} features, the pairs have {F}")
-            nr = ref.shape[0]
-            s1, s2 = ref.sum(0, dtype=_F64), (ref.double() ** 2).sum(0)
-        mean = s1 / nr
-        var = (s2 / nr - mean ** 2).clamp(min=0)
-        # Shrink per-feature variances towards their average: with a handful of rows a feature that happens
-        # to vary little would otherwise be blown up. 10 pseudo-rows; negligible for real data sizes.
-        k0 = 10.0
-        var = (nr * var + k0 * var.mean()) / (nr + k0)
-        std_t = var.clamp(min=1e-12).sqrt()
+            nr, s1, s2 = _ref_moments(X_ref, F)
+        mean, std_t = _mean_std(nr, s1, s2)
         mean, std = mean.numpy(), std_t.numpy()
 
         D = (Xc.double() - Xr.double()) / std_t                  # the mean cancels in the difference
@@ -427,16 +436,8 @@ class FastRewardModel:
             occ = torch.from_numpy(np.bincount(np.concatenate([ci, ri]), minlength=len(used)).astype(np.float64))
             nr, s1, s2 = 2 * n, occ @ Xu, occ @ (Xu * Xu)
         else:
-            ref = _as_tensor(X_ref, "X_ref")
-            if ref.shape[1] != F:
-                raise ValueError(f"X_ref has {ref.shape[1]} features, the pairs have {F}")
-            nr = ref.shape[0]
-            s1, s2 = ref.sum(0, dtype=_F64), (ref.double() ** 2).sum(0)
-        mean = s1 / nr
-        var = (s2 / nr - mean ** 2).clamp(min=0)
-        k0 = 10.0                    # the same variance shrinkage as fit
-        var = (nr * var + k0 * var.mean()) / (nr + k0)
-        std_t = var.clamp(min=1e-12).sqrt()
+            nr, s1, s2 = _ref_moments(X_ref, F)
+        mean, std_t = _mean_std(nr, s1, s2)
         Z = (Xu - mean) / std_t                                       # [C_used, F]
         # Merge identical (chosen, rejected, margin) pairs into one weighted term.
         mvals, mi = np.unique(m, return_inverse=True)
