@@ -240,11 +240,15 @@ class JobManager:
             return self._spawn(int(run_id), cfg, prompts, lineage["reward_tier"], lineage["reward_version"],
                                checkpoint=ck[1] if ck else None, wait=wait)
 
-    def check_memory(self, cfg) -> dict:
-        """Refuse, before anything starts, a run whose estimated peak memory exceeds what the device has free."""
+    def memory_estimate(self, cfg) -> dict:
+        """Estimated peak memory of a PPO run with `cfg` on the loaded model's device, and what is free there."""
         from components.ppo.memory import estimate_memory
         lm = self.studio.lm
-        est = estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
+        return estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
+
+    def check_memory(self, cfg) -> dict:
+        """Refuse, before anything starts, a run whose estimated peak memory exceeds what the device has free."""
+        est = self.memory_estimate(cfg)
         avail = est.get("available_bytes")
         if avail and est["bytes"] > avail:
             raise StudioError(f"this run needs about {est['gib']:.1f} GiB but only {avail / 2**30:.1f} GiB is free "

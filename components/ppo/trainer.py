@@ -37,7 +37,6 @@ import torch
 
 from . import core
 from .config import PPOConfig
-from .memory import estimate_memory  # noqa: F401  (re-exported: the UI imports it from here)
 from .rewards import value_head_from_pooled_head
 from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
     mask_after_eos, sample

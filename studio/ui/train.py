@@ -23,10 +23,7 @@ def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lor
 def _memory_md(studio, settings: dict) -> str:
     try:
         from components.ppo.config import PPOConfig
-        from components.ppo.trainer import estimate_memory
-        cfg = PPOConfig(**settings)
-        lm = studio.lm
-        est = estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype)
+        est = studio.jobs.memory_estimate(PPOConfig(**settings))
     except Exception as e:
         return f"memory estimate unavailable: {e}"
     need = est["bytes"] / 2**30
