@@ -71,7 +71,7 @@ def run_trl(harness: Path, python: str, args, bf16: bool) -> dict:
     return res
 
 
-def run_ours(args, dtype: str) -> dict:
+def run_ours(args, dtype: str, **overrides) -> dict:
     import torch
     from components.models import load_model
     from components.ppo import LinearHeadReward, PPOConfig, PPOTrainer
@@ -85,7 +85,7 @@ def run_ours(args, dtype: str) -> dict:
     cfg = PPOConfig(steps=args.steps + args.warmup, batch_size=args.batch, mini_batch_size=args.batch,
                     ppo_epochs=args.epochs, max_new_tokens=args.new_tokens, temperature=0.7, lr=1e-4,
                     lora_r=16, lora_alpha=32, missing_eos_penalty=1.0, seed=0,
-                    merge_for_generation=args.merge, old_logprobs=args.old_logprobs)
+                    merge_for_generation=args.merge, old_logprobs=args.old_logprobs, **overrides)
     trainer = PPOTrainer(lm, reward, cfg, PROMPTS)
     load_s = time.perf_counter() - t0
     steps = [trainer.step() for _ in range(cfg.steps)]
@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--old-logprobs", choices=["auto", "forward", "generation"], default="auto",
                     help="our old_logprobs setting (auto: from generation for fp32, one forward for bf16)")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--plain", action="store_true",
+                    help="also run ours with the shared prompt prefix and the fused LoRA forward off")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--trl-timeout", type=int, default=1800)
     ap.add_argument("--json", default="")
@@ -140,6 +142,9 @@ def main():
         print(f"[bench] ours {dt} ...", flush=True)
         results[f"ours_{dt}"] = run_ours(args, dt)
         print(f"[bench] ours {dt}: {results[f'ours_{dt}']['median_step_s']} s/step", flush=True)
+        if args.plain:
+            results[f"plain_{dt}"] = run_ours(args, dt, share_prompt_prefix=False, fused_lora=False)
+            print(f"[bench] ours {dt}, plain: {results[f'plain_{dt}']['median_step_s']} s/step", flush=True)
 
     print(f"\n{args.batch} prompts x {args.new_tokens} new tokens, {args.epochs} PPO epochs, LoRA r=16; medians of "
           f"{args.steps} steps after {args.warmup} warm-up; {os.cpu_count()} CPUs\n")
@@ -154,16 +159,23 @@ def main():
                   f"{r['samples_per_s']:.3f} | {ph.get('generate', 0):.2f} | (from generation) | "
                   f"{ph.get('ref_fwd', 0):.2f} | {ph.get('score_fwd(reward+value)', 0):.2f} (reward+value) | "
                   f"{train:.2f} |")
-        r = results[f"ours_{dt}"]
-        ph = r["phase_median_s"]
-        print(f"| ours {dt} | {r['median_step_s']:.2f} | {r['samples_per_s']:.3f} | {ph['t_generate']:.2f} | "
-              f"{ph['t_policy']:.2f} | {ph['t_reference']:.2f} | {ph['t_score']:.2f} | {ph['t_train']:.2f} |")
+        for key, name in ((f"plain_{dt}", f"ours {dt}, no shared prefix, peft LoRA forward"),
+                          (f"ours_{dt}", f"ours {dt}")):
+            if key not in results:
+                continue
+            r = results[key]
+            ph = r["phase_median_s"]
+            print(f"| {name} | {r['median_step_s']:.2f} | {r['samples_per_s']:.3f} | {ph['t_generate']:.2f} | "
+                  f"{ph['t_policy']:.2f} | {ph['t_reference']:.2f} | {ph['t_score']:.2f} | {ph['t_train']:.2f} |")
     print()
     for dt in dtypes:
         if f"trl_{dt}" in results:
             ratio = results[f"ours_{dt}"]["samples_per_s"] / results[f"trl_{dt}"]["samples_per_s"]
             results[f"ratio_{dt}"] = round(ratio, 2)
             print(f"samples/s ratio ours/TRL ({dt}): {ratio:.2f}x")
+        if f"plain_{dt}" in results:
+            print(f"samples/s ratio ours/ours-plain ({dt}): "
+                  f"{results[f'ours_{dt}']['samples_per_s'] / results[f'plain_{dt}']['samples_per_s']:.2f}x")
     if "ours_fp32" in results and "trl_fp32" in results and "ours_bf16" in results:
         print(f"samples/s ratio ours bf16 / TRL fp32: "
               f"{results['ours_bf16']['samples_per_s'] / results['trl_fp32']['samples_per_s']:.2f}x")

@@ -88,6 +88,11 @@ def _forward_param_names(lm) -> set:
         return set()
 
 
+def cache_kwarg(module) -> str:
+    """Name of a transformers forward's KV-cache argument: "cache" (newer releases) or "past_key_values"."""
+    return "cache" if "cache" in _forward_param_names(module) else "past_key_values"
+
+
 def _check_supported(lm, total_len: int) -> str:
     """Raise FastGenUnsupported for what the fast path does not model; returns the attention implementation."""
     cfg = lm.config
@@ -463,8 +468,7 @@ class FastGenerator:
                 torch.cuda.synchronize(device)
             self._states.popitem(last=False)
         names = _forward_param_names(lm)
-        cache_kw = "cache" if "cache" in names else "past_key_values"
-        st = _State(lm, B, L, mode, n_eos, device, mask_dtype, cache_kw, "logits_to_keep" in names)
+        st = _State(lm, B, L, mode, n_eos, device, mask_dtype, cache_kwarg(lm), "logits_to_keep" in names)
         self._states[key] = st
         return st
 

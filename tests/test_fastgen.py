@@ -123,7 +123,9 @@ def peft_model(lm32):
     base = copy.deepcopy(lm32.model)
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    pm = get_peft_model(base, cfg, adapter_name="policy")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)                          # LoRA A's init: the same adapter on every run
+        pm = get_peft_model(base, cfg, adapter_name="policy")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in pm.named_parameters():

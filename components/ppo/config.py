@@ -73,6 +73,12 @@ class PPOConfig:
     """Name of the policy adapter on `lm.model`; other adapters (e.g. a reward adapter) are kept."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower); for large models on a GPU."""
+    share_prompt_prefix: bool = True
+    """Forward passes run the prompt prefix that all rows share (a chat template's system prompt) once and the
+    rest of each row on its cache (components/ppo/rollout.py); same math. False: every row in full."""
+    fused_lora: bool = True
+    """Training passes add the LoRA product inside the base layer's matrix multiply (components/fused_lora.py)
+    instead of peft's separate scale and add; same weights and math. False: peft's own forward."""
 
     # ---- reward shaping and KL penalty -------------------------------------------------------------------
     kl_coef: float = 0.05

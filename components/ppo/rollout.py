@@ -9,6 +9,12 @@ Layout of a batch (B sequences):
 The token at response position t is predicted by the hidden state at sequence position P - 1 + t, so every
 per-token quantity (log-prob, value, entropy) is computed from hidden[:, P-1 : P-1+R] only: the output head
 (the full-vocabulary matmul) never runs over the prompt.
+
+Shared prompt prefix: prompts written with a chat template all begin with the same tokens (SmolLM2's system
+prompt is ~30 of a ~37-token prompt). `forward_response` runs that common prefix once (batch 1), repeats its
+key/value cache over the batch and runs only each row's remaining tokens on top of it. A prefix token's hidden
+state depends only on the tokens before it and its position, so this is the same computation as the full batch
+(rounding aside), gradients included: the backward pass sums the rows' gradients into the one prefix pass.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import os
 
 import torch
 
+from ..fastgen import cache_kwarg, fast_generate
 from .core import entropy_from_logits, logprobs_from_logits
 
 
@@ -120,20 +127,77 @@ def causal_lm_of(model) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+MIN_SHARED_PREFIX = 8
+"""Shortest common prompt prefix worth a separate pass (tokens)."""
+
+
+def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> int:
+    """Number of leading tokens that every row's (left-padded) prompt shares, at most the shortest prompt's
+    length - 1 so that each row keeps at least its last prompt token; 0 with fewer than 2 rows."""
+    B, P = query_ids.shape
+    lens = query_mask.long().sum(1)
+    shortest = int(lens.min()) if B else 0
+    if B < 2 or shortest < 2:
+        return 0
+    starts = (P - lens).unsqueeze(1) + torch.arange(shortest, device=query_ids.device)   # [B, shortest]
+    heads = torch.gather(query_ids, 1, starts)
+    same = (heads == heads[:1]).all(0)
+    n = shortest if bool(same.all()) else int((~same).long().argmax())
+    return min(n, shortest - 1)
+
+
+def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, response_mask, n: int):
+    """Final hidden states of the rows' own tokens, run on top of the common n-token prefix's cache.
+
+    Returns (prefix hidden [1, n, H], hidden [B, W + R, H]) where the W = longest prompt - n query columns are
+    each row's prompt after the prefix, left-aligned to the response like the full layout (masked before it).
+    """
+    B, P = query_ids.shape
+    lens = query_mask.long().sum(1)
+    first = int(P - lens[0])
+    prefix = query_ids[:1, first:first + n]
+    pre = decoder(input_ids=prefix, position_ids=torch.arange(n, device=prefix.device).unsqueeze(0),
+                  use_cache=True)
+    cache = pre.cache if getattr(pre, "cache", None) is not None else pre.past_key_values
+    cache.batch_repeat_interleave(B)           # autograd sums the rows' gradients into the one prefix pass
+    W = int(lens.max()) - n
+    cols = torch.arange(P - W, P, device=query_ids.device)
+    own = (cols.unsqueeze(0) >= (P - (lens - n)).unsqueeze(1)).to(query_mask.dtype)     # [B, W]
+    tail_mask = torch.cat([own, response_mask.to(own.dtype)], dim=1)                      # [B, W + R]
+    attention_mask = torch.cat([torch.ones_like(tail_mask[:, :1]).expand(B, n), tail_mask], dim=1)
+    hidden = decoder(input_ids=torch.cat([query_ids[:, P - W:], response_ids], dim=1),
+                     attention_mask=attention_mask, position_ids=n + position_ids_from_mask(tail_mask),
+                     use_cache=True, **{cache_kwarg(decoder): cache}).last_hidden_state
+    return pre.last_hidden_state, hidden
+
+
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
-                     entropy_grad: bool = False) -> ForwardOut:
+                     entropy_grad: bool = False, share_prefix: bool = True) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
     The output head runs on the R response-predicting positions only; log-probs use gather - logsumexp with
     the sampling temperature. Values are read from the same hidden states (shared trunk), in float32.
     Gradients flow when called outside no_grad (through the entropy only if entropy_grad).
+    share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
+    which cannot keep a cache.
     """
     lm = causal_lm_of(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     P, R = query_ids.shape[1], response_ids.shape[1]
+    checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
+    n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
+    if n >= MIN_SHARED_PREFIX:
+        pre_hidden, tail = _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids,
+                                                      response_mask, n)
+        W = tail.shape[1] - R
+        out = heads_on_hidden(head, tail[:, W - 1:W - 1 + R], response_ids, temperature, value_head,
+                              want_entropy, entropy_grad)
+        if want_hidden:
+            out.hidden = _full_layout(pre_hidden, tail, query_mask, R)
+        return out
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
@@ -145,11 +209,31 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     return out
 
 
+def _full_layout(pre_hidden: torch.Tensor, tail: torch.Tensor, query_mask: torch.Tensor, R: int) -> torch.Tensor:
+    """[B, P + R, H] hidden states in the batch's own layout from a shared-prefix pass (zeros at padding)."""
+    B, P = query_mask.shape
+    n = pre_hidden.shape[1]
+    W = tail.shape[1] - R
+    lens = query_mask.long().sum(1).tolist()
+    full = tail.new_zeros((B, P + R, tail.shape[-1]))
+    for i, ln in enumerate(lens):
+        own = ln - n
+        full[i, P - ln:P - own] = pre_hidden[0]
+        full[i, P - own:] = tail[i, W - own:]
+    return full
+
+
 def heads_on_hidden(head: torch.nn.Module, h: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                     value_head: torch.nn.Module | None = None, want_entropy: bool = False,
                     entropy_grad: bool = False) -> ForwardOut:
     """Output head and value head on the response-predicting hidden states h [B, R, H] -> ForwardOut."""
-    logits = head(h)
+    if temperature != 1.0 and getattr(head, "bias", None) is None:
+        # head(h) / T == head(h / T) for a bias-free head; scaling h [B, R, H] instead of the logits
+        # [B, R, V] saves a pass over V/H times more numbers, forward and backward
+        h_scaled, temperature = h / temperature, 1.0
+    else:
+        h_scaled = h
+    logits = head(h_scaled)
     out = ForwardOut(logp=logprobs_from_logits(logits, response_ids, temperature))
     if value_head is not None:
         out.values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
@@ -217,7 +301,6 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     model.eval()   # dropout off while sampling
     try:
         if use_fast:
-            from ..fastgen import fast_generate
             out = fast_generate(model, query_ids, query_mask, max_new_tokens,
                                 temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
                                 pad_token_id=pad_id, merge_lora=False).sequences

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from ..fused_lora import fused_lora
 from . import core
 from .config import PPOConfig
 from .rewards import value_head_from_pooled_head
@@ -254,7 +255,8 @@ class PPOTrainer:
         """Base model (adapters disabled): ref log-probs [B, R] and, if asked, final hidden states [B, T, H]."""
         with self.model.disable_adapter():
             fo = forward_response(self.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
-                                  self.config.temperature, want_hidden=want_hidden)
+                                  self.config.temperature, want_hidden=want_hidden,
+                                  share_prefix=self.config.share_prompt_prefix)
         return fo.logp, fo.hidden
 
     @torch.no_grad()
@@ -315,7 +317,8 @@ class PPOTrainer:
                                          cfg.temperature, self.value_head, want_entropy=True)
                 else:
                     fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
-                                          value_head=self.value_head, want_entropy=True)
+                                          value_head=self.value_head, want_entropy=True,
+                                          share_prefix=cfg.share_prompt_prefix)
                 ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
                 del gen_hidden
             t_pol = time.perf_counter()
@@ -388,44 +391,25 @@ class PPOTrainer:
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0,
                 "grad_norm": 0.0}
         n_micro = n_opt = 0
+        # peft's LoRA forward unless the config turns the fused one (same math, fewer passes) off
+        fused = fused_lora(self.model) if cfg.fused_lora else nullcontext()
         try:
-            for _ in range(cfg.ppo_epochs):
-                perm = torch.randperm(B, generator=self._gen).to(self.device)
-                for mb in range(0, B, cfg.mini_batch_size):
-                    mb_idx = perm[mb:mb + cfg.mini_batch_size]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    for mi in range(0, len(mb_idx), micro):
-                        idx = mb_idx[mi:mi + micro]
-                        # trim columns that are padding in every row of this micro-batch
-                        qm = ro.query_mask[idx]
-                        first = int(qm.any(0).float().argmax())
-                        R = int(ro.response_mask[idx].sum(1).max())
-                        q, qm = ro.query_ids[idx, first:], qm[:, first:]
-                        r, rm = ro.response_ids[idx, :R], ro.response_mask[idx, :R]
-                        m = mask[idx, :R]
-                        fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
-                                              want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0)
-                        pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m,
-                                                       cfg.cliprange)
-                        vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m,
-                                                  cfg.cliprange_value)
-                        loss = pl + cfg.vf_coef * vl
-                        if cfg.ent_coef > 0:
-                            loss = loss - cfg.ent_coef * core.masked_mean(fo.entropy, m)
-                        (loss / cfg.grad_accum).backward()
-                        sums["policy_loss"] += float(pl.detach())
-                        sums["value_loss"] += float(vl.detach())
-                        sums["clip_frac"] += float(cf)
-                        sums["approx_kl"] += float(akl)
-                        sums["vf_clip_frac"] += float(vcf)
-                        n_micro += 1
-                    if cfg.max_grad_norm > 0:
-                        gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
-                    else:
-                        gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
-                    sums["grad_norm"] += float(gn)
-                    self.optimizer.step()
-                    n_opt += 1
+            with fused:
+                for _ in range(cfg.ppo_epochs):
+                    perm = torch.randperm(B, generator=self._gen).to(self.device)
+                    for mb in range(0, B, cfg.mini_batch_size):
+                        mb_idx = perm[mb:mb + cfg.mini_batch_size]
+                        self.optimizer.zero_grad(set_to_none=True)
+                        for mi in range(0, len(mb_idx), micro):
+                            self._micro_step(ro, mb_idx[mi:mi + micro], advantages, returns, mask, sums)
+                            n_micro += 1
+                        if cfg.max_grad_norm > 0:
+                            gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
+                        else:
+                            gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
+                        sums["grad_norm"] += float(gn)
+                        self.optimizer.step()
+                        n_opt += 1
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
@@ -435,6 +419,31 @@ class PPOTrainer:
             if not math.isfinite(v):
                 raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
         return out
+
+    def _micro_step(self, ro: Rollout, idx: torch.Tensor, advantages, returns, mask, sums: dict) -> None:
+        """Forward and backward of the clipped PPO loss on rows `idx`; adds its statistics to `sums`."""
+        cfg = self.config
+        # trim columns that are padding in every row of this micro-batch
+        qm = ro.query_mask[idx]
+        first = int(qm.any(0).float().argmax())
+        R = int(ro.response_mask[idx].sum(1).max())
+        q, qm = ro.query_ids[idx, first:], qm[:, first:]
+        r, rm = ro.response_ids[idx, :R], ro.response_mask[idx, :R]
+        m = mask[idx, :R]
+        fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
+                              want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
+                              share_prefix=cfg.share_prompt_prefix)
+        pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
+        vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
+        loss = pl + cfg.vf_coef * vl
+        if cfg.ent_coef > 0:
+            loss = loss - cfg.ent_coef * core.masked_mean(fo.entropy, m)
+        (loss / cfg.grad_accum).backward()
+        sums["policy_loss"] += float(pl.detach())
+        sums["value_loss"] += float(vl.detach())
+        sums["clip_frac"] += float(cf)
+        sums["approx_kl"] += float(akl)
+        sums["vf_clip_frac"] += float(vcf)
 
     def _display(self, ro: Rollout, scores: torch.Tensor) -> list[dict]:
         n = min(self.config.n_display_samples, len(ro.prompts))

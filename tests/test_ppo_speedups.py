@@ -1,0 +1,128 @@
+"""The PPO trainer's two computation shortcuts compute what the plain passes compute.
+
+- Shared prompt prefix (components/ppo/rollout.py): the chat template's common prefix runs once and the rest of
+  each row on its repeated cache. Log-probs, values, hidden states and LoRA gradients must equal the full pass.
+- Fused LoRA forward (components/fused_lora.py): the LoRA product added inside the base matmul. Outputs and
+  gradients must equal peft's forward, and every case it does not handle must go to peft's forward.
+
+On the real embedded model (fp32), with a policy adapter whose B matrices are non-zero.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from components.fused_lora import fused_lora
+from components.ppo.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
+                                    shared_prefix_length)
+
+PROMPTS = ["Give me one tip for writing a clear email.", "Explain photosynthesis to a child.",
+           "Write a haiku about autumn.", "What is a good name for a cat?", "Why is the sky blue?",
+           "Summarise the plot of Hamlet in one sentence, please, in plain words."]
+
+
+def test_shared_prefix_length_on_hand_made_rows():
+    pad = 0
+    q = torch.tensor([[pad, pad, 5, 6, 7, 8],
+                      [5, 6, 7, 9, 9, 9],
+                      [pad, 5, 6, 7, 1, 2]])
+    m = (q != pad).long()
+    assert shared_prefix_length(q, m) == 3                       # 5 6 7, wherever the row starts
+    assert shared_prefix_length(q[:1], m[:1]) == 0               # one row: nothing to share
+    assert shared_prefix_length(q[[0, 0]], m[[0, 0]]) == 3       # equal rows keep their last token
+    other = torch.tensor([[pad, 5, 6], [4, 6, 6]])
+    assert shared_prefix_length(other, (other != pad).long()) == 0
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """fp32 embedded model with a policy LoRA whose B is non-zero, and one sampled batch."""
+    from components.models import load_model
+    from components.ppo import PPOConfig
+    from components.ppo.trainer import attach_policy_adapter
+    lm = load_model("embedded", dtype="fp32")
+    attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
+    g = torch.Generator().manual_seed(0)
+    for name, p in lm.model.named_parameters():
+        if "lora_" in name:
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            p.requires_grad_(True)
+    q, qm = left_pad(encode_prompts(lm, PROMPTS, 256), lm.pad_token_id)
+    torch.manual_seed(0)
+    resp = sample(lm.model, q, qm, 12, 0.7, 1.0, lm.eos_token_id, lm.pad_token_id)
+    rm, _ = mask_after_eos(resp, lm.eos_token_id)
+    resp = torch.where(rm.bool(), resp, torch.full_like(resp, lm.pad_token_id))
+    torch.manual_seed(1)
+    value_head = torch.nn.Linear(lm.model.config.hidden_size, 1)
+    return lm, q, qm, resp, rm, value_head
+
+
+def _pass(lm, batch, share: bool, fused: bool):
+    """forward_response + backward of a loss touching log-probs and values; returns outputs and LoRA grads."""
+    _, q, qm, resp, rm, vh = batch
+    params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.grad = None
+    with fused_lora(lm.model) if fused else contextlib.nullcontext():
+        fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, want_entropy=True,
+                              want_hidden=True, share_prefix=share)
+        ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+    return fo, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("share,fused", [(True, False), (False, True), (True, True)])
+def test_shortcuts_equal_the_plain_pass(policy, share, fused):
+    lm, q, qm, resp, rm, _ = policy
+    assert shared_prefix_length(q, qm) >= 20        # the SmolLM2 system prompt is shared
+    plain, g_plain = _pass(lm, policy, share=False, fused=False)
+    fast, g_fast = _pass(lm, policy, share=share, fused=fused)
+    keep = rm.bool()
+    real = torch.cat([qm, rm], 1).bool()
+    assert fast.hidden.shape == plain.hidden.shape
+    assert torch.allclose(fast.logp[keep], plain.logp[keep], atol=2e-4)
+    assert torch.allclose(fast.values[keep], plain.values[keep], atol=2e-4)
+    assert torch.allclose(fast.entropy[keep], plain.entropy[keep], atol=2e-4)
+    assert torch.allclose(fast.hidden[real], plain.hidden[real], atol=5e-4)
+    for a, b in zip(g_fast, g_plain):
+        assert torch.linalg.vector_norm(a - b) <= 1e-3 * torch.linalg.vector_norm(b) + 1e-8
+
+
+def test_shared_prefix_without_adapters_equals_plain(policy):
+    lm, q, qm, resp, rm, _ = policy
+    with torch.no_grad(), lm.model.disable_adapter():
+        a = forward_response(lm.model, q, qm, resp, rm, 0.7, share_prefix=False)
+        b = forward_response(lm.model, q, qm, resp, rm, 0.7, share_prefix=True)
+    assert torch.allclose(a.logp[rm.bool()], b.logp[rm.bool()], atol=2e-4)
+
+
+def test_fused_lora_falls_back_to_peft(policy):
+    """Disabled adapters, dropout and two active adapters are peft's business: same results as without."""
+    lm, q, qm, resp, rm, _ = policy
+    model = lm.model
+    x = torch.randn(2, 5, model.config.hidden_size)
+    layer = next(m for n, m in model.named_modules() if n.endswith("self_attn.q_proj"))
+    with torch.no_grad():
+        want = layer(x)
+        with fused_lora(model):
+            assert "forward" in layer.__dict__
+            assert torch.allclose(layer(x), want, atol=1e-5)
+            with model.disable_adapter():
+                assert torch.allclose(layer(x), layer.base_layer(x))
+        assert "forward" not in layer.__dict__           # the swap is undone on exit
+        name = layer.active_adapters[0]
+        saved = layer.lora_dropout[name]
+        layer.lora_dropout[name] = torch.nn.Dropout(0.5)
+        try:
+            layer.train()
+            torch.manual_seed(3)
+            a = layer(x)
+            with fused_lora(model):
+                torch.manual_seed(3)
+                b = layer(x)
+            assert torch.equal(a, b)                     # dropout: the same (peft) computation
+        finally:
+            layer.eval()
+            layer.lora_dropout[name] = saved
