@@ -10,7 +10,10 @@ the probe) after all train pairs, with its CPU time; one incremental deep update
 One base-model pass computes the fast tier's features and the deep tier's cached trunk states (the hidden states
 entering the first adapter layer); both are cached under --cache so reruns only pay for training.
 
-    python bench/bench_reward.py --threads 1 2>&1 | tee /tmp/bench_reward.log
+    python bench/bench_reward.py --threads 2 --dtype fp32 2>&1 | tee /tmp/bench_reward.log
+
+On this 2-core CPU: the feature pass takes ~75 min once (cached under --cache), the deep tier ~15 min (the
+shipped DeepRewardConfig: LoRA r=16 on the top 4 layers, 2 epochs, scored as 0.6 probe + 0.4 fine-tuned).
 """
 from __future__ import annotations
 
@@ -105,9 +108,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--trunk-layer", type=int, default=22, help="cached layer input (<= first adapter layer)")
-    ap.add_argument("--deep-layers", type=int, default=2, help="LoRA on the last k decoder layers")
+    ap.add_argument("--deep-layers", type=int, default=4, help="LoRA on the last k decoder layers (shipped: 4)")
     ap.add_argument("--probe-weight", type=float, default=None, help="deep tier's probe share (config default)")
-    ap.add_argument("--deep-epochs", type=int, default=1)
+    ap.add_argument("--deep-epochs", type=int, default=2, help="passes over the train pairs (shipped: 2)")
     ap.add_argument("--deep-lr", type=float, default=None)
     ap.add_argument("--deep-head-lr", type=float, default=None)
     ap.add_argument("--draws", type=int, default=10, help="random draws for the 50- and 200-pair rows")
@@ -179,8 +182,11 @@ def main():
 
     deep_info = {}
     if not args.skip_deep:
-        cfg = DeepRewardConfig(lora_layers=args.deep_layers, epochs=args.deep_epochs, trunk_layer=args.trunk_layer,
-                               max_tokens=args.max_tokens, trunk_cache_mb=1 << 16, micro_batch_size=4)
+        # trunk_layer stays None: the model starts its passes at the first adapter layer (the cached trunks are
+        # advanced there once below), not at the lower cached layer, which would rerun the layers in between
+        # on every pass
+        cfg = DeepRewardConfig(lora_layers=args.deep_layers, epochs=args.deep_epochs, max_tokens=args.max_tokens,
+                               trunk_cache_mb=1 << 16, micro_batch_size=4)
         if args.deep_lr:
             cfg.lr = args.deep_lr
         if args.deep_head_lr:

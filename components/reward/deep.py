@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fused_lora import fused_lora
 from .bt import bt_loss
 from .extract import (Cancelled, base_model_mode, collate, encode_texts, final_hidden, is_peft_model,
                       length_batches, position_ids_from_mask)
@@ -732,7 +733,8 @@ class DeepRewardTrainer:
                 micro = step_pairs[j:j + mb]
                 texts = [(p, c) for p, c, _, _ in micro] + [(p, r) for p, _, r, _ in micro]
                 margin = torch.tensor([m for *_, m in micro], dtype=torch.float32, device=self.lm.device)
-                with self.lm.lock, torch.enable_grad(), self.model.active(trainable=True):
+                with self.lm.lock, torch.enable_grad(), self.model.active(trainable=True), \
+                        fused_lora(self.lm.model):
                     s = self._scores_for_training(texts)
                     sc, sr = s[:len(micro)], s[len(micro):]
                     loss = bt_loss(sc, sr, margin, reduction="sum") / len(step_pairs)
