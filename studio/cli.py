@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import webbrowser
@@ -65,14 +66,22 @@ def main(argv=None) -> int:
             webbrowser.open(app.local_url)
         except Exception:
             pass
+    # SIGTERM (a service manager, `kill`) stops as gracefully as Ctrl+C does
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
-            time.sleep(3600)
+            # Short sleeps: Python runs signal handlers in the main thread only, and a signal that the kernel
+            # hands to another thread (model, DuckDB or server threads) would otherwise wait for the sleep to end.
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("Stopping ...", flush=True)
     finally:
         s.close()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

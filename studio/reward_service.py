@@ -424,7 +424,7 @@ class RewardService:
         replay_idx = list(rng.permutation(old_idx)[: self.settings.deep_replay]) if old_idx else []
         prompts_c, texts_c = self._texts([int(i) for i in train["chosen_id"]])
         _, texts_r = self._texts([int(i) for i in train["rejected_id"]])
-        margins = train["margin"].to_numpy(dtype=np.float32)
+        margins = bt_margins(train["margin"].to_numpy(dtype=np.float32))
         as_tuples = lambda idx: [(prompts_c[i], texts_c[i], texts_r[i], float(margins[i])) for i in idx]  # noqa: E731
         # Each update is a run row: 'running' while it trains, so that a process killed mid-update leaves it
         # 'interrupted' at the next start (the version table only ever gets complete versions, in one commit;
@@ -550,6 +550,15 @@ class RewardService:
     def shutdown(self) -> None:
         self._stop.set()
         self.wait_idle(timeout=30)
+
+
+def bt_margins(strength: np.ndarray) -> np.ndarray:
+    """The deep tier's Bradley-Terry margins from the pairs view's `margin` column, which is a preference's
+    strength: 1 for a plain one (pairwise, ranking, thumbs, rewrite), the star difference for stars (times the
+    criterion's weight). A plain preference asks for no margin; only stronger ones push the two scores further
+    apart (margin = strength - 1, never negative). So an imported or clicked A-over-B pair trains exactly as in
+    bench/bench_reward.py, and 5 stars vs 1 star asks for a gap of 3."""
+    return np.maximum(np.asarray(strength, dtype=np.float32) - 1.0, 0.0)
 
 
 def _same_shape(parent_config, cfg) -> bool:

@@ -48,3 +48,17 @@ def test_share_without_auth_generates_a_password_and_serves_locally_offline(tmp_
         assert _status(url) == 200                      # the login page
         assert _status(url + "config") == 401           # nothing behind it without the password
         assert _status(url + "gradio_api/info") == 401
+
+
+def test_sigterm_stops_as_gracefully_as_ctrl_c(tmp_path):
+    """`kill` (SIGTERM, as a service manager stops it) closes the studio and the DuckDB file cleanly: exit 0."""
+    import signal
+    db = str(tmp_path / "term.duckdb")
+    with running_app(db) as (url, proc):
+        assert _status(url) == 200
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    log = open(tmp_path / "term.log").read()
+    assert rc == 0 and "Stopping ..." in log, log[-2000:]
+    import duckdb
+    duckdb.connect(db).close()               # the file was closed: another process may open it now

@@ -34,6 +34,8 @@ def test_shared_prefix_length_on_hand_made_rows():
     assert shared_prefix_length(q[[0, 0]], m[[0, 0]]) == 3       # equal rows keep their last token
     other = torch.tensor([[pad, 5, 6], [4, 6, 6]])
     assert shared_prefix_length(other, (other != pad).long()) == 0
+    right = torch.tensor([[5, 6, 7, pad], [5, 6, 7, 8]])
+    assert shared_prefix_length(right, (right != pad).long()) == 0   # right padding: not assumed
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,16 @@ def test_deep_tier_with_another_adapter_shape_starts_fresh(studio):
     assert score == pytest.approx(studio.reward.deep.score([p_text], [c["text"]])[0], abs=1e-5)
     runs = studio.runs()
     assert runs[runs["kind"] == "reward"]["status"].tolist() == ["completed"] * 3
+
+
+def test_deep_tier_margins_from_the_pairs_view(studio):
+    """A plain preference trains the deep tier with no margin; a star difference d asks for a gap of d - 1."""
+    from studio.reward_service import bt_margins
+    a, b, c = studio.generate("Name a fruit.", n=3, max_new_tokens=5, seed=0)
+    studio.compare(a.id, b.id, "a")
+    studio.rate(a.id, 5)
+    studio.rate(c.id, 1)
+    pairs = studio.store.preference_pairs("overall")
+    got = {(int(r.chosen_id), int(r.rejected_id), r.kind): float(m)
+           for r, m in zip(pairs.itertuples(), bt_margins(pairs["margin"].to_numpy()))}
+    assert got == {(a.id, b.id, "pairwise"): 0.0, (a.id, c.id, "stars"): 3.0}

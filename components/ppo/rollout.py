@@ -135,9 +135,14 @@ def shared_prefix_length(query_ids: torch.Tensor, query_mask: torch.Tensor) -> i
     """Number of leading tokens that every row's (left-padded) prompt shares, at most the shortest prompt's
     length - 1 so that each row keeps at least its last prompt token; 0 with fewer than 2 rows."""
     B, P = query_ids.shape
-    lens = query_mask.long().sum(1)
-    shortest = int(lens.min()) if B else 0
-    if B < 2 or shortest < 2:
+    if B < 2 or P < 2:
+        return 0
+    m = query_mask.long()
+    if not (bool(m[:, -1].all()) and bool((m.diff(dim=1) >= 0).all())):
+        return 0                                   # not left-padded: the rows' starts are unknown
+    lens = m.sum(1)
+    shortest = int(lens.min())
+    if shortest < 2:
         return 0
     starts = (P - lens).unsqueeze(1) + torch.arange(shortest, device=query_ids.device)   # [B, shortest]
     heads = torch.gather(query_ids, 1, starts)
