@@ -153,7 +153,8 @@ class RewardService:
             # Cross-validate L2 when the training set grew by a quarter; reuse it in between (fast refits).
             cv = self.fast_l2 is None or n_train >= 1.25 * max(self._l2_pairs, 1) or n_train < 40
             t0 = time.perf_counter()
-            model = FastRewardModel().fit_indexed(X, ci[tr], ri[tr], margin=None,
+            margin = bt_margins(pairs["margin"].to_numpy())[tr]
+            model = FastRewardModel().fit_indexed(X, ci[tr], ri[tr], margin=margin,
                                                   l2=None if cv else self.fast_l2, warm_start=self.fast)
             fit_s = time.perf_counter() - t0
             t["fit"] = time.perf_counter()
@@ -227,12 +228,12 @@ class RewardService:
                 return None
             Xc = np.stack([feats[int(i)] for i in train["chosen_id"]])
             Xr = np.stack([feats[int(i)] for i in train["rejected_id"]])
-            margin = train["margin"].to_numpy(dtype=np.float32) if "margin" in train else None
+            margin = bt_margins(train["margin"].to_numpy())
             # Cross-validate L2 when the training set grew by a quarter; reuse it in between (fast refits).
             cv = self.fast_l2 is None or len(train) >= 1.25 * max(self._l2_pairs, 1) or len(train) < 40
             t0 = time.perf_counter()
             model = FastRewardModel()
-            model.fit(Xc, Xr, margin=None, l2=None if cv else self.fast_l2)
+            model.fit(Xc, Xr, margin=margin, l2=None if cv else self.fast_l2)
             fit_s = time.perf_counter() - t0
             if cv:
                 self.fast_l2, self._l2_pairs = model.l2, len(train)
@@ -553,7 +554,7 @@ class RewardService:
 
 
 def bt_margins(strength: np.ndarray) -> np.ndarray:
-    """The deep tier's Bradley-Terry margins from the pairs view's `margin` column, which is a preference's
+    """Both tiers' Bradley-Terry margins from the pairs view's `margin` column, which is a preference's
     strength: 1 for a plain one (pairwise, ranking, thumbs, rewrite), the star difference for stars (times the
     criterion's weight). A plain preference asks for no margin; only stronger ones push the two scores further
     apart (margin = strength - 1, never negative). So an imported or clicked A-over-B pair trains exactly as in

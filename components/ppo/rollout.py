@@ -11,7 +11,7 @@ per-token quantity (log-prob, value, entropy) is computed from hidden[:, P-1 : P
 (the full-vocabulary matmul) never runs over the prompt.
 
 Shared prompt prefix: prompts written with a chat template all begin with the same tokens (SmolLM2's system
-prompt is ~30 of a ~37-token prompt). `forward_response` runs that common prefix once (batch 1), repeats its
+prompt is ~24 of a ~37-token prompt). `forward_response` runs that common prefix once (batch 1), repeats its
 key/value cache over the batch and runs only each row's remaining tokens on top of it. A prefix token's hidden
 state depends only on the tokens before it and its position, so this is the same computation as the full batch
 (rounding aside), gradients included: the backward pass sums the rows' gradients into the one prefix pass.
@@ -155,7 +155,8 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
     """Final hidden states of the rows' own tokens, run on top of the common n-token prefix's cache.
 
     Returns (prefix hidden [1, n, H], hidden [B, W + R, H]) where the W = longest prompt - n query columns are
-    each row's prompt after the prefix, left-aligned to the response like the full layout (masked before it).
+    each row's prompt after the prefix, left-aligned to the response like the full layout (masked before it);
+    None if the model's cache cannot be repeated over the batch.
     """
     B, P = query_ids.shape
     lens = query_mask.long().sum(1)
@@ -164,6 +165,8 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
     pre = decoder(input_ids=prefix, position_ids=torch.arange(n, device=prefix.device).unsqueeze(0),
                   use_cache=True)
     cache = pre.cache if getattr(pre, "cache", None) is not None else pre.past_key_values
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None                            # a cache type that cannot be repeated: the caller runs it all
     cache.batch_repeat_interleave(B)           # autograd sums the rows' gradients into the one prefix pass
     W = int(lens.max()) - n
     cols = torch.arange(P - W, P, device=query_ids.device)
@@ -194,9 +197,10 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     P, R = query_ids.shape[1], response_ids.shape[1]
     checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
     n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
-    if n >= MIN_SHARED_PREFIX:
-        pre_hidden, tail = _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids,
-                                                      response_mask, n)
+    shared = _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, response_mask, n) \
+        if n >= MIN_SHARED_PREFIX else None
+    if shared is not None:
+        pre_hidden, tail = shared
         W = tail.shape[1] - R
         out = heads_on_hidden(head, tail[:, W - 1:W - 1 + R], response_ids, temperature, value_head,
                               want_entropy, entropy_grad)
