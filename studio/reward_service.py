@@ -457,11 +457,17 @@ class RewardService:
         train_metrics = trainer.train(as_tuples(new_idx or list(range(len(keys)))), as_tuples(replay_idx),
                                       stop=self._stop.is_set)
         seconds = time.perf_counter() - t0
+        stopped = self._stop.is_set()
         test = pairs[pairs["heldout"]]
         metrics = {"heldout_pairs": len(test), "train_seconds": seconds, "new_pairs": len(new_idx), "warm_start": warm,
                    "replayed_pairs": len(replay_idx), **{f"train_{k}": v for k, v in (train_metrics or {}).items()
                                                          if isinstance(v, (int, float))}}
-        if len(test):
+        if stopped:
+            # The app is closing: keep what the update learned up to its last step, but do not hold the
+            # shutdown for scoring the held-out pairs (minutes under load); the next version is scored.
+            metrics.update(heldout_accuracy=None, heldout_loss=None,
+                           note="stopped when the app closed: held-out pairs not scored")
+        elif len(test):
             pc, tc = self._texts([int(i) for i in test["chosen_id"]])
             _, tr = self._texts([int(i) for i in test["rejected_id"]])
             from components.reward.bt import bt_loss
