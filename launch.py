@@ -1,7 +1,5 @@
 """Start RLHF Studio: `python launch.py --db feedback.duckdb [--model embedded] [--share] ...`."""
-import sys
-
-from studio.cli import main
+from studio.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -76,7 +77,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("Stopping ...", flush=True)
     finally:
-        s.close()
+        # A shutdown that hangs says where: every thread's stack goes to stderr after 30 s.
+        faulthandler.dump_traceback_later(30, exit=False)
+        try:
+            s.close()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    print("Stopped.", flush=True)
     return 0
 
 
@@ -84,5 +91,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def run() -> None:
+    """Console entry point (`rlhf-studio`, `python launch.py`): main(), then leave the process at once.
+
+    By then the studio is closed (jobs stopped, the DuckDB file checkpointed and closed), so nothing is left
+    to save; a plain interpreter exit would still join leftover server worker threads and run native
+    destructors, and under load that was seen to hang past 90 s after a clean close."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
