@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             # hands to another thread (model, DuckDB or server threads) would otherwise wait for the sleep to end.
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("Stopping ...", flush=True)
+        print(f"Stopping ... ({time.strftime('%H:%M:%S')})", flush=True)
     finally:
         # A shutdown that hangs says where: every thread's stack goes to stderr after 30 s.
         faulthandler.dump_traceback_later(30, exit=False)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             s.close()
         finally:
             faulthandler.cancel_dump_traceback_later()
-    print("Stopped.", flush=True)
+    print(f"Stopped. ({time.strftime('%H:%M:%S')})", flush=True)
     return 0
 
 

@@ -49,6 +49,7 @@ def test_four_sessions_label_for_a_minute_while_the_deep_tier_trains(seeded, tmp
     prompts = info["prompts"]
     with running_app(db) as (url, proc):
         result = run_label_load(url, prompts, n_sessions=SESSIONS, seconds=SECONDS, train=True)
+        signalled = time.strftime("%H:%M:%S")
         rc = stop_gracefully(proc)
     log = _app_log(db)
     phase = result["phases"][0]
@@ -75,7 +76,7 @@ def test_four_sessions_label_for_a_minute_while_the_deep_tier_trains(seeded, tmp
     # The deep tier was training during the minute: the observer's status line said so at the start and at
     # (nearly) every sample; one update ending and the next starting (every 16 new pairs) may fall on a sample.
     assert samples and samples[0][1] and training_share >= 0.9, samples
-    assert rc == 0, f"the app did not stop cleanly on Ctrl+C (rc={rc}):\n{log[-3000:]}"
+    assert rc == 0, f"the app did not stop cleanly on Ctrl+C sent at {signalled} (rc={rc}):\n{log[-3000:]}"
     assert "Traceback" not in log and "deep reward training failed" not in log, log[-5000:]
     # Nothing lost, nothing extra, each label as confirmed (kind, completion(s), value, one session id each).
     db_problems = check_db(db, prompts, info["last_label_id"], sessions)
