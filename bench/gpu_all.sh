@@ -1,22 +1,36 @@
 #!/bin/bash
-# Every GPU check and benchmark of issues 4 and 7 in one go (one device session). Results go to $OUT.
-# Needs, beside the image's torch/transformers/peft: bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess
-# (carried as wheels in .whl/), and the TRL peer harness copied to .gpu/peers/ (from ../shared/peers/gpu).
+# Every GPU check and benchmark of issues 4 and 7 in one go (one device session, under 9 minutes).
+# Results and logs go to $OUT. Needs, beside the image's torch/transformers/peft: the wheels in .whl/
+# (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
+# .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh   (carry .whl and .gpu/peers)
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
+# The wheels go to a folder named site-packages: dill (datasets' hasher) pickles modules that live elsewhere
+# by value, and pyarrow's types then fail to pickle.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages \
+      .whl/*.whl || echo "wheel install FAILED"
+  export PYTHONPATH=/tmp/site-packages
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+t0=$SECONDS
+stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
-echo "== 1. rollout generation and LoRA training step vs baselines (issue 7)"
-timeout 210 python3 bench/gpu_fast.py 2>&1 | tee "$OUT/gpu_fast.log" | grep -vE "Warning|warn" | tail -45
+stamp "1. rollout generation and LoRA training step vs baselines (issue 7)"
+timeout 200 python3 bench/gpu_fast.py --compile > "$OUT/gpu_fast.log" 2>&1
+grep -vE "[Ww]arn" "$OUT/gpu_fast.log" | tail -40
 
-echo "== 2. end-to-end PPO vs TRL 1.12.0, 135M shape, 64 prompts x 128 tokens, 4 epochs (issue 7)"
-(cd .gpu/peers && timeout 110 python3 trl_ppo_gpu.py --random-init cfg135m --tokenizer tok --cuda --batch 64 \
-    --new-tokens 128 --steps 3 --warmup 1 --epochs 4 --json "$OUT/trl_135m_b64_t128.json" 2>&1 \
-    | grep -E "RESULT|Error" | cut -c1-700)
-timeout 110 python3 bench/gpu_ppo.py --shapes 135m --quant none --batch 64 --mini-batch 64 --epochs 4 \
-    --new-tokens 128 --steps 4 --max-seconds 80 --json "$OUT/ours_135m_b64_t128.json" 2>&1 | tail -8
+stamp "2. end-to-end PPO vs TRL 1.12.0, 135M shape, 64 prompts x 128 tokens, 4 epochs (issue 7)"
+(cd .gpu/peers && timeout 100 python3 trl_ppo_gpu.py --random-init cfg135m --tokenizer tok --cuda --batch 64 \
+    --new-tokens 128 --steps 3 --warmup 1 --epochs 4 --json "$OUT/trl_135m_b64_t128.json" > "$OUT/trl.log" 2>&1)
+grep -E "RESULT|Error" "$OUT/trl.log" | cut -c1-900
+timeout 90 python3 bench/gpu_ppo.py --shapes 135m --quant none --batch 64 --mini-batch 64 --epochs 4 \
+    --new-tokens 128 --steps 4 --max-seconds 60 --json "$OUT/ours_135m_b64_t128.json" 2>&1 | tail -4
 
-echo "== 3. short PPO on CUDA: bf16 / 8-bit / 4-bit x 135M / 0.5B / 1.7B (issue 4)"
-timeout 200 python3 bench/gpu_ppo.py --steps 6 --max-seconds 18 --json "$OUT/gpu_ppo.json" 2>&1 | tail -25
+stamp "3. short PPO on CUDA: bf16 / 8-bit / 4-bit x 135M / 0.5B / 1.7B (issue 4)"
+timeout 150 python3 bench/gpu_ppo.py --steps 6 --max-seconds 14 --json "$OUT/gpu_ppo.json" > "$OUT/gpu_ppo.log" 2>&1
+grep -E "^\||Error|error" "$OUT/gpu_ppo.log" | tail -16
+stamp "done"

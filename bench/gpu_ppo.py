@@ -196,6 +196,14 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     res["samples_per_s"] = round(cfg.batch_size / res["s_per_step"], 2)
     res["phases"] = {k: round(statistics.median(m[k] for m in timed), 2)
                      for k in ("t_generate", "t_policy", "t_reference", "t_score", "t_train")}
+    # training throughput in useful tokens (prompt + response, padding not counted), MFU by the 4*N count
+    n_base = sum(p.numel() for p in lm.model.parameters()) if quant == "none" else None
+    prompt_len = statistics.mean(len(p) for p in prompts)
+    resp_len = statistics.median(m["response_len"] for m in timed)
+    res["train_tok_s"] = round(cfg.ppo_epochs * cfg.batch_size * (prompt_len + resp_len) / res["phases"]["t_train"])
+    res["generate_tok_s"] = round(cfg.batch_size * resp_len / res["phases"]["t_generate"])
+    if n_base and device.type == "cuda":
+        res["train_mfu_pct"] = round(100 * 4 * n_base * res["train_tok_s"] / 989e12, 2)
     scores = [m["score_mean"] for m in hist]
     res["score_first"] = round(statistics.mean(scores[:2]), 3)
     res["score_last"] = round(statistics.mean(scores[-3:]), 3)
@@ -282,9 +290,9 @@ def main():
 
     print(f"\nPPO on {info['device']}, batch {args.batch} x {args.new_tokens} new tokens, {args.epochs} epochs, "
           f"LoRA r=16; total {total:.0f}s\n")
-    print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | peak GiB | est. GiB |"
-          " finite | score first -> last | rises |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | gen tok/s | train tok/s |"
+          " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
@@ -292,7 +300,8 @@ def main():
         ph = r["phases"]
         print(f"| {r['shape']} | {r['dtype'] if r['quant'] == 'none' else r['quant']} | {r['s_per_step']} | "
               f"{r['samples_per_s']} | {ph['t_generate']} | {ph['t_policy']} | {ph['t_reference']} | "
-              f"{ph['t_train']} | {r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
+              f"{ph['t_train']} | {r['generate_tok_s']} | {r['train_tok_s']} | {r.get('train_mfu_pct', '-')} | "
+              f"{r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} |")
     dest = write_json(args, info, results, total)
     if dest:
