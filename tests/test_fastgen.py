@@ -363,3 +363,23 @@ def test_graph_capture_failure_falls_back_to_eager(lm32, batch, base_ref, simula
                                              pad_token_id=lm32.pad_token_id)
     assert out.info["path"] == "eager"
     assert torch.equal(out.sequences, base_ref)
+
+
+def test_quantized_base_decodes_eagerly_unless_graphs_are_asked_for(lm32, batch, base_ref, simulated_cuda_graphs):
+    # A bitsandbytes 8-bit matmul cannot be captured, and a failed capture leaves CUDA's RNG mid-capture for
+    # the rest of the process (seen on an H200): quantized bases skip the capture unless use_cuda_graph=True.
+    x, m = batch
+    kw = dict(temperature=0, eos_token_id=lm32.eos_token_id, pad_token_id=lm32.pad_token_id)
+    simulated_cuda_graphs.monkeypatch.setattr(lm32.model, "hf_quantizer", object(), raising=False)
+    out = FastGenerator(lm32.model).generate(x, m, N_NEW, **kw)
+    assert out.info["path"] == "eager" and torch.equal(out.sequences, base_ref)
+    out = FastGenerator(lm32.model).generate(x, m, N_NEW, use_cuda_graph=True, **kw)
+    assert out.info["path"] == "cuda_graph" and torch.equal(out.sequences, base_ref)
+
+
+def test_quantized_detects_bitsandbytes_layers():
+    bnb = pytest.importorskip("bitsandbytes")
+    from components.fastgen import _quantized
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert not _quantized(plain)
+    assert _quantized(torch.nn.Sequential(torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)))

@@ -164,6 +164,20 @@ def test_policy_loss_mask_and_gradient():
     assert new.grad.tolist()[0] == pytest.approx([1.5, 0.0], abs=1e-6)
 
 
+def test_policy_loss_stays_finite_when_the_ratio_overflows():
+    # A policy that moved far (a high learning rate over several epochs) gives log-ratios past float32's exp range.
+    old = t([[0.0, 0.0, 0.0]])
+    new = t([[100.0, 0.0, 200.0]]).requires_grad_(True)
+    adv = t([[-1.0, 1.0, 0.0]])
+    mask = t([[1, 1, 0]])                      # token 3 is masked but overflows too: inf * 0 would be nan
+    loss, clip_frac, approx_kl = core.policy_loss(new, old, adv, mask, 0.2)
+    # token 1: A=-1, ratio held at e^20 -> max(e^20, 1.2) = e^20, no gradient; token 2: A=+1, r=1 -> -1
+    assert loss.item() == pytest.approx((math.exp(core.LOG_RATIO_MAX) - 1.0) / 2, rel=1e-5)
+    loss.backward()
+    assert new.grad.tolist()[0] == pytest.approx([0.0, -0.5, 0.0], abs=1e-6)
+    assert math.isfinite(approx_kl.item()) and clip_frac.item() == 0.0
+
+
 def test_value_loss_clipping_by_hand():
     old = t([[1.0, 1.0, 1.0]])
     new = t([[1.5, 0.9, 2.0]])

@@ -137,18 +137,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # Clipped losses
 # ----------------------------------------------------------------------------------------------------------
 
+LOG_RATIO_MAX = 20.0
+
+
 def policy_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate, token-level mean over the mask.
 
-    All inputs [B, T]. ratio = exp(new - old);
+    All inputs [B, T]. ratio = exp(min(new - old, LOG_RATIO_MAX));
         loss     = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
         clip_frac= mean(1[-A * clip(ratio) > -A * ratio])        (fraction of tokens where the clip is active)
         approx_kl= mean(0.5 * (new - old)^2)                     (k2 estimator of KL(old || new))
     Returns (loss, clip_frac, approx_kl) as 0-d tensors; only loss carries a gradient.
     """
     log_ratio = new_logp - old_logp
-    ratio = torch.exp(log_ratio)
+    # exp overflows float32 past ~88, and one inf, even on a masked token (inf * 0 = nan), makes the loss NaN.
+    # Above LOG_RATIO_MAX (a token 5e8 times likelier than when sampled) the term is held constant instead.
+    ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     loss = masked_mean(torch.maximum(pg1, pg2), mask)
