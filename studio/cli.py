@@ -67,8 +67,10 @@ def main(argv=None) -> int:
             webbrowser.open(app.local_url)
         except Exception:
             pass
-    # SIGTERM (a service manager, `kill`) stops as gracefully as Ctrl+C does
+    # SIGTERM (a service manager, `kill`) stops as gracefully as Ctrl+C does. SIGINT gets a handler too: a
+    # background job of a non-interactive shell starts with SIGINT ignored, and Python keeps that ignore.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         while True:
             # Short sleeps: Python runs signal handlers in the main thread only, and a signal that the kernel

@@ -25,13 +25,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(db: str, *extra: str, timeout: float = 180):
+def running_app(db: str, *extra: str, timeout: float = 180, preexec_fn=None):
     """Start the app as a user would (`python launch.py ...`); yield (url, process); stop it afterwards."""
     port = free_port()
     log = open(Path(db).with_suffix(".log"), "w+")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--db", db, "--port", str(port),
-                             "--no-browser", *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                             "--no-browser", *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + timeout

@@ -62,3 +62,20 @@ def test_sigterm_stops_as_gracefully_as_ctrl_c(tmp_path):
     assert rc == 0 and "Stopping ..." in log, log[-2000:]
     import duckdb
     duckdb.connect(db).close()               # the file was closed: another process may open it now
+
+
+def test_ctrl_c_stops_an_app_started_with_sigint_ignored(tmp_path):
+    """A non-interactive shell starts background jobs (`rlhf-studio &` in a script, a test runner launched with
+    `&`) with SIGINT ignored, and Python keeps an inherited ignore: an explicit Ctrl+C (`kill -INT`) then did
+    nothing and the load test waited 90 s. The app installs its own SIGINT handler."""
+    import signal
+    db = str(tmp_path / "int.duckdb")
+    with running_app(db, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as (url, proc):
+        assert _status(url) == 200
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = None
+    log = open(tmp_path / "int.log").read()
+    assert rc == 0 and "Stopping ..." in log, log[-2000:]
