@@ -247,3 +247,30 @@ def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
         b = forward_response(lm32.model, q, qm, resp, rm, 0.7)
     diff = ((a.logp - b.logp).abs() * rm).max().item()
     assert diff < 2e-3, diff
+
+
+def test_non_finite_gradient_stops_before_the_update(lm32):
+    """A NaN gradient (cuDNN attention's backward gave them on an H200) must not reach the adapter's weights."""
+    tr = small_trainer(lm32, ppo_epochs=1)
+    tr.step()
+    before = tr.adapter_bytes()
+    handle = tr._params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+    try:
+        with pytest.raises(FloatingPointError, match="gradient norm is nan.*not applied"):
+            tr.step()
+    finally:
+        handle.remove()
+    assert tr.adapter_bytes() == before
+
+
+def test_cudnn_attention_is_turned_off_only_for_cuda_training():
+    from components.attention import avoid_cudnn_attention
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert avoid_cudnn_attention("cpu") is False and torch.backends.cuda.cudnn_sdp_enabled()
+        assert avoid_cudnn_attention(torch.device("cuda", 0)) is True
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert avoid_cudnn_attention("cuda") is False           # already off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from ..attention import avoid_cudnn_attention
 from ..fused_lora import fused_lora
 from . import core
 from .config import PPOConfig
@@ -142,6 +143,7 @@ class PPOTrainer:
             raise ValueError("PPO needs at least one training prompt")
         self.prompts = list(prompts)
         self.device = torch.device(device) if device is not None else torch.device(lm.device)
+        avoid_cudnn_attention(self.device)
         if lm.eos_token_id == lm.pad_token_id:
             raise ValueError("the tokenizer's pad token equals EOS; load the model with components.models")
         cfg = self.config
@@ -407,6 +409,10 @@ class PPOTrainer:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
                             gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
+                        if not math.isfinite(float(gn)):   # stop before the step writes NaN into the adapter
+                            raise FloatingPointError(f"PPO gradient norm is {float(gn)}: the update was not applied "
+                                                     "(the adapter keeps its last finite weights); lower lr or "
+                                                     "check the reward")
                         sums["grad_norm"] += float(gn)
                         self.optimizer.step()
                         n_opt += 1

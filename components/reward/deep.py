@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attention import avoid_cudnn_attention
 from ..fused_lora import fused_lora
 from .bt import bt_loss
 from .extract import (Cancelled, base_model_mode, collate, encode_texts, final_hidden, is_peft_model,
@@ -659,6 +660,7 @@ class DeepRewardTrainer:
         self.lm = lm
         self.config = config or DeepRewardConfig()
         self.model = DeepRewardModel(lm, self.config, adapter_name, probe, replace_adapter=replace_adapter)
+        avoid_cudnn_attention(lm.device)
 
     @property
     def adapter_name(self) -> str:
