@@ -290,3 +290,14 @@ def test_parse_hh_real_file():
     assert all(p["prompt"].endswith("\n\nAssistant:") and p["prompt"].startswith("\n\nHuman:") for p in pairs)
     assert all(isinstance(p["chosen"], str) and isinstance(p["rejected"], str) for p in pairs)
     assert sum(p["chosen"] != p["rejected"] for p in pairs) > 2200
+
+
+def test_pool_features_by_hand_and_nan_at_padding_stays_out():
+    from components.reward.features import pool_features
+    h = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])     # [1, 4, 2]; position 0 is padding
+    am = torch.tensor([[0, 1, 1, 1]])
+    rm = torch.tensor([[0, 0, 1, 1]])
+    want = torch.tensor([[5.0, 6.0, 4.0, 5.0]])                          # last real token ++ mean of the response
+    assert torch.equal(pool_features(h, am, rm), want)
+    h[0, 0] = float("nan")      # a padded position's state, as an attention kernel may leave a fully masked row
+    assert torch.equal(pool_features(h, am, rm), want)

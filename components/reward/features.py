@@ -20,6 +20,9 @@ def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor, response_m
     positions = torch.arange(T, device=hidden.device).expand(B, T)
     last = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
     last_hidden = hidden[torch.arange(B, device=hidden.device), last.clamp(min=0)]
-    rm = response_mask.to(hidden.dtype).unsqueeze(-1)
-    mean_resp = (hidden * rm).sum(1) / rm.sum(1).clamp(min=1.0)
+    rm = response_mask.bool().unsqueeze(-1)
+    # where, not a multiply: a padded position's state may be NaN (an attention kernel given a fully masked
+    # row), and NaN * 0 is NaN
+    mean_resp = torch.where(rm, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(1) \
+        / rm.sum(1).clamp(min=1).to(hidden.dtype)
     return torch.cat([last_hidden, mean_resp], dim=-1).float()
