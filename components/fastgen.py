@@ -232,7 +232,7 @@ def _mergeable(model, layers) -> tuple[bool, str]:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
         return False, "peft without LoRA"
-    if getattr(causal_lm_of(model), "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+    if _has_quantizer(causal_lm_of(model)) or _has_quantizer(model):
         return False, "quantized base"
     for m in layers:
         if not isinstance(m, LoraLayer):
@@ -426,13 +426,16 @@ def _graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _has_quantizer(model) -> bool:
+    """transformers loaded the model quantized (bitsandbytes or another hf_quantizer)."""
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
 def _quantized(lm) -> bool:
     """A bitsandbytes (or other hf_quantizer) base: its 8-bit matmul syncs with the host, so capture fails, and a
     failed capture leaves the default CUDA generator mid-capture ("Offset increment outside graph capture"), which
     breaks every later random draw of the process. Such bases decode eagerly unless use_cuda_graph=True."""
-    if getattr(lm, "hf_quantizer", None) is not None or getattr(lm, "is_quantized", False):
-        return True
-    return any(type(m).__module__.startswith("bitsandbytes") for m in lm.modules())
+    return _has_quantizer(lm) or any(type(m).__module__.startswith("bitsandbytes") for m in lm.modules())
 
 
 def _bucket(n: int, size: int) -> int:

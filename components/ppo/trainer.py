@@ -409,11 +409,12 @@ class PPOTrainer:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
                             gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
-                        if not math.isfinite(float(gn)):   # stop before the step writes NaN into the adapter
-                            raise FloatingPointError(f"PPO gradient norm is {float(gn)}: the update was not applied "
+                        gn = float(gn)
+                        if not math.isfinite(gn):   # stop before the step writes NaN into the adapter
+                            raise FloatingPointError(f"PPO gradient norm is {gn}: the update was not applied "
                                                      "(the adapter keeps its last finite weights); lower lr or "
                                                      "check the reward")
-                        sums["grad_norm"] += float(gn)
+                        sums["grad_norm"] += gn
                         self.optimizer.step()
                         n_opt += 1
         finally:
