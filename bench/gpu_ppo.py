@@ -168,7 +168,8 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     cfg = PPOConfig(steps=args.steps, batch_size=args.batch, mini_batch_size=args.mini_batch,
                     grad_accum=args.grad_accum, ppo_epochs=args.epochs, max_new_tokens=args.new_tokens,
                     max_prompt_tokens=64, temperature=1.0, lr=args.lr, kl_coef=0.01, missing_eos_penalty=0.0,
-                    lora_r=16, lora_alpha=32, seed=0, value_head_init="zeros")
+                    lora_r=16, lora_alpha=32, seed=0, value_head_init="zeros", compile=args.compile,
+                    merge_for_generation=args.merge)
     est = estimate_memory(lm.model.config, cfg, quantization=None if quant == "none" else quant,
                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type)
     res["estimate_gib"] = est["gib"]
@@ -176,6 +177,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
     trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
+    res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
     hist = []
     t_start = time.perf_counter()
     for _ in range(cfg.steps):
@@ -192,6 +194,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     res["finite"] = all(math.isfinite(m[k]) for m in hist for k in keys)
     timed = hist[1:] if len(hist) > 1 else hist
     res["steps"] = len(hist)
+    res["first_step_s"] = round(hist[0]["t_step"], 2)   # includes the compilation when compiled
     res["s_per_step"] = round(statistics.median(m["t_step"] for m in timed), 2)
     res["samples_per_s"] = round(cfg.batch_size / res["s_per_step"], 2)
     res["phases"] = {k: round(statistics.median(m[k] for m in timed), 2)
@@ -241,6 +244,8 @@ def main():
     ap.add_argument("--logit-std", type=float, default=3.0)
     ap.add_argument("--max-seconds", type=float, default=40.0, help="per configuration; 0 = no limit")
     ap.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--compile", choices=["off", "on", "auto"], default="off", help="PPOConfig.compile")
+    ap.add_argument("--merge", choices=["off", "on", "auto"], default="auto", help="PPOConfig.merge_for_generation")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -291,8 +296,9 @@ def main():
     print(f"\nPPO on {info['device']}, batch {args.batch} x {args.new_tokens} new tokens, {args.epochs} epochs, "
           f"LoRA r=16; total {total:.0f}s\n")
     print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | gen tok/s | train tok/s |"
-          " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises | merged rollout | compiled |"
+          " 1st step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
@@ -302,7 +308,8 @@ def main():
               f"{r['samples_per_s']} | {ph['t_generate']} | {ph['t_policy']} | {ph['t_reference']} | "
               f"{ph['t_train']} | {r['generate_tok_s']} | {r['train_tok_s']} | {r.get('train_mfu_pct', '-')} | "
               f"{r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
-              f"{r['score_first']} -> {r['score_last']} | {r['rises']} |")
+              f"{r['score_first']} -> {r['score_last']} | {r['rises']} | {r['merged_rollout']} | {r['compiled']} | "
+              f"{r['first_step_s']} |")
     dest = write_json(args, info, results, total)
     if dest:
         print(f"wrote {dest}")

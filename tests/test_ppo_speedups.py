@@ -128,3 +128,26 @@ def test_fused_lora_falls_back_to_peft(policy):
         finally:
             layer.eval()
             layer.lora_dropout[name] = saved
+
+
+def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base(policy):
+    """sample(merge_lora=True), PPO's CUDA rollout: in fp32 the merged policy is the unmerged one to rounding, so
+    greedy tokens agree; the base weights come back bit for bit; the merge really ran."""
+    lm, q, qm, *_ = policy
+    model = lm.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    merges = []
+    real_merge = model.merge_adapter
+    model.merge_adapter = lambda *a, **k: (merges.append(1), real_merge(*a, **k))[1]
+    try:
+        merged = sample(model, q, qm, 10, 1.0, 1.0, lm.eos_token_id, lm.pad_token_id, greedy=True,
+                        merge_lora=True)
+    finally:
+        del model.merge_adapter
+    assert merges == [1]
+    plain = sample(model, q, qm, 10, 1.0, 1.0, lm.eos_token_id, lm.pad_token_id, greedy=True)
+    assert torch.equal(merged, plain)
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    assert not any(getattr(m, "merged", False) for m in model.modules())

@@ -45,11 +45,14 @@ class PPOConfig:
     heads: no second trunk forward; equal to "forward" to float rounding in fp32, noisier in bf16/fp16 (the
     first PPO ratio is then not exactly 1). "auto": "generation" for an fp32 base, else "forward"."""
     merge_for_generation: str = "auto"
-    """Sample with the LoRA delta merged into a temporary copy of the base weights (the originals are put back
-    after sampling, so nothing drifts): fewer ops per generated token. "auto" = only for an unquantized fp32
-    base (where the merged weights equal base + delta to rounding); "on" = also bf16/fp16 (the delta is then
-    rounded to the base dtype while sampling); "off" = never. Never for 4/8-bit bases, and CPU only (on CUDA
-    the sampler in components.fastgen handles LoRA itself)."""
+    """Sample with the LoRA delta merged into the base weights (restored exactly after sampling, so nothing
+    drifts): one matmul per linear layer instead of peft's five extra ops. The old log-probs always come from
+    the unmerged policy, so the PPO ratio is exact either way; what merging changes is the sampling distribution,
+    by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
+    any unquantized base on CUDA (bf16: ~1.8x faster decoding on an H100; the drift, measured by
+    bench/bench_merge_drift.py on SmolLM2-135M, is a per-token KL of ~2e-3, 1.6x that of running the policy in
+    bf16 instead of fp32); "on" = also bf16/fp16 on the CPU; "off" = never (samples exactly the unmerged
+    policy). Never for 4/8-bit bases."""
 
     # ---- optimiser -----------------------------------------------------------------------------------------
     lr: float = 1e-4
@@ -79,6 +82,15 @@ class PPOConfig:
     fused_lora: bool = True
     """Training passes add the LoRA product inside the base layer's matrix multiply (components/fused_lora.py)
     instead of peft's separate scale and add; same weights and math. False: peft's own forward."""
+    compile: str = "off"
+    """torch.compile the decoder for the training passes: "on", "off", or "auto" (on for an unquantized base
+    on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an eager LoRA step
+    far from the GPU's peak. The first training pass pays the compilation (tens of seconds); shapes are
+    compiled dynamic, so micro-batches of other lengths reuse it. While compiled, training passes run every
+    row in full (the shared-prompt-prefix shortcut's key/value cache does not compile); the rollout, policy and
+    reference passes stay eager. Not with gradient_checkpointing."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend of `compile` ("aot_eager" traces without generating kernels: used by tests)."""
 
     # ---- reward shaping and KL penalty -------------------------------------------------------------------
     kl_coef: float = 0.05
@@ -172,6 +184,9 @@ class PPOConfig:
         need(self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0")
         need(self.value_head_init in ("reward", "zeros"), "value_head_init must be 'reward' or 'zeros'")
         need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
+        need(self.compile in ("auto", "on", "off"), "compile must be auto, on or off")
+        need(not (self.compile == "on" and self.gradient_checkpointing),
+             "compile and gradient_checkpointing cannot be combined; turn one off")
         need(self.old_logprobs in ("auto", "forward", "generation"),
              "old_logprobs must be auto, forward or generation")
         need(bool(self.adapter_name) and self.adapter_name.replace("_", "").replace("-", "").isalnum(),

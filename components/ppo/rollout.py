@@ -182,7 +182,8 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
-                     entropy_grad: bool = False, share_prefix: bool = True) -> ForwardOut:
+                     entropy_grad: bool = False, share_prefix: bool = True,
+                     decoder: torch.nn.Module | None = None) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
@@ -191,9 +192,11 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     Gradients flow when called outside no_grad (through the entropy only if entropy_grad).
     share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
     which cannot keep a cache.
+    decoder: run this module instead of the model's own decoder (the trainer's torch.compile'd one, which
+    wraps the same weights).
     """
     lm = causal_lm_of(model)
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    decoder, head = decoder if decoder is not None else lm.get_decoder(), lm.get_output_embeddings()
     P, R = query_ids.shape[1], response_ids.shape[1]
     checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
     n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
@@ -280,10 +283,20 @@ def generation_config(max_new_tokens: int, temperature: float, top_p: float, eos
                             max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
 
 
+def fast_sampling_enabled() -> bool:
+    """The fast sampler (components/fastgen.py) is the default on every device; RLHF_STUDIO_FASTGEN=0 falls back
+    to `model.generate`."""
+    return os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0"
+
+
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-           top_p: float, eos_id: int, pad_id: int, greedy: bool = False, capture_hidden: bool = False):
+           top_p: float, eos_id: int, pad_id: int, greedy: bool = False, capture_hidden: bool = False,
+           merge_lora: bool = False):
     """Batched sampling with the active adapter -> response ids [B, R] (pad after EOS). Uses the global RNG.
+
+    merge_lora=True: the fast sampler merges the active LoRA adapter into the base weights in place for the
+    call and restores them exactly after (fastgen.rollout_weights); ignored by the `generate` fallback.
 
     capture_hidden=True returns (response ids, hidden [B, R, H] or None): the final-norm outputs that predicted
     each response token, recorded during generation (KV-cached, same weights as the sampling), so log-probs
@@ -291,11 +304,10 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     """
     if eos_id == pad_id:
         raise ValueError("the pad token must differ from EOS (see components.models._fix_padding)")
-    # The fast sampler (components/fastgen.py: static KV cache; CUDA-graph decode on GPU) is the default on every
-    # device; RLHF_STUDIO_FASTGEN=0 falls back to `model.generate`. Hidden states are recorded by a hook on the
-    # final norm, which sees one call per sampled token in eager decoding (either sampler on the CPU, or
-    # `generate`), but not inside a CUDA graph: there the trainer runs its one policy forward instead.
-    use_fast = os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0"
+    # Hidden states are recorded by a hook on the final norm, which sees one call per sampled token in eager
+    # decoding (either sampler on the CPU, or `generate`), but not inside a CUDA graph: there the trainer runs
+    # its one policy forward instead.
+    use_fast = fast_sampling_enabled()
     record = capture_hidden and not (use_fast and query_ids.is_cuda)
     store: list[torch.Tensor] = []
     handle = None
@@ -312,7 +324,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
         if use_fast:
             out = fast_generate(model, query_ids, query_mask, max_new_tokens,
                                 temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
-                                pad_token_id=pad_id, merge_lora=False).sequences
+                                pad_token_id=pad_id, merge_lora=merge_lora).sequences
         else:
             out = model.generate(input_ids=query_ids, attention_mask=query_mask,
                                  generation_config=generation_config(max_new_tokens, temperature, top_p, eos_id,

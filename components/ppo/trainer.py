@@ -41,7 +41,7 @@ from . import core
 from .config import PPOConfig
 from .rewards import value_head_from_pooled_head
 from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
-    mask_after_eos, sample
+    fast_sampling_enabled, mask_after_eos, sample
 
 STATE_FORMAT = "rlhf-studio-ppo-state/1"
 
@@ -155,6 +155,10 @@ class PPOTrainer:
         with lm.lock:
             # ---- policy = LoRA adapter on the shared base --------------------------------------------------
             self.model = attach_policy_adapter(lm, cfg)
+            # a fresh peft wrap and a re-attached adapter draw their init differently: re-draw it here, so a
+            # seed gives the same run whether or not this model has trained an adapter before in this process
+            torch.manual_seed(cfg.seed)
+            _reset_lora(self.model, cfg.adapter_name)
             self.model.eval()
             self.adapter_name = cfg.adapter_name
             if cfg.gradient_checkpointing:
@@ -164,11 +168,18 @@ class PPOTrainer:
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or bool(
                 getattr(causal_lm_of(self.model), "is_quantized", False))
-            # CUDA sampling goes through components.fastgen (CUDA graphs hold weight addresses; it merges
-            # LoRA itself), so the weight swap below is for CPU sampling only
-            self.merge_for_generation = not quantized and self.device.type == "cpu" and (
-                cfg.merge_for_generation == "on" or
-                (cfg.merge_for_generation == "auto" and base_dtype == torch.float32))
+            self.merge_for_generation = not quantized and (
+                cfg.merge_for_generation == "on" or (cfg.merge_for_generation == "auto" and (
+                    base_dtype == torch.float32 or self.device.type == "cuda")))
+            # where the merge happens: on CUDA the fast sampler merges in place (its CUDA graphs hold the weights'
+            # addresses, so a merged copy would mean a new capture every step); elsewhere a temporary merged copy
+            self._merge_in_sampler = self.merge_for_generation and self.device.type == "cuda" and \
+                fast_sampling_enabled()
+            # ---- training passes through a compiled decoder (same weights; compiled lazily, dynamic shapes) --
+            self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
+                                                    not quantized and not cfg.gradient_checkpointing)
+            self._train_decoder = torch.compile(causal_lm_of(self.model).get_decoder(),
+                                                backend=cfg.compile_backend, dynamic=True) if self.compiled else None
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
@@ -227,7 +238,7 @@ class PPOTrainer:
 
     def _policy_for_generation(self):
         """Context in which `self.model.generate` samples from the policy (merged weights when enabled)."""
-        if self.merge_for_generation:
+        if self.merge_for_generation and not self._merge_in_sampler:
             return merged_adapter(self.model, self.adapter_name)
         return nullcontext()
 
@@ -302,10 +313,11 @@ class PPOTrainer:
                     if self.logprobs_from_generation:   # (ids, hidden) pair
                         resp, gen_hidden = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature,
                                                   cfg.top_p, self.lm.eos_token_id, self.lm.pad_token_id,
-                                                  capture_hidden=True)
+                                                  capture_hidden=True, merge_lora=self._merge_in_sampler)
                     else:                               # bare ids
                         resp = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                      self.lm.eos_token_id, self.lm.pad_token_id)
+                                      self.lm.eos_token_id, self.lm.pad_token_id,
+                                      merge_lora=self._merge_in_sampler)
                 rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
                 resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
                 ro = Rollout(q, qm, resp, rmask, has_eos, prompts)
@@ -439,7 +451,8 @@ class PPOTrainer:
         m = mask[idx, :R]
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
                               want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
-                              share_prefix=cfg.share_prompt_prefix)
+                              share_prefix=cfg.share_prompt_prefix and self._train_decoder is None,
+                              decoder=self._train_decoder)
         pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
         vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
         loss = pl + cfg.vf_coef * vl
@@ -519,7 +532,8 @@ class PPOTrainer:
                     q, qm = left_pad(seqs, self.lm.pad_token_id, self.device)
                     with ctx:
                         resp = sample(self.model, q, qm, mnt, temp, tp, self.lm.eos_token_id,
-                                      self.lm.pad_token_id, greedy=greedy)
+                                      self.lm.pad_token_id, greedy=greedy,
+                                      merge_lora=self._merge_in_sampler and not use_base)
                     rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
                     resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
                     ro = Rollout(q, qm, resp, rmask, has_eos, chunk)
