@@ -83,12 +83,13 @@ class PPOConfig:
     """Training passes add the LoRA product inside the base layer's matrix multiply (components/fused_lora.py)
     instead of peft's separate scale and add; same weights and math. False: peft's own forward."""
     compile: str = "off"
-    """torch.compile the decoder for the training passes: "on", "off", or "auto" (on for an unquantized base
-    on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an eager LoRA step
-    far from the GPU's peak. The first training pass pays the compilation (tens of seconds); shapes are
-    compiled dynamic, so micro-batches of other lengths reuse it. While compiled, training passes run every
-    row in full (the shared-prompt-prefix shortcut's key/value cache does not compile); the rollout, policy and
-    reference passes stay eager. Not with gradient_checkpointing."""
+    """torch.compile each decoder layer for the training passes: "on", "off", or "auto" (on for an
+    unquantized base on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an
+    eager LoRA step far from the GPU's peak (the GPU bench's compiled step: 2.3x the eager one at 1.7B). The first
+    training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
+    Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
+    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. Not yet timed inside the
+    trainer on a GPU (see docs/GPU.md)."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` ("aot_eager" traces without generating kernels: used by tests)."""
 

@@ -109,6 +109,11 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     R = config.max_new_tokens
     kv_cache = 2 * L * nkv * hd * B * T * act
     gen = kv_cache + B * V * 4 * 3 + B * T * H * act * 4
+    # sampling with the LoRA merged (PPOTrainer.merge_for_generation) keeps a copy of the adapted base weights
+    merging = quantization in (None, "", "none") and (config.merge_for_generation == "on" or (
+        config.merge_for_generation == "auto" and (act == 4 or device == "cuda")))
+    if merging:
+        gen += L * sum(shapes[t][0] * shapes[t][1] for t in targets) * act
 
     # ---- scoring passes (no grad): response logits (+fp32 copy, softmax for entropy) + base hidden ------------
     score = B * R * V * (act + 4 + 4) + B * T * H * act * 6 + B * T * s["I"] * act * 2
@@ -116,6 +121,10 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     # ---- one training micro-batch: saved activations + logits and their gradients ----------------------------
     m = config.mini_batch_size // config.grad_accum
     per_tok_layer = (6 * H + 4 * s["I"] + 2 * s["nh"] * hd + 2 * nkv * hd + 2 * len(targets) * config.lora_r) * act
+    if act < 4:
+        # peft keeps the adapters in fp32 on a half-precision (or quantized) base and casts each LoRA layer's
+        # input to fp32, which autograd saves: 4 bytes per input feature of every target, per token and layer
+        per_tok_layer += 4 * sum(shapes[t][0] for t in targets)
     if config.gradient_checkpointing:
         acts = m * T * (L * H * act + per_tok_layer)
     else:

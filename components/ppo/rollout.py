@@ -182,8 +182,7 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
-                     entropy_grad: bool = False, share_prefix: bool = True,
-                     decoder: torch.nn.Module | None = None) -> ForwardOut:
+                     entropy_grad: bool = False, share_prefix: bool = True) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
@@ -192,11 +191,9 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     Gradients flow when called outside no_grad (through the entropy only if entropy_grad).
     share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
     which cannot keep a cache.
-    decoder: run this module instead of the model's own decoder (the trainer's torch.compile'd one, which
-    wraps the same weights).
     """
     lm = causal_lm_of(model)
-    decoder, head = decoder if decoder is not None else lm.get_decoder(), lm.get_output_embeddings()
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     P, R = query_ids.shape[1], response_ids.shape[1]
     checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
     n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
