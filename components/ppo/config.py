@@ -46,7 +46,7 @@ class PPOConfig:
     first PPO ratio is then not exactly 1). "auto": "generation" for an fp32 base, else "forward"."""
     merge_for_generation: str = "auto"
     """Sample with the LoRA delta merged into the base weights (restored exactly after sampling, so nothing
-    drifts): one matmul per linear layer instead of peft's five extra ops. The old log-probs always come from
+    drifts): one matmul per linear layer instead of the base matmul plus peft's LoRA ops. The old log-probs always come from
     the unmerged policy, so the PPO ratio is exact either way; what merging changes is the sampling distribution,
     by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
     any unquantized base on CUDA (bf16: ~1.8x faster decoding on an H100; the drift, measured by
@@ -91,7 +91,8 @@ class PPOConfig:
     rollout, policy and reference passes stay eager. Not with gradient_checkpointing. Not yet timed inside the
     trainer on a GPU (see docs/GPU.md)."""
     compile_backend: str = "inductor"
-    """The torch.compile backend of `compile` ("aot_eager" traces without generating kernels: used by tests)."""
+    """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
+    kernels; the tests register a recording backend)."""
 
     # ---- reward shaping and KL penalty -------------------------------------------------------------------
     kl_coef: float = 0.05
