@@ -455,9 +455,10 @@ def _response_mask(resp: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor,
 class FastGenerator:
     """Fast generation for one model; keeps KV buffers and CUDA graphs across calls (LRU of `max_graphs`).
 
-    A bucket is (batch, L = T + max_new_tokens rounded up to `length_bucket`, sampling mode, number of EOS ids,
+    A bucket is (L = T + max_new_tokens rounded up to `length_bucket`, batch, sampling mode, number of EOS ids,
     merged or not, adapter state, parameter addresses): a call whose prompts are shorter or longer reuses the
-    graph of its bucket. `reset()` drops everything (frees the GPU memory).
+    graph of its bucket, or of a cached bucket up to twice as long (`_reusable_length`). `reset()` drops
+    everything (frees the GPU memory).
     """
 
     def __init__(self, model, *, max_graphs: int = 2, length_bucket: int = LENGTH_BUCKET, sync_every: int = 8):
@@ -471,6 +472,16 @@ class FastGenerator:
         if self._states and torch.cuda.is_available():
             torch.cuda.synchronize()
         self._states.clear()
+
+    def _reusable_length(self, shape: tuple, L: int) -> int:
+        """The smallest cached bucket of this shape that holds L tokens, if it is at most twice L, else L.
+
+        Prompt lengths vary from batch to batch (PPO over real prompts): a longer cached bucket serves a
+        shorter call as it is (the prompt fills slots 0..T-1, the rest stays masked), so the calls share one
+        captured graph instead of evicting each other's from the LRU and capturing again (~1 s each on a GPU).
+        The cap bounds the waste: decode attention reads every slot of the bucket."""
+        fits = [k[0] for k in self._states if k[1:] == shape and L <= k[0] <= 2 * L]
+        return min(fits) if fits else L
 
     def _state(self, key, lm, B, L, mode, n_eos, device, mask_dtype) -> _State:
         st = self._states.get(key)
@@ -531,9 +542,10 @@ class FastGenerator:
                 mask_dtype = torch.bool if impl == "sdpa" else lm.get_input_embeddings().weight.dtype
                 if mask_dtype not in _FLOAT_DTYPES and mask_dtype != torch.bool:
                     mask_dtype = torch.float32
-                key = (B, L, mode, len(eos_list), str(device), graph, merged, _adapter_state(model, layers),
-                       str(mask_dtype), fp)
-                st = self._state(key, lm, B, L, mode, len(eos_list), device, mask_dtype)
+                shape = (B, mode, len(eos_list), str(device), graph, merged, _adapter_state(model, layers),
+                         str(mask_dtype), fp)
+                L = self._reusable_length(shape, L)
+                st = self._state((L,) + shape, lm, B, L, mode, len(eos_list), device, mask_dtype)
                 out_len, path = self._run(st, input_ids.to(device), mask2d, N, T, float(temperature), float(top_p),
                                           eos_list, int(pad_token_id), generator, graph)
                 resp = st.out_tok[:, :out_len].clone()

@@ -291,6 +291,26 @@ def test_fast_generator_reset_and_validation(lm32, batch):
         g.generate(x[:1], torch.zeros_like(m[:1]), 3, **kw)
 
 
+def test_a_longer_cached_bucket_serves_shorter_prompts(lm32, batch):
+    """Varying prompt lengths share one cached bucket (and so one captured graph) when it is at most twice the
+    length needed, with the same greedy tokens as `generate`; a far longer one is not used."""
+    x, m = batch
+    g = FastGenerator(lm32.model, max_graphs=2)
+    kw = dict(temperature=0, eos_token_id=lm32.eos_token_id, pad_token_id=lm32.pad_token_id)
+    long_ids = lm32.prompt_ids(" ".join(PROMPTS * 2))
+    assert 64 < len(long_ids) + 3 <= 128 and x.shape[1] + 3 <= 64
+    lx = torch.tensor([long_ids] * 4)
+    assert g.generate(lx, torch.ones_like(lx), 3, **kw).info["bucket"] == (4, 128)
+    short = g.generate(x, m, 3, **kw)
+    assert short.info["bucket"] == (4, 128) and len(g._states) == 1
+    assert torch.equal(short.sequences, hf_greedy(lm32.model, lm32, x, m, n=3))
+    g.reset()
+    very_long = lm32.prompt_ids(" ".join(PROMPTS * 8))
+    vx = torch.tensor([very_long] * 4)
+    assert g.generate(vx, torch.ones_like(vx), 3, **kw).info["bucket"][1] > 128
+    assert g.generate(x, m, 3, **kw).info["bucket"] == (4, 64) and len(g._states) == 2
+
+
 @pytest.fixture
 def simulated_cuda_graphs(monkeypatch):
     """Run the CUDA-graph code path on the CPU: capture records the step without running it (as a real capture
