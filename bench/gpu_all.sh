@@ -4,7 +4,8 @@
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
-# 64, eager and with compile="on" (no argument: 1 2 4); 3 quantized PPO (issue 4's check, ~2.5 more minutes).
+# 64, eager and with compile="on" (no argument: 1 2 4); on request: 3 quantized PPO (issue 4's check, ~2.5
+# minutes), 5 a torch.profiler table of one PPO step at 1.7B (~1 minute).
 set -u
 SECTIONS=" ${*:-1 2 4} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
@@ -57,5 +58,10 @@ timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --min
     --json "$OUT/ours_1.7b_b64_t128_compile_$c.json" > "$OUT/ours_1.7b_b64_t128_compile_$c.log" 2>&1
 grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_b64_t128_compile_$c.log" | tail -3 | cut -c1-600; stamp "compile=$c done"
 done
+fi
+if want 5; then
+stamp "5. profile of one PPO step of the trainer, 1.7B shape, batch 64, mini-batch 32 (where the training time goes)"
+timeout 150 python3 bench/gpu_profile_ppo.py --shape 1.7b > "$OUT/ppo_profile.log" 2>&1
+grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile.log" | tail -40 | cut -c1-200
 fi
 stamp "done"
