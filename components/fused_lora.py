@@ -12,6 +12,12 @@ into the base result by one in-place `addmm_(x A^T, B^T, alpha=scaling)`; the we
 Only the plain case is fused: one active adapter, no dropout, no DoRA or other variant, an unquantised
 nn.Linear base of the input's dtype, no autocast. Every other call goes to peft's own forward, so
 enabling, disabling or switching adapters inside the block behaves exactly as without it.
+
+Mixed precision (a bf16/fp16 base with peft's fp32 adapters, the GPU case): peft casts each LoRA layer's input
+to fp32 and autograd keeps that copy, 4 bytes per input feature per token in every adapted layer (~11 GiB by
+components/ppo/memory.py's count for a PPO micro-batch of 32 x 192 tokens at the 1.7B shape, whose measured peak
+was 31 GiB). `_MixedLoRA` computes the same fp32 LoRA term in one autograd node that
+keeps the half-precision input (2 bytes) and the [N, r] product instead, and casts in the backward pass.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ def _lora_linear_type():
 
 
 def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
-    """The active adapter's name when this call can take the fused path, else None."""
+    """The active adapter's name when this call can take a fused path, else None."""
     if args or kwargs or layer.disable_adapters or layer.merged or torch.is_autocast_enabled():
         return None
     active = layer.active_adapters
@@ -42,9 +48,40 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.dtype != x.dtype:
         return None
-    if layer.lora_A[name].weight.dtype != x.dtype or layer.lora_B[name].weight.dtype != x.dtype:
+    a_dtype, b_dtype = layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype
+    if a_dtype != b_dtype or not (a_dtype == x.dtype or (a_dtype == torch.float32 and x.dtype in _HALF)):
         return None
     return name
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _MixedLoRA(torch.autograd.Function):
+    """y = (base_out + s * (x A^T) B^T) in fp32, rounded once to x's dtype: peft's mixed-precision result.
+
+    x [N, in] half, a [r, in] fp32, b [out, r] fp32, base_out [N, out] half (the base layer's output, whose own
+    autograd node carries the base gradient). Saves x (half) and t = x A^T ([N, r] fp32) instead of an fp32 x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, base_out, scaling: float):
+        t = x.float() @ a.t()
+        y = torch.addmm(base_out.float(), t, b.t(), alpha=scaling).to(x.dtype)
+        ctx.save_for_backward(x, a, b, t)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, a, b, t = ctx.saved_tensors
+        s = ctx.scaling
+        g = gy.float()
+        gt = (g @ b).mul_(s)                                           # d loss / d t   [N, r]
+        grad_x = (gt @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = gt.t() @ x.float() if ctx.needs_input_grad[1] else None
+        grad_b = (g.t() @ t).mul_(s) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -54,8 +91,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     x2 = x.reshape(-1, x.shape[-1])
     out = nn.functional.linear(x2, base.weight, base.bias)            # [N, out]: a fresh tensor
-    # autograd saves the inputs of linear/addmm, not their outputs, so accumulating in place is safe
-    out.addmm_(x2 @ self.lora_A[name].weight.t(), self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    if a.dtype != x.dtype:                                             # fp32 adapter on a half-precision base
+        out = _MixedLoRA.apply(x2, a, b, out, float(self.scaling[name]))
+    else:
+        # autograd saves the inputs of linear/addmm, not their outputs, so accumulating in place is safe
+        out.addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -123,7 +123,9 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     per_tok_layer = (6 * H + 4 * s["I"] + 2 * s["nh"] * hd + 2 * nkv * hd + 2 * len(targets) * config.lora_r) * act
     if act < 4:
         # peft keeps the adapters in fp32 on a half-precision (or quantized) base and casts each LoRA layer's
-        # input to fp32, which autograd saves: 4 bytes per input feature of every target, per token and layer
+        # input to fp32, which autograd saves: 4 bytes per input feature of every target, per token and layer.
+        # (The fused path, components/fused_lora.py, keeps the half-precision input instead; the GPU peaks this
+        # was checked against were measured before it, so the estimate keeps peft's figure and errs high.)
         per_tok_layer += 4 * sum(shapes[t][0] for t in targets)
     if config.gradient_checkpointing:
         acts = m * T * (L * H * act + per_tok_layer)
