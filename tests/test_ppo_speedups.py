@@ -38,13 +38,12 @@ def test_shared_prefix_length_on_hand_made_rows():
     assert shared_prefix_length(right, (right != pad).long()) == 0   # right padding: not assumed
 
 
-@pytest.fixture(scope="module")
-def policy():
-    """fp32 embedded model with a policy LoRA whose B is non-zero, and one sampled batch."""
+def _policy_batch(dtype: str):
+    """The embedded model in `dtype` with a policy LoRA whose B is non-zero, and one sampled batch."""
     from components.models import load_model
     from components.ppo import PPOConfig
     from components.ppo.trainer import attach_policy_adapter
-    lm = load_model("embedded", dtype="fp32")
+    lm = load_model("embedded", dtype=dtype)
     attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():
@@ -60,6 +59,12 @@ def policy():
     torch.manual_seed(1)
     value_head = torch.nn.Linear(lm.model.config.hidden_size, 1)
     return lm, q, qm, resp, rm, value_head
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """fp32 embedded model with a policy LoRA whose B is non-zero, and one sampled batch."""
+    return _policy_batch("fp32")
 
 
 def _pass(lm, batch, share: bool, fused: bool):
@@ -156,26 +161,9 @@ def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base
 @pytest.fixture(scope="module")
 def policy_bf16():
     """bf16 embedded model with a policy LoRA (peft keeps the adapter in fp32: the GPU case) and one batch."""
-    from components.models import load_model
-    from components.ppo import PPOConfig
-    from components.ppo.trainer import attach_policy_adapter
-    lm = load_model("embedded", dtype="bf16")
-    attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
-    g = torch.Generator().manual_seed(0)
-    for name, p in lm.model.named_parameters():
-        if "lora_" in name:
-            assert p.dtype == torch.float32
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            p.requires_grad_(True)
-    q, qm = left_pad(encode_prompts(lm, PROMPTS, 256), lm.pad_token_id)
-    torch.manual_seed(0)
-    resp = sample(lm.model, q, qm, 12, 0.7, 1.0, lm.eos_token_id, lm.pad_token_id)
-    rm, _ = mask_after_eos(resp, lm.eos_token_id)
-    resp = torch.where(rm.bool(), resp, torch.full_like(resp, lm.pad_token_id))
-    torch.manual_seed(1)
-    value_head = torch.nn.Linear(lm.model.config.hidden_size, 1)
-    return lm, q, qm, resp, rm, value_head
+    batch = _policy_batch("bf16")
+    assert all(p.dtype == torch.float32 for n, p in batch[0].model.named_parameters() if "lora_" in n)
+    return batch
 
 
 def test_mixed_precision_fused_lora_equals_peft_and_saves_less(policy_bf16):

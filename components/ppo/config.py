@@ -46,8 +46,9 @@ class PPOConfig:
     first PPO ratio is then not exactly 1). "auto": "generation" for an fp32 base, else "forward"."""
     merge_for_generation: str = "auto"
     """Sample with the LoRA delta merged into the base weights (restored exactly after sampling, so nothing
-    drifts): one matmul per linear layer instead of the base matmul plus peft's LoRA ops. The old log-probs always come from
-    the unmerged policy, so the PPO ratio is exact either way; what merging changes is the sampling distribution,
+    drifts): one matmul per linear layer instead of the base matmul plus peft's LoRA ops. The old log-probs
+    always come from the unmerged policy, so the PPO ratio is exact either way; what merging changes is the
+    sampling distribution,
     by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
     any unquantized base on CUDA (bf16: ~1.8x faster decoding on an H100; the drift, measured by
     bench/bench_merge_drift.py on SmolLM2-135M, is a per-token KL of ~2e-3, 1.6x that of running the policy in
@@ -193,6 +194,13 @@ class PPOConfig:
              "old_logprobs must be auto, forward or generation")
         need(bool(self.adapter_name) and self.adapter_name.replace("_", "").replace("-", "").isalnum(),
              "adapter_name must be letters, digits, '-' or '_'")
+
+    def merges_for_sampling(self, quantized: bool, base_fp32: bool, device_type: str) -> bool:
+        """Whether rollouts sample with the LoRA merged (`merge_for_generation`, for this base and device)."""
+        if quantized:
+            return False
+        return self.merge_for_generation == "on" or (
+            self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

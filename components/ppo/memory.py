@@ -110,9 +110,7 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     kv_cache = 2 * L * nkv * hd * B * T * act
     gen = kv_cache + B * V * 4 * 3 + B * T * H * act * 4
     # sampling with the LoRA merged (PPOTrainer.merge_for_generation) keeps a copy of the adapted base weights
-    merging = quantization in (None, "", "none") and (config.merge_for_generation == "on" or (
-        config.merge_for_generation == "auto" and (act == 4 or device == "cuda")))
-    if merging:
+    if config.merges_for_sampling(quantization not in (None, "", "none"), act == 4, device):
         gen += L * sum(shapes[t][0] * shapes[t][1] for t in targets) * act
 
     # ---- scoring passes (no grad): response logits (+fp32 copy, softmax for entropy) + base hidden ------------

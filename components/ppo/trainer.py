@@ -199,18 +199,17 @@ class PPOTrainer:
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or bool(
                 getattr(causal_lm_of(self.model), "is_quantized", False))
-            self.merge_for_generation = not quantized and (
-                cfg.merge_for_generation == "on" or (cfg.merge_for_generation == "auto" and (
-                    base_dtype == torch.float32 or self.device.type == "cuda")))
+            self.merge_for_generation = cfg.merges_for_sampling(quantized, base_dtype == torch.float32,
+                                                                self.device.type)
             # where the merge happens: on CUDA the fast sampler merges in place (its CUDA graphs hold the weights'
             # addresses, so a merged copy would mean a new capture every step); elsewhere a temporary merged copy
             self._merge_in_sampler = self.merge_for_generation and self.device.type == "cuda" and \
                 fast_sampling_enabled()
             # ---- training passes through compiled decoder layers (same weights; compiled lazily) -------------
-            self.compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
-                                                    not quantized and not cfg.gradient_checkpointing)
+            compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
+                                               not quantized and not cfg.gradient_checkpointing)
             self._compiled_layers = compile_layers(causal_lm_of(self.model).get_decoder(),
-                                                   cfg.compile_backend) if self.compiled else None
+                                                   cfg.compile_backend) if compiled else None
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
@@ -259,6 +258,11 @@ class PPOTrainer:
             vh.weight.copy_(w.view_as(vh.weight).to(vh.weight.device))
             vh.bias.fill_(float(b))
             return "reward"
+
+    @property
+    def compiled(self) -> bool:
+        """Training passes run through torch.compile'd decoder layers (`PPOConfig.compile`)."""
+        return self._compiled_layers is not None
 
     def _activate_policy(self) -> None:
         """Make the policy adapter active and trainable again (a reward function may have switched adapters)."""
