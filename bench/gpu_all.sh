@@ -4,11 +4,11 @@
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
-# 64, eager and with compile="on" (no argument: 1 2 4); on request: 3 quantized PPO (issue 4's check, ~2.5
-# minutes), 5 a torch.profiler table of one PPO step at 1.7B (~1 minute).
+# 64: eager with fp32 and with half-precision LoRA matmuls, then compiled (no argument: 1 2 4); on request:
+# 3 quantized PPO (issue 4's check, ~2.5 minutes), 5 a torch.profiler table of one PPO step at 1.7B (~1 minute).
+# Sections run in the order given.
 set -u
-SECTIONS=" ${*:-1 2 4} "
-want() { [[ "$SECTIONS" == *" $1 "* ]]; }
+SECTIONS="${*:-1 2 4}"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 # The wheels go to a folder named site-packages: dill (datasets' hasher) pickles modules that live elsewhere
@@ -24,44 +24,47 @@ stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
-if want 1; then
+section_1() {
 stamp "1. rollout generation and LoRA training step vs baselines (issue 7)"
 timeout 200 python3 bench/gpu_fast.py --compile > "$OUT/gpu_fast.log" 2>&1
 grep -vE "[Ww]arn" "$OUT/gpu_fast.log" | tail -40
-fi
+}
 
-if want 2; then
+section_2() {
 stamp "2. end-to-end PPO vs TRL 1.12.0, 135M shape, 64 prompts x 128 tokens, 4 epochs (issue 7)"
 (cd .gpu/peers && timeout 100 python3 trl_ppo_gpu.py --random-init cfg135m --tokenizer tok --cuda --batch 64 \
     --new-tokens 128 --steps 3 --warmup 1 --epochs 4 --json "$OUT/trl_135m_b64_t128.json" > "$OUT/trl.log" 2>&1)
 grep -E "RESULT|Error" "$OUT/trl.log" | cut -c1-900
 # lr: 3e-4 (the quick runs' rate) moves random weights so far in 4 epochs that the ratios overflow; 1e-5 is near
 # TRL's 3e-6 default, and the step time does not depend on it
-# ours with its defaults (on CUDA: rollouts with the LoRA merged, eager training)
+# ours with its defaults (on CUDA: rollouts with the LoRA merged, LoRA matmuls in bf16, eager training)
 timeout 100 python3 bench/gpu_ppo.py --shapes 135m --quant none --batch 64 --mini-batch 64 --epochs 4 \
     --new-tokens 128 --steps 5 --max-seconds 60 --lr 1e-5 \
     --json "$OUT/ours_135m_b64_t128.json" > "$OUT/ours_135m_b64_t128.log" 2>&1
 grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_135m_b64_t128.log" | tail -3 | cut -c1-600
-fi
+}
 
-if want 3; then
+section_3() {
 stamp "3. short PPO on CUDA: bf16 / 8-bit / 4-bit x 135M / 0.5B / 1.7B (issue 4)"
 timeout 150 python3 bench/gpu_ppo.py --steps 6 --max-seconds 14 --json "$OUT/gpu_ppo.json" > "$OUT/gpu_ppo.log" 2>&1
 grep -E "^\||Error|error" "$OUT/gpu_ppo.log" | tail -16
-fi
+}
 
-if want 4; then
+section_4() {
 stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, mini-batch 32, 2 epochs"
-for c in off on; do
+# the LoRA matmuls in fp32 (peft's math) as the baseline of the default half-precision ones, then compiled
+for v in "off fp32" "off auto" "on auto"; do set -- $v
 timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch 32 --epochs 2 \
-    --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $c \
-    --json "$OUT/ours_1.7b_b64_t128_compile_$c.json" > "$OUT/ours_1.7b_b64_t128_compile_$c.log" 2>&1
-grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_b64_t128_compile_$c.log" | tail -3 | cut -c1-600; stamp "compile=$c done"
+    --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
+    --json "$OUT/ours_1.7b_compile_$1_lora_$2.json" > "$OUT/ours_1.7b_compile_$1_lora_$2.log" 2>&1
+grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_compile_$1_lora_$2.log" | tail -3 | cut -c1-600
+stamp "compile=$1 lora_precision=$2 done"
 done
-fi
-if want 5; then
+}
+section_5() {
 stamp "5. profile of one PPO step of the trainer, 1.7B shape, batch 64, mini-batch 32 (where the training time goes)"
 timeout 150 python3 bench/gpu_profile_ppo.py --shape 1.7b > "$OUT/ppo_profile.log" 2>&1
 grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile.log" | tail -40 | cut -c1-200
-fi
+}
+for s in $SECTIONS; do "section_$s"; done   # in the order given
 stamp "done"

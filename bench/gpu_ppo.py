@@ -169,7 +169,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
                     grad_accum=args.grad_accum, ppo_epochs=args.epochs, max_new_tokens=args.new_tokens,
                     max_prompt_tokens=64, temperature=1.0, lr=args.lr, kl_coef=0.01, missing_eos_penalty=0.0,
                     lora_r=16, lora_alpha=32, seed=0, value_head_init="zeros", compile=args.compile,
-                    merge_for_generation=args.merge)
+                    merge_for_generation=args.merge, lora_precision=args.lora_precision)
     est = estimate_memory(lm.model.config, cfg, quantization=None if quant == "none" else quant,
                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type)
     res["estimate_gib"] = est["gib"]
@@ -178,6 +178,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
     res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
+    res["half_lora"] = cfg.half_lora(device.type)
     hist = []
     t_start = time.perf_counter()
     for _ in range(cfg.steps):
@@ -245,6 +246,8 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=40.0, help="per configuration; 0 = no limit")
     ap.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--compile", choices=["off", "on", "auto"], default="off", help="PPOConfig.compile")
+    ap.add_argument("--lora-precision", choices=["auto", "fp32", "half"], default="auto",
+                    help="PPOConfig.lora_precision")
     ap.add_argument("--merge", choices=["off", "on", "auto"], default="auto", help="PPOConfig.merge_for_generation")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -297,8 +300,8 @@ def main():
           f"LoRA r=16; total {total:.0f}s\n")
     print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | gen tok/s | train tok/s |"
           " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises | merged rollout | compiled |"
-          " 1st step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " half LoRA | 1st step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
@@ -309,7 +312,7 @@ def main():
               f"{ph['t_train']} | {r['generate_tok_s']} | {r['train_tok_s']} | {r.get('train_mfu_pct', '-')} | "
               f"{r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} | {r['merged_rollout']} | {r['compiled']} | "
-              f"{r['first_step_s']} |")
+              f"{r['half_lora']} | {r['first_step_s']} |")
     dest = write_json(args, info, results, total)
     if dest:
         print(f"wrote {dest}")

@@ -67,16 +67,24 @@ def policy():
     return _policy_batch("fp32")
 
 
-def _pass(lm, batch, share: bool, fused: bool):
+def _lora_mode(model, mode: str):
+    """The LoRA forward to run under: "peft" (its own), "autocast" (peft under bf16 autocast), "fused", "half"
+    (fused with the LoRA matmuls in the base's half dtype)."""
+    if mode == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return fused_lora(model, half=mode == "half") if mode in ("fused", "half") else contextlib.nullcontext()
+
+
+def _pass(lm, batch, share: bool, fused: bool, mode: str | None = None):
     """forward_response + backward of a loss touching log-probs and values; returns outputs and LoRA grads."""
     _, q, qm, resp, rm, vh = batch
     params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
     for p in params:
         p.grad = None
-    with fused_lora(lm.model) if fused else contextlib.nullcontext():
+    with _lora_mode(lm.model, mode or ("fused" if fused else "peft")):
         fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, want_entropy=True,
                               want_hidden=True, share_prefix=share)
-        ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+        ((fo.logp.float() * rm).sum() + (fo.values.float() * rm).sum()).backward()
     return fo, [p.grad.clone() for p in params]
 
 
@@ -158,6 +166,32 @@ def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base
     assert not any(getattr(m, "merged", False) for m in model.modules())
 
 
+def _one_lora_layer(model):
+    """run(mode) -> (output, input grad, lora_A grad, lora_B grad, bytes autograd saved beyond the layer's weights)
+    of one LoRA layer (mlp.down_proj) on a fixed bf16 input and output gradient."""
+    layer = next(m for n, m in model.named_modules() if n.endswith("mlp.down_proj"))
+    name = layer.active_adapters[0]
+    x = torch.randn(3, 7, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(3, 7, layer.out_features, dtype=torch.bfloat16)
+    weights = {p.data_ptr() for p in layer.parameters()}
+
+    def run(mode: str):
+        saved = []
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        x.grad = a.grad = b.grad = None
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                saved.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with _lora_mode(model, mode):
+                y = layer(x)
+        y.backward(gy)
+        return y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone(), sum(saved)
+    return run
+
+
 @pytest.fixture(scope="module")
 def policy_bf16():
     """bf16 embedded model with a policy LoRA (peft keeps the adapter in fp32: the GPU case) and one batch."""
@@ -170,30 +204,8 @@ def test_mixed_precision_fused_lora_equals_peft_and_saves_less(policy_bf16):
     """fp32 adapters on a bf16 base: the fused node gives peft's outputs and gradients (layer and whole pass)
     while keeping fewer bytes for the backward pass (no fp32 copy of every LoRA input)."""
     lm, q, qm, resp, rm, vh = policy_bf16
-    model = lm.model
-    layer = next(m for n, m in model.named_modules() if n.endswith("mlp.down_proj"))
-    name = layer.active_adapters[0]
-    x = torch.randn(3, 7, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(3, 7, layer.out_features, dtype=torch.bfloat16)
-
-    weights = {p.data_ptr() for p in layer.parameters()}
-
-    def run(fused: bool):
-        saved = []           # bytes autograd keeps for the backward pass, the layer's own weights aside
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        x.grad = a.grad = b.grad = None
-
-        def pack(t):
-            if t.data_ptr() not in weights:
-                saved.append(t.numel() * t.element_size())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with fused_lora(model) if fused else contextlib.nullcontext():
-                y = layer(x)
-        y.backward(gy)
-        return y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone(), sum(saved)
-
-    want, got = run(False), run(True)
+    run = _one_lora_layer(lm.model)
+    want, got = run("peft"), run("fused")
     assert got[0].dtype == torch.bfloat16
     assert (got[0].float() - want[0].float()).abs().max() <= 1e-2 * want[0].float().abs().max()
     for g, w in zip(got[1:4], want[1:4]):
@@ -213,3 +225,58 @@ def test_mixed_precision_fused_lora_equals_peft_and_saves_less(policy_bf16):
                              for a, b in zip(gs, g_plain)])
     fused_gap, share_gap = rel(g_fast), rel(g_share)
     assert fused_gap.median() < share_gap.median() and fused_gap.max() < share_gap.max()
+
+
+def test_half_precision_lora_matches_bf16_autocast_and_saves_least(policy_bf16):
+    """lora_precision="half" (the CUDA default): the fused node runs the LoRA matmuls in bf16 as peft under bf16
+    autocast does, so its results sit as close to peft's fp32 LoRA math as autocast's; fp32 grads for the fp32
+    adapters; fewer saved bytes than the fp32 fused node."""
+    lm, q, qm, resp, rm, vh = policy_bf16
+    run = _one_lora_layer(lm.model)
+    peft, autocast, mixed, half = run("peft"), run("autocast"), run("fused"), run("half")
+    assert half[0].dtype == torch.bfloat16 and half[2].dtype == half[3].dtype == torch.float32
+    scale = peft[0].float().abs().max()
+    assert (half[0].float() - autocast[0].float()).abs().max() <= 1e-2 * scale
+    assert (half[0].float() - peft[0].float()).abs().max() <= 1e-2 * scale
+    for g, w in zip(half[1:4], autocast[1:4]):
+        assert torch.linalg.vector_norm((g - w).float()) <= 2e-2 * torch.linalg.vector_norm(w.float())
+    assert half[4] < mixed[4] < peft[4], (half[4], mixed[4], peft[4])
+
+    # whole pass, against peft's fp32 LoRA math: half rounds where autocast rounds, and lands as near
+    plain, g_plain = _pass(lm, policy_bf16, share=False, fused=False)
+    fast, g_half = _pass(lm, policy_bf16, share=False, fused=True, mode="half")
+    auto, g_auto = _pass(lm, policy_bf16, share=False, fused=False, mode="autocast")
+    keep = rm.bool()
+    assert torch.isfinite(fast.logp[keep]).all()
+    assert (fast.logp[keep] - plain.logp[keep]).abs().max() <= 1.5 * (auto.logp[keep] - plain.logp[keep]).abs().max()
+
+    def rel(gs):
+        return torch.tensor([float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+                             for a, b in zip(gs, g_plain)])
+    half_gap, auto_gap = rel(g_half), rel(g_auto)
+    assert 0 < half_gap.median() <= 1.25 * auto_gap.median() and half_gap.max() <= 1.25 * auto_gap.max()
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_a_new_fused_block_reuses_the_compiled_layer(policy_bf16, half):
+    """Each PPO step enters fused_lora anew; torch.compile guards on the LoRA layers' forward functions, so a
+    forward made per block (a partial) recompiled every step. Counted with a recording backend."""
+    import torch._dynamo
+    lm = policy_bf16[0]
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    from components.ppo.trainer import causal_lm_of, decoder_layer_list
+    layer = decoder_layer_list(causal_lm_of(lm.model).get_decoder())[3]
+    mlp = torch.compile(layer.mlp, backend=recording_backend, dynamic=True)
+    x = torch.randn(2, 5, lm.model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        for _ in range(3):
+            with fused_lora(lm.model, half=half):
+                mlp(x).float().sum().backward()
+        assert len(graphs) == 1, f"{len(graphs)} graphs for one layer and one shape"
+    finally:
+        torch._dynamo.reset()

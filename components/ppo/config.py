@@ -83,6 +83,13 @@ class PPOConfig:
     fused_lora: bool = True
     """Training passes add the LoRA product inside the base layer's matrix multiply (components/fused_lora.py)
     instead of peft's separate scale and add; same weights and math. False: peft's own forward."""
+    lora_precision: str = "auto"
+    """Where peft keeps fp32 adapters on a bf16/fp16 base: "fp32" computes the LoRA term in fp32 (peft's math);
+    "half" runs the LoRA matmuls in the base's dtype with the adapter weights rounded to it (fp32 accumulation,
+    as under bf16 autocast; the adapters, their gradients and AdamW stay fp32), which spares the fp32 casts of
+    every LoRA layer's input, output and gradient; "auto" = "half" on CUDA, else "fp32". Applies to the fused
+    passes (`fused_lora`): the policy pass that gives the old log-probs and the training passes alike, so the
+    first PPO ratio compares like with like. No effect on an fp32 base."""
     compile: str = "off"
     """torch.compile each decoder layer for the training passes: "on", "off", or "auto" (on for an
     unquantized base on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an
@@ -188,6 +195,7 @@ class PPOConfig:
         need(self.value_head_init in ("reward", "zeros"), "value_head_init must be 'reward' or 'zeros'")
         need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
         need(self.compile in ("auto", "on", "off"), "compile must be auto, on or off")
+        need(self.lora_precision in ("auto", "fp32", "half"), "lora_precision must be auto, fp32 or half")
         need(not (self.compile == "on" and self.gradient_checkpointing),
              "compile and gradient_checkpointing cannot be combined; turn one off")
         need(self.old_logprobs in ("auto", "forward", "generation"),
@@ -201,6 +209,10 @@ class PPOConfig:
             return False
         return self.merge_for_generation == "on" or (
             self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
+
+    def half_lora(self, device_type: str) -> bool:
+        """Whether the fused passes run fp32 adapters' matmuls in the half-precision base's dtype."""
+        return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -88,6 +88,7 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     act = _dtype_bytes(dtype)
     H, L, V, nkv, hd = s["H"], s["L"], s["V"], s["nkv"], s["hd"]
     shapes = linear_shapes(s)
+    quantized = quantization not in (None, "", "none")
 
     # ---- weights ------------------------------------------------------------------------------------------
     linear_params = L * sum(i * o for i, o in shapes.values())
@@ -110,7 +111,7 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     kv_cache = 2 * L * nkv * hd * B * T * act
     gen = kv_cache + B * V * 4 * 3 + B * T * H * act * 4
     # sampling with the LoRA merged (PPOTrainer.merge_for_generation) keeps a copy of the adapted base weights
-    if config.merges_for_sampling(quantization not in (None, "", "none"), act == 4, device):
+    if config.merges_for_sampling(quantized, act == 4, device):
         gen += L * sum(shapes[t][0] * shapes[t][1] for t in targets) * act
 
     # ---- scoring passes (no grad): response logits (+fp32 copy, softmax for entropy) + base hidden ------------
@@ -120,11 +121,13 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     m = config.mini_batch_size // config.grad_accum
     per_tok_layer = (6 * H + 4 * s["I"] + 2 * s["nh"] * hd + 2 * nkv * hd + 2 * len(targets) * config.lora_r) * act
     if act < 4:
+        # both RMSNorms of a layer compute in fp32 and autograd keeps that fp32 copy of their input
+        per_tok_layer += 2 * 4 * H
         # peft keeps the adapters in fp32 on a half-precision (or quantized) base and casts each LoRA layer's
         # input to fp32, which autograd saves: 4 bytes per input feature of every target, per token and layer.
-        # (The fused path, components/fused_lora.py, keeps the half-precision input instead; the GPU peaks this
-        # was checked against were measured before it, so the estimate keeps peft's figure and errs high.)
-        per_tok_layer += 4 * sum(shapes[t][0] for t in targets)
+        # The fused forward (components/fused_lora.py; not on a quantized base) keeps the half input instead.
+        if not (config.fused_lora and not quantized):
+            per_tok_layer += 4 * sum(shapes[t][0] for t in targets)
     if config.gradient_checkpointing:
         acts = m * T * (L * H * act + per_tok_layer)
     else:

@@ -365,9 +365,10 @@ class PPOTrainer:
                     fo = heads_on_hidden(causal_lm_of(self.model).get_output_embeddings(), gen_hidden, resp,
                                          cfg.temperature, self.value_head, want_entropy=True)
                 else:
-                    fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
-                                          value_head=self.value_head, want_entropy=True,
-                                          share_prefix=cfg.share_prompt_prefix)
+                    with self._fused():     # the LoRA math of the training passes, so the first ratio is ~1
+                        fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
+                                              value_head=self.value_head, want_entropy=True,
+                                              share_prefix=cfg.share_prompt_prefix)
                 ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
                 del gen_hidden
             t_pol = time.perf_counter()
@@ -431,6 +432,12 @@ class PPOTrainer:
             }
         return metrics
 
+    def _fused(self):
+        """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
+        matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off."""
+        cfg = self.config
+        return fused_lora(self.model, half=cfg.half_lora(self.device.type)) if cfg.fused_lora else nullcontext()
+
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
         cfg = self.config
         B = ro.query_ids.shape[0]
@@ -440,8 +447,7 @@ class PPOTrainer:
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0,
                 "grad_norm": 0.0}
         n_micro = n_opt = 0
-        # peft's LoRA forward unless the config turns the fused one (same math, fewer passes) off
-        fused = fused_lora(self.model) if cfg.fused_lora else nullcontext()
+        fused = self._fused()
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
             if self._compiled_layers else nullcontext()
         try:
