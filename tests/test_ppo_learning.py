@@ -9,6 +9,7 @@ save_adapter folders load with peft / transformers and generate.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -157,9 +158,18 @@ def test_state_bytes_resume_is_identical(lm32):
     expected = a.step()
     expected_adapter = a.adapter_bytes()
 
+    # as a CUDA run writes it (fused AdamW): the optimizer implementation stays this device's
+    from safetensors.torch import load, save
+    meta_json = json.loads(safetensors_metadata(blob)["ppo_state"])
+    assert meta_json["optim_groups"][0].get("fused") is None
+    for g in meta_json["optim_groups"]:
+        g["fused"] = True
+    cuda_blob = save(load(blob), metadata={"format": "pt", "ppo_state": json.dumps(meta_json)})
+
     b = small_trainer(lm32, seed=99)          # a fresh adapter, another seed: everything must come from the blob
-    meta = b.load_state_bytes(blob)
+    meta = b.load_state_bytes(cuda_blob)
     assert meta["step"] == 1 and b.step_count == 1
+    assert not any(g.get("fused") for g in b.optimizer.param_groups)
     got = b.step()
     for k, v in expected.items():
         if k.startswith("t_") or k == "samples_per_s":
@@ -168,7 +178,6 @@ def test_state_bytes_resume_is_identical(lm32):
             assert [s["response"] for s in got[k]] == [s["response"] for s in v]
             continue
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    from safetensors.torch import load
     got_adapter, want_adapter = load(b.adapter_bytes()), load(expected_adapter)
     assert got_adapter.keys() == want_adapter.keys()
     for k in want_adapter:

@@ -287,7 +287,7 @@ def test_estimate_memory_orders_sensibly():
 # Peaks (torch.cuda.max_memory_allocated, GiB) that bench/gpu_ppo.py measured on 2026-11-26: (shape, quant, batch,
 # mini-batch, new tokens, LoRA forward, compile, peak). H200: batch 16 x 32 new tokens; H100: batch 64 x 128 new
 # tokens. Prompts <= 64. "peft": measured before the fused forward took fp32 adapters on a bf16 base (peft's
-# forward ran); "fp32": the fused forward with lora_precision="fp32".
+# forward ran); "fp32" and "half": the fused forward with that lora_precision.
 MEASURED_CUDA_PEAKS = [
     ("135m", None, 16, 16, 32, "peft", "off", 2.55), ("135m", "8bit", 16, 16, 32, "peft", "off", 2.68),
     ("135m", "4bit", 16, 16, 32, "peft", "off", 2.41), ("0.5b", None, 16, 16, 32, "peft", "off", 5.35),
@@ -296,6 +296,8 @@ MEASURED_CUDA_PEAKS = [
     ("1.7b", "4bit", 16, 16, 32, "peft", "off", 7.76), ("135m", None, 64, 64, 128, "peft", "off", 20.28),
     ("1.7b", None, 64, 32, 128, "peft", "off", 31.42),
     ("1.7b", None, 64, 32, 128, "fp32", "off", 23.54), ("1.7b", None, 64, 32, 128, "fp32", "on", 24.69),
+    ("1.7b", None, 64, 32, 128, "half", "off", 23.51), ("1.7b", None, 64, 32, 128, "half", "on", 20.19),
+    ("135m", None, 64, 64, 128, "half", "off", 15.16),
 ]
 CUDA_SHAPES = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

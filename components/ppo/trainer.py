@@ -221,8 +221,10 @@ class PPOTrainer:
 
         # ---- optimiser: LoRA + value head only ----------------------------------------------------------
         self._params = self._lora + list(self.value_head.parameters())
+        # fused on CUDA: one kernel for all tensors (the foreach step launched ~8 ms of kernels per update at
+        # 1.7B, r=16, in an H100 profile); the CPU keeps the default implementation
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, fused=self.device.type == "cuda" or None)
 
         # ---- KL controller --------------------------------------------------------------------------------
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -677,7 +679,8 @@ class PPOTrainer:
             osd = self.optimizer.state_dict()
             groups = []
             for g, saved in zip(osd["param_groups"], meta["optim_groups"]):
-                groups.append({**saved, "params": g["params"]})
+                # hyper-parameters from the checkpoint; the implementation (fused on CUDA) is this device's
+                groups.append({**saved, "params": g["params"], **{k: g[k] for k in ("fused", "foreach") if k in g}})
             self.optimizer.load_state_dict({"state": state, "param_groups": groups})
             self.kl_ctl.load_state_dict(meta["kl_ctl"])
             self.step_count = int(meta["step"])
