@@ -5,7 +5,8 @@
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
 # 64: eager with fp32 and with half-precision LoRA matmuls, then compiled (no argument: 1 2 4); on request:
-# 3 quantized PPO (issue 4's check, ~2.5 minutes), 5 a torch.profiler table of one PPO step at 1.7B (~1 minute).
+# 3 quantized PPO (issue 4's check, ~2.5 minutes), 5 torch.profiler tables of the training phase at 1.7B,
+# compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
 set -u
 SECTIONS="${*:-1 2 4}"
@@ -62,9 +63,11 @@ stamp "compile=$1 lora_precision=$2 done"
 done
 }
 section_5() {
-stamp "5. profile of one PPO step of the trainer, 1.7B shape, batch 64, mini-batch 32 (where the training time goes)"
-timeout 150 python3 bench/gpu_profile_ppo.py --shape 1.7b > "$OUT/ppo_profile.log" 2>&1
-grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile.log" | tail -40 | cut -c1-200
+stamp "5. profile of the trainer's training phase, 1.7B shape, batch 64, mini-batch 32, compiled then eager"
+for c in on off; do
+timeout 200 python3 bench/gpu_profile_ppo.py --shape 1.7b --compile $c > "$OUT/ppo_profile_compile_$c.log" 2>&1
+grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile_compile_$c.log" | tail -42 | cut -c1-200
+done
 }
 for s in $SECTIONS; do "section_$s"; done   # in the order given
 stamp "done"

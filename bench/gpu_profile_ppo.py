@@ -1,22 +1,25 @@
 """Where a PPO step's time goes: torch.profiler over one step of the trainer, after warm-up steps.
 
-The 1.7B shape's training phase ran at 12.2% of an H100's bf16 peak (docs/GPU.md) where a plain LoRA step of
-the same shape reached 16.5% and a compiled one 37.9%; this prints the operators that take the time, so the
-next change to the training pass is aimed, not guessed. Same random-weight models, prompts and synthetic reward
+The 1.7B shape's training phase ran at 26.7% of an H100's bf16 peak compiled, 18.9% eager (docs/GPU.md), where
+the issue asks for 35%; this prints the operators that take the time, so the next change to the training pass is
+aimed, not guessed. Same random-weight models, prompts and synthetic reward
 as bench/gpu_ppo.py.
 
     python bench/gpu_profile_ppo.py --shape 1.7b                 # on a GPU (~1 min); --compile on to compare
     python bench/gpu_profile_ppo.py --device cpu --shape tiny    # CPU check of the script
-Prints the top operators by self device time (self CPU time on a CPU) and the step's phases; writes a Chrome
-trace to $OUT/ppo_profile_<shape>.json when $OUT is set.
+Profiles the training phase (the PPO update) of the step after the warm-up: prints its top operators by self
+device time (self CPU time on a CPU), how busy the GPU was, and the step's phases; writes a gzipped Chrome trace
+to $OUT/ppo_profile_<shape>_compile_<on|off>.json.gz when $OUT is set.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +65,41 @@ def main(argv=None):
         m = trainer.step()
         print(f"warm-up step {i + 1}: {m['t_step']:.2f} s", flush=True)
 
+    # the training phase alone (the PPO update), where the MFU goal lies; the step's phases from its metrics
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=False) as prof:
-        m = trainer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    profiled, optimise = {}, trainer._optimise
+
+    def profiled_optimise(*a, **k):
+        with profile(activities=activities, record_shapes=False) as prof:
+            t0 = time.perf_counter()
+            out = optimise(*a, **k)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            profiled["wall_s"] = time.perf_counter() - t0
+        profiled["prof"] = prof
+        return out
+    trainer._optimise = profiled_optimise
+    m = trainer.step()
+    prof = profiled["prof"]
     phases = {k: round(m[k], 3) for k in ("t_generate", "t_policy", "t_reference", "t_score", "t_train", "t_step")}
-    print(f"\nprofiled step ({args.shape}, batch {args.batch}, mini-batch {args.mini_batch}, {args.epochs} epochs, "
-          f"compile {args.compile}): {phases}\n")
+    print(f"\nprofiled training phase ({args.shape}, batch {args.batch}, mini-batch {args.mini_batch}, "
+          f"{args.epochs} epochs, compile {args.compile}); the step's phases: {phases}\n")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    if device.type == "cuda":
+        # kernels' own time against the phase's wall time: far below 100% means the host (Python, launches,
+        # syncs) keeps the GPU waiting, not the kernels
+        busy = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+        print(f"GPU kernel time {busy:.3f} s in a training phase of {profiled['wall_s']:.3f} s wall "
+              f"({100 * busy / profiled['wall_s']:.0f}% busy, profiler overhead included)")
     if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"]) / f"ppo_profile_{args.shape}.json"
-        prof.export_chrome_trace(str(dest))
+        raw = Path(tempfile.mkdtemp()) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        dest = Path(os.environ["OUT"]) / f"ppo_profile_{args.shape}_compile_{args.compile}.json.gz"
+        with open(raw, "rb") as f, gzip.open(dest, "wb") as g:
+            shutil.copyfileobj(f, g)
         print(f"wrote {dest}")
-
 
 if __name__ == "__main__":
     main()

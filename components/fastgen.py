@@ -20,7 +20,7 @@ What makes it fast (and what stays equal to `model.generate`):
 * CUDA: the decode step (forward + sampling + state update) is captured once per (batch, L bucket, mode, adapter
   state) in a `torch.cuda.CUDAGraph` after a warm-up on a side stream, and replayed; graphs and buffers are kept
   by a `FastGenerator` (one per model, LRU of `max_graphs`). If capture fails the same step runs eagerly.
-  Quantized (bitsandbytes) bases are not captured unless asked (`_quantized`): their 8-bit matmul cannot be, and
+  Quantized (bitsandbytes) bases are not captured unless asked (`quantized_base`): their 8-bit matmul cannot be, and
   a failed capture breaks the process's CUDA random numbers.
 * LoRA (peft): for float base weights the active adapter is merged with `merge_adapter()` for the rollout and
   unmerged in a `finally` by restoring the touched base weights bit-exactly from a copy (merge + subtract in bf16
@@ -431,7 +431,7 @@ def _has_quantizer(model) -> bool:
     return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
 
 
-def _quantized(lm) -> bool:
+def quantized_base(lm) -> bool:
     """A bitsandbytes (or other hf_quantizer) base: its 8-bit matmul syncs with the host, so capture fails, and a
     failed capture leaves the default CUDA generator mid-capture ("Offset increment outside graph capture"), which
     breaks every later random draw of the process. Such bases decode eagerly unless use_cuda_graph=True."""
@@ -531,8 +531,8 @@ class FastGenerator:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's context of {max_pos} tokens")
         mode = _mode(temperature, top_p)
         graph = _graphs_supported(device) and (use_cuda_graph is None or bool(use_cuda_graph))
-        if graph and use_cuda_graph is None and _quantized(lm):
-            graph = False   # see _quantized: a failed capture would break the process's CUDA RNG
+        if graph and use_cuda_graph is None and quantized_base(lm):
+            graph = False   # see quantized_base: a failed capture would break the process's CUDA RNG
         was_training = model.training
         model.eval()
         layers = _lora_layers(model)

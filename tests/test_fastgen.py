@@ -399,7 +399,7 @@ def test_quantized_base_decodes_eagerly_unless_graphs_are_asked_for(lm32, batch,
 
 def test_quantized_detects_bitsandbytes_layers():
     bnb = pytest.importorskip("bitsandbytes")
-    from components.fastgen import _quantized
+    from components.fastgen import quantized_base
     plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    assert not _quantized(plain)
-    assert _quantized(torch.nn.Sequential(torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)))
+    assert not quantized_base(plain)
+    assert quantized_base(torch.nn.Sequential(torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)))

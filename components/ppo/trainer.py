@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..attention import avoid_cudnn_attention
+from ..fastgen import quantized_base
 from ..fused_lora import fused_lora
 from . import core
 from .config import PPOConfig
@@ -197,8 +198,7 @@ class PPOTrainer:
                     gradient_checkpointing_kwargs={"use_reentrant": False})
             self._lora = adapter_params(self.model, self.adapter_name)
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
-            quantized = bool(getattr(lm, "quantization", None)) or bool(
-                getattr(causal_lm_of(self.model), "is_quantized", False))
+            quantized = bool(getattr(lm, "quantization", None)) or quantized_base(self.model)
             self.merge_for_generation = cfg.merges_for_sampling(quantized, base_dtype == torch.float32,
                                                                 self.device.type)
             # where the merge happens: on CUDA the fast sampler merges in place (its CUDA graphs hold the weights'
@@ -452,15 +452,20 @@ class PPOTrainer:
         fused = self._fused()
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
             if self._compiled_layers else nullcontext()
+        # each row's first prompt column and response length, on the host once: trimming a micro-batch's columns
+        # then needs no wait for the GPU
+        first_col, resp_len = torch.stack([ro.query_mask.float().argmax(1), ro.response_mask.sum(1).float()]).cpu()
         try:
             with fused, compiled:
                 for _ in range(cfg.ppo_epochs):
-                    perm = torch.randperm(B, generator=self._gen).to(self.device)
+                    perm = torch.randperm(B, generator=self._gen)
+                    perm_dev = perm.to(self.device)
                     for mb in range(0, B, cfg.mini_batch_size):
-                        mb_idx = perm[mb:mb + cfg.mini_batch_size]
                         self.optimizer.zero_grad(set_to_none=True)
-                        for mi in range(0, len(mb_idx), micro):
-                            self._micro_step(ro, mb_idx[mi:mi + micro], advantages, returns, mask, sums)
+                        for mi in range(mb, min(mb + cfg.mini_batch_size, B), micro):
+                            rows = perm[mi:min(mi + micro, mb + cfg.mini_batch_size, B)]
+                            cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
+                            self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums)
                             n_micro += 1
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
@@ -484,14 +489,13 @@ class PPOTrainer:
                 raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
         return out
 
-    def _micro_step(self, ro: Rollout, idx: torch.Tensor, advantages, returns, mask, sums: dict) -> None:
-        """Forward and backward of the clipped PPO loss on rows `idx`; adds its statistics to `sums`."""
+    def _micro_step(self, ro: Rollout, idx: torch.Tensor, cols: tuple[int, int], advantages, returns, mask,
+                    sums: dict) -> None:
+        """Forward and backward of the clipped PPO loss on rows `idx`; adds its statistics to `sums`. cols: (first
+        prompt column, response length) that hold a token in some row: the columns outside are trimmed."""
         cfg = self.config
-        # trim columns that are padding in every row of this micro-batch
-        qm = ro.query_mask[idx]
-        first = int(qm.any(0).float().argmax())
-        R = int(ro.response_mask[idx].sum(1).max())
-        q, qm = ro.query_ids[idx, first:], qm[:, first:]
+        first, R = cols
+        q, qm = ro.query_ids[idx, first:], ro.query_mask[idx, first:]
         r, rm = ro.response_ids[idx, :R], ro.response_mask[idx, :R]
         m = mask[idx, :R]
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
