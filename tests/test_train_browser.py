@@ -27,6 +27,7 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
                             ("ppo-ckpt", "1")]:
             page.locator(f"#{elem} input").fill(value)
         page.locator("#ppo-tier input[value='fast']").click()
+        page.locator("#ppo-compile input[value='auto']").click()   # compiled on a GPU; eager on this CPU
         page.click("#ppo-launch")
         # The curves draw as soon as the first step lands.
         expect(page.locator("#ppo-status")).to_contain_text(re.compile(r"step [123]/3"), timeout=600_000)
@@ -37,5 +38,6 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
         page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
     with duckdb.connect(db, read_only=True) as con:
         assert con.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+        assert con.execute("SELECT config->>'compile' FROM runs").fetchall() == [("auto",)]
         assert con.execute("SELECT max(step) FROM run_metrics").fetchall()[0][0] == 3
         assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == 1

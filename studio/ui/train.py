@@ -12,12 +12,13 @@ from ..auth import require_owner
 from .common import fail, ok
 
 
-def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lora_r, checkpoint_every, seed) -> dict:
+def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lora_r, checkpoint_every, seed,
+                 compile: str = "off") -> dict:
     """The one place where UI values become PPOConfig fields."""
     return dict(steps=int(steps), batch_size=int(batch_size), mini_batch_size=int(batch_size),
                 max_new_tokens=int(max_new_tokens), ppo_epochs=int(ppo_epochs), lr=float(lr),
                 kl_coef=float(kl_coef), lora_r=int(lora_r), lora_alpha=2 * int(lora_r),
-                checkpoint_every=int(checkpoint_every), seed=int(seed))
+                checkpoint_every=int(checkpoint_every), seed=int(seed), compile=compile or "off")
 
 
 def _memory_md(studio, settings: dict) -> str:
@@ -50,6 +51,9 @@ def build(studio, role: str = "owner"):
         seed = gr.Number(0, precision=0, label="Seed", elem_id="ppo-seed")
     tier = gr.Radio([("Deep tier (if trained)", "deep"), ("Fast tier", "fast")], value="deep",
                     label="Reward model", visible=owner, elem_id="ppo-tier")
+    # PPOConfig.compile: worth it for long runs on a GPU (faster steps after a first one that compiles)
+    compile_ = gr.Radio([("Eager", "off"), ("Compiled on a GPU (the first step compiles, 1-2 min)", "auto")],
+                        value="off", label="Training passes", visible=owner, elem_id="ppo-compile")
     memory = gr.Markdown(elem_id="ppo-memory")
     with gr.Row(visible=owner) as launch_row:
         launch = gr.Button("Launch PPO", variant="primary", elem_id="ppo-launch")
@@ -108,10 +112,11 @@ def build(studio, role: str = "owner"):
 
     outputs = [status, progress, curves, samples, runs, adapters]
 
-    def on_launch(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, tier_, request: gr.Request):
+    def on_launch(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, tier_, compile_mode="off",
+                  request: gr.Request = None):
         try:
             require_owner(studio, request, "launch training")
-            settings = ppo_settings(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_)
+            settings = ppo_settings(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, compile_mode)
             version = getattr(studio.reward, "selected_version", None)
             h = studio.train_ppo(wait=False, reward_tier=tier_ if version is None else None,
                                  reward_version=version, **settings)
@@ -162,7 +167,7 @@ def build(studio, role: str = "owner"):
         except (TypeError, ValueError) as e:
             return fail(e)
 
-    launch.click(on_launch, inputs + [tier], status, api_name="launch_ppo")
+    launch.click(on_launch, inputs + [tier, compile_], status, api_name="launch_ppo")
     cancel.click(on_cancel, None, status, api_name="cancel_ppo")
     resume.click(on_resume, [resume_id], status, api_name="resume_ppo")
     export_btn.click(on_export, [export_id, export_path, merged], export_msg, api_name="export_adapter")
@@ -174,4 +179,4 @@ def build(studio, role: str = "owner"):
         ad = studio.adapters()
         return gr.update(choices=["base"] + [f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else ["base"])
     return dict(on_load=(refresh, None, outputs), adapters=(adapter_choices, None),
-                owner_only=[settings_row, tier, launch_row, export_row])
+                owner_only=[settings_row, tier, compile_, launch_row, export_row])
