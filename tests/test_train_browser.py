@@ -34,6 +34,11 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
         expect(page.locator("#ppo-curves .scatterlayer .trace").first).to_be_attached(timeout=60_000)
         expect(page.locator("#ppo-status")).to_contain_text("completed", timeout=600_000)
         expect(page.locator("#ppo-status")).to_contain_text("step 3/3")
+        # the runs and adapters tables read as text, not as the browser's "[object Object]"
+        expect(page.locator("#ppo-runs")).to_contain_text("compile auto", timeout=30_000)
+        expect(page.locator("#ppo-runs")).to_contain_text("reward fast v")
+        for table in ("#ppo-runs", "#ppo-adapters"):
+            expect(page.locator(table)).not_to_contain_text("[object Object]")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
     with duckdb.connect(db, read_only=True) as con:

@@ -21,6 +21,53 @@ def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lor
                 checkpoint_every=int(checkpoint_every), seed=int(seed), compile=compile or "off")
 
 
+def _cell(v) -> str:
+    """A JSON cell as short text (a browser table shows a dict as "[object Object]")."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return f"{len(v)} items" if len(v) > 3 else ", ".join(map(str, v))
+    return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _config_summary(c: dict) -> str:
+    """The settings a user tells runs apart by; the full config stays in the database."""
+    if not isinstance(c, dict):
+        return _cell(c)
+    parts = [("steps", "steps"), ("batch_size", "prompts/step"), ("max_new_tokens", "new tokens"),
+             ("ppo_epochs", "epochs"), ("lr", "lr"), ("kl_coef", "β"), ("lora_r", "LoRA r"), ("compile", "compile")]
+    return " · ".join(f"{label} {_cell(c[k])}" for k, label in parts if k in c)
+
+
+def _lineage_summary(lin: dict) -> str:
+    """Where a run came from: its reward model and data (the base's revision hash stays in the database)."""
+    if not isinstance(lin, dict):
+        return _cell(lin)
+    parts = []
+    if "reward_tier" in lin or "reward_version" in lin:
+        ver = lin.get("reward_version")
+        parts.append(" ".join(x for x in ("reward", _cell(lin.get("reward_tier")), "" if ver is None else f"v{ver}")
+                              if x))
+    parts += [f"{_cell(lin[k])} {label}" for k, label in (("feedback_labels", "labels"), ("prompts", "prompts"))
+              if k in lin]
+    if "base_model" in lin:
+        parts.append(f"base {_cell(lin['base_model'])}")
+    return " · ".join(parts) or _cell(lin)
+
+
+def display_tables(runs, adapters):
+    """The runs and adapters tables as the tab shows them: JSON columns as readable text."""
+    def fmt(df, summaries: dict):
+        if df is None or not len(df):
+            return df
+        df = df.copy()
+        for col in df.columns:
+            if df[col].map(lambda v: isinstance(v, (dict, list, tuple))).any():
+                df[col] = df[col].map(summaries.get(col, _cell))
+        return df
+    return fmt(runs, {"config": _config_summary, "lineage": _lineage_summary}), fmt(adapters, {})
+
+
 def _memory_md(studio, settings: dict) -> str:
     try:
         from components.ppo.config import PPOConfig
@@ -90,8 +137,7 @@ def build(studio, role: str = "owner"):
 
     def refresh():
         rid = current_run_id()
-        rs = ppo_runs()
-        ad = studio.adapters()
+        rs, ad = display_tables(ppo_runs(), studio.adapters())
         if rid is None:
             return ("no run yet", 0, plots.ppo_curves(None), None, rs, ad)
         run = studio.store.run(rid)
