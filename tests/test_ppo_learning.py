@@ -290,8 +290,9 @@ def test_cudnn_attention_is_turned_off_only_for_cuda_training():
 
 def test_compiled_training_passes_match_eager(lm32):
     """compile="on": the training passes run through torch.compile'd decoder layers (counted by a recording
-    backend that runs the captured graphs), with no new graph for the second step's micro-batch lengths (dynamic
-    shapes), and train the same adapter as the eager passes; the model's own layers are back afterwards."""
+    backend that runs the captured graphs): one graph for all layers, no new one for the second step's
+    micro-batch lengths (dynamic shapes), and the same adapter trained as by the eager passes; the model's own
+    layers are back afterwards."""
     import torch._dynamo
     graphs = []
 
@@ -311,6 +312,8 @@ def test_compiled_training_passes_match_eager(lm32):
     got.append(compiled.step())
     assert graphs, "the training passes did not go through torch.compile"
     assert len(graphs) == n_graphs_after_first_step, "new micro-batch lengths recompiled"
+    # one graph serves every layer, the first too (its input is made to need a gradient like the others')
+    assert n_graphs_after_first_step == 1, n_graphs_after_first_step
     for g, w in zip(got, want):
         assert [s["response"] for s in g["samples"]] == [s["response"] for s in w["samples"]]
         for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):

@@ -132,6 +132,14 @@ def compile_layers(decoder, backend: str) -> list:
     return [torch.compile(layer, backend=backend, dynamic=True) for layer in decoder_layer_list(decoder)]
 
 
+def _needs_grad(module, inputs, output):
+    # with frozen embeddings the first layer's input needs no gradient and every other layer's does: torch.compile
+    # would build that layer a graph of its own; asking for it (one [tokens, hidden] gradient) keeps one graph
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.requires_grad_()
+    return output
+
+
 @contextmanager
 def swapped_layers(decoder, replacements: list):
     """Inside: the decoder runs `replacements` (the compiled wrappers, same weights) in place of its layers."""
@@ -139,9 +147,13 @@ def swapped_layers(decoder, replacements: list):
     original = list(mods)
     for i, m in enumerate(replacements):
         mods[i] = m
+    embed = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    hook = embed.register_forward_hook(_needs_grad) if embed is not None else None
     try:
         yield
     finally:
+        if hook is not None:
+            hook.remove()
         for i, m in enumerate(original):
             mods[i] = m
 
