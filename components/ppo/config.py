@@ -87,11 +87,12 @@ class PPOConfig:
     """Where peft keeps fp32 adapters on a bf16/fp16 base: "fp32" computes the LoRA term in fp32 (peft's math);
     "half" runs the LoRA matmuls in the base's dtype with the adapter weights rounded to it (fp32 accumulation,
     as under bf16 autocast; the adapters, their gradients and AdamW stay fp32), which spares the fp32 casts of
-    every LoRA layer's input, output and gradient; "auto" = "half" on CUDA, else "fp32". Applies to the fused
-    passes (`fused_lora`): the policy pass that gives the old log-probs and the training passes alike, so the
-    first PPO ratio compares like with like. No effect on an fp32 base. On an H100 at the 1.7B shape (batch 64,
-    mini-batch 32): training 1.20 -> 0.79 s a step (12.4% -> 18.9% MFU); the gradients sit as near peft's fp32
-    LoRA math as bf16 autocast's do (tests/test_ppo_speedups.py)."""
+    every LoRA layer's input, output and gradient; "auto" = "half" for a bf16 base on CUDA (fp16's narrow range
+    would want loss scaling), else "fp32". Applies to the fused passes (`fused_lora`): the policy pass that gives
+    the old log-probs and the training passes alike, so the first PPO ratio compares like with like. No effect on
+    an fp32 base. On an H100 at the 1.7B shape (batch 64, mini-batch 32): training 1.20 -> 0.79 s a step
+    (12.4% -> 18.9% MFU); the gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
+    (tests/test_ppo_speedups.py)."""
     compile: str = "off"
     """torch.compile each decoder layer for the training passes: "on", "off", or "auto" (on for an
     unquantized base on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an
@@ -213,9 +214,9 @@ class PPOConfig:
         return self.merge_for_generation == "on" or (
             self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
 
-    def half_lora(self, device_type: str) -> bool:
+    def half_lora(self, device_type: str, base_bf16: bool) -> bool:
         """Whether the fused passes run fp32 adapters' matmuls in the half-precision base's dtype."""
-        return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda")
+        return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda" and base_bf16)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -209,7 +209,8 @@ class PPOTrainer:
                 causal_lm_of(self.model).gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
             self._lora = adapter_params(self.model, self.adapter_name)
-            base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
+            self._base_dtype = base_dtype = next(p for p in causal_lm_of(self.model).parameters()
+                                                 if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or quantized_base(self.model)
             self.merge_for_generation = cfg.merges_for_sampling(quantized, base_dtype == torch.float32,
                                                                 self.device.type)
@@ -450,7 +451,8 @@ class PPOTrainer:
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
         matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off."""
         cfg = self.config
-        return fused_lora(self.model, half=cfg.half_lora(self.device.type)) if cfg.fused_lora else nullcontext()
+        half = cfg.half_lora(self.device.type, self._base_dtype == torch.bfloat16)
+        return fused_lora(self.model, half=half) if cfg.fused_lora else nullcontext()
 
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
         cfg = self.config
