@@ -57,12 +57,18 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """The GPU runs bf16 natively (compute capability 8.0 or newer), not through emulation."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
         if device.type == "cuda":
-            return torch.bfloat16
+            # bf16 where the GPU computes it (Ampere and newer); an older one (a T4, a V100) only emulates it
+            return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
              "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -241,7 +247,8 @@ def load_model(model_id: str = EMBEDDED, device: str | None = None, dtype: str |
         from transformers import BitsAndBytesConfig
         if quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16,
                 bnb_4bit_use_double_quant=True)
         elif quantization == "8bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

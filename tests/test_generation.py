@@ -91,3 +91,15 @@ def test_local_folder_loads(lm, tmp_path):
     assert other.revision.startswith("dir:")
     out = generate(other, "Say hi", SamplingParams(n=1, max_new_tokens=4, temperature=0))
     assert out[0].completion_tokens >= 1
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_auto_dtype_on_cuda_follows_the_gpus_bf16_support(monkeypatch, capability, want):
+    """A T4 (7.5) or V100 only emulates bf16: "auto" loads fp16 there. No GPU here, so the capability query
+    stands in for one; the choice itself is the real code."""
+    import torch
+
+    from components.models import pick_dtype
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert pick_dtype(torch.device("cuda"), "auto") == getattr(torch, want)
+    assert pick_dtype(torch.device("cuda"), "bf16") == torch.bfloat16      # an explicit choice is kept
