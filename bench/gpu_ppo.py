@@ -178,7 +178,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
     res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
-    res["half_lora"] = cfg.half_lora(device.type, trainer._base_dtype == torch.bfloat16)
+    res["half_lora"] = trainer.half_lora
     hist = []
     t_start = time.perf_counter()
     for _ in range(cfg.steps):

@@ -16,10 +16,10 @@ enabling, disabling or switching adapters inside the block behaves exactly as wi
 Mixed precision (a bf16/fp16 base with peft's fp32 adapters, the GPU case): peft casts each LoRA layer's input
 to fp32 and autograd keeps that copy, 4 bytes per input feature per token in every adapted layer (~11 GiB by
 components/ppo/memory.py's count for a PPO micro-batch of 32 x 192 tokens at the 1.7B shape, whose measured peak
-was 31 GiB). `_MixedLoRA` computes the same fp32 LoRA term in one autograd node that
+was 31 GiB). `_AdapterTerm` computes the same fp32 LoRA term in one autograd node that
 keeps the half-precision input (2 bytes) and the [N, r] product instead, and casts in the backward pass.
 
-`fused_lora(model, half=True)` instead runs the LoRA matmuls in the base's half dtype (`_HalfLoRA`), with the
+`fused_lora(model, half=True)` instead runs the same node's LoRA matmuls in the base's half dtype, with the
 fp32 adapter weights rounded to it, as bf16 autocast does: fp32 accumulation inside each matmul, the result
 rounded once. On a GPU the fp32 path is slow work: every LoRA layer's [N, out] base output and gradient are cast
 to fp32 and back, and its fp32 matmuls miss the tensor cores (an H100 profile of a PPO step at the 1.7B shape:
@@ -63,57 +63,33 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class _MixedLoRA(torch.autograd.Function):
-    """y = (base_out + s * (x A^T) B^T) in fp32, rounded once to x's dtype: peft's mixed-precision result.
+class _AdapterTerm(torch.autograd.Function):
+    """y = base_out + s * (x A^T) B^T with the matmuls in `compute` dtype, rounded once to x's dtype.
 
     x [N, in] half, a [r, in] fp32, b [out, r] fp32, base_out [N, out] half (the base layer's output, whose own
-    autograd node carries the base gradient). Saves x (half) and t = x A^T ([N, r] fp32) instead of an fp32 x.
+    autograd node carries the base gradient). compute=float32: peft's mixed-precision result, keeping x (half)
+    and t = x A^T ([N, r] fp32) instead of an fp32 copy of x. compute=x's dtype: the matmuls in half precision
+    with A and B rounded to it, like autocast (`half=True`). The gradients of A and B come back as fp32.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, base_out, scaling: float):
-        t = x.float() @ a.t()
-        y = torch.addmm(base_out.float(), t, b.t(), alpha=scaling).to(x.dtype)
-        ctx.save_for_backward(x, a, b, t)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, a, b, t = ctx.saved_tensors
-        s = ctx.scaling
-        g = gy.float()
-        gt = (g @ b).mul_(s)                                           # d loss / d t   [N, r]
-        grad_x = (gt @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_a = gt.t() @ x.float() if ctx.needs_input_grad[1] else None
-        grad_b = (g.t() @ t).mul_(s) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None
-
-
-class _HalfLoRA(torch.autograd.Function):
-    """y = base_out + s * (x A^T) B^T with the matmuls in x's half dtype (A, B rounded to it), like autocast.
-
-    Shapes as `_MixedLoRA`. Saves x and t = x A^T ([N, r] half); the gradients of the fp32 A and B come back as
-    fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, a, b, base_out, scaling: float):
-        t = x @ a.to(x.dtype).t()
-        y = torch.addmm(base_out, t, b.to(x.dtype).t(), alpha=scaling)
+    def forward(ctx, x, a, b, base_out, scaling: float, compute: torch.dtype):
+        t = x.to(compute) @ a.to(compute).t()
+        y = torch.addmm(base_out.to(compute), t, b.to(compute).t(), alpha=scaling).to(x.dtype)
         ctx.save_for_backward(x, a, b, t)     # the fp32 weights themselves: rounding again costs less than a copy
-        ctx.scaling = scaling
+        ctx.scaling, ctx.compute = scaling, compute
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, a, b, t = ctx.saved_tensors
-        ah, bh, s = a.to(x.dtype), b.to(x.dtype), ctx.scaling
-        gt = (gy @ bh).mul_(s)                                         # d loss / d t   [N, r]
-        grad_x = gt @ ah if ctx.needs_input_grad[0] else None
-        grad_a = (gt.t() @ x).float() if ctx.needs_input_grad[1] else None
-        grad_b = (gy.t() @ t).float().mul_(s) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None
+        s, c = ctx.scaling, ctx.compute
+        g = gy.to(c)
+        gt = (g @ b.to(c)).mul_(s)                                     # d loss / d t   [N, r]
+        grad_x = (gt @ a.to(c)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = (gt.t() @ x.to(c)).float() if ctx.needs_input_grad[1] else None
+        grad_b = (g.t() @ t).float().mul_(s) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -> torch.Tensor:
@@ -125,7 +101,7 @@ def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -
     out = nn.functional.linear(x2, base.weight, base.bias)            # [N, out]: a fresh tensor
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     if a.dtype != x.dtype:                                             # fp32 adapter on a half-precision base
-        out = (_HalfLoRA if half else _MixedLoRA).apply(x2, a, b, out, float(self.scaling[name]))
+        out = _AdapterTerm.apply(x2, a, b, out, float(self.scaling[name]), x.dtype if half else torch.float32)
     else:
         # autograd saves the inputs of linear/addmm, not their outputs, so accumulating in place is safe
         out.addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
@@ -141,7 +117,7 @@ def _fused_forward_half(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 @contextlib.contextmanager
 def fused_lora(model: nn.Module, half: bool = False):
     """Within the block, peft LoRA Linear layers of `model` use the fused forward (see module docs). half: fp32
-    adapters on a half-precision base run their matmuls in the base's dtype (`_HalfLoRA`) instead of fp32."""
+    adapters on a half-precision base run their matmuls in the base's dtype instead of fp32."""
     linear = _lora_linear_type()
     layers = [m for m in model.modules() if isinstance(m, linear)]
     forward = _fused_forward_half if half else _fused_forward

@@ -209,8 +209,7 @@ class PPOTrainer:
                 causal_lm_of(self.model).gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
             self._lora = adapter_params(self.model, self.adapter_name)
-            self._base_dtype = base_dtype = next(p for p in causal_lm_of(self.model).parameters()
-                                                 if not p.requires_grad).dtype
+            base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or quantized_base(self.model)
             self.merge_for_generation = cfg.merges_for_sampling(quantized, base_dtype == torch.float32,
                                                                 self.device.type)
@@ -218,6 +217,8 @@ class PPOTrainer:
             # addresses, so a merged copy would mean a new capture every step); elsewhere a temporary merged copy
             self._merge_in_sampler = self.merge_for_generation and self.device.type == "cuda" and \
                 fast_sampling_enabled()
+            # fp32 adapters on a bf16 base: the fused passes' LoRA matmuls in bf16 (`PPOConfig.lora_precision`)
+            self.half_lora = cfg.half_lora(self.device.type, base_dtype == torch.bfloat16)
             # ---- training passes through compiled decoder layers (same weights; compiled lazily) -------------
             compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
                                                not quantized and not cfg.gradient_checkpointing)
@@ -450,9 +451,7 @@ class PPOTrainer:
     def _fused(self):
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
         matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off."""
-        cfg = self.config
-        half = cfg.half_lora(self.device.type, self._base_dtype == torch.bfloat16)
-        return fused_lora(self.model, half=half) if cfg.fused_lora else nullcontext()
+        return fused_lora(self.model, half=self.half_lora) if self.config.fused_lora else nullcontext()
 
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
         cfg = self.config
