@@ -5,7 +5,7 @@
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
 # 64: eager, compiled, compiled with 64-row micro-batches (no argument: 1 2 4); on request:
-# 3 quantized PPO (issue 4's check, ~2.5 minutes), 5 torch.profiler tables of the training phase at 1.7B,
+# 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
 # compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
 set -u
@@ -56,7 +56,8 @@ stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 ep
 # (compile, mini-batch): the default eager passes, compiled ones, then compiled with one 64-row micro-batch (the
 # issue's "larger micro-batches"; the compile cache of the run before may shorten its first step). Run 7 timed
 # fp32 against bf16 LoRA matmuls here: add "off fp32 32" to repeat that.
-for v in "off auto 32" "on auto 32" "on auto 64"; do set -- $v
+IFS=';' read -ra variants <<< "${VARIANTS:-off auto 32;on auto 32;on auto 64}"   # VARIANTS="on auto 64;..."
+for v in "${variants[@]}"; do set -- $v
 timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
     --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
     --json "$OUT/ours_1.7b_compile_$1_lora_$2_mb$3.json" > "$OUT/ours_1.7b_compile_$1_lora_$2_mb$3.log" 2>&1
@@ -67,10 +68,21 @@ done
 
 section_5() {
 stamp "5. profile of the trainer's training phase, 1.7B shape, batch 64, mini-batch 32, compiled then eager"
-for c in on off; do
+for c in ${PROFILE_COMPILE:-on off}; do
 timeout 200 python3 bench/gpu_profile_ppo.py --shape 1.7b --compile $c > "$OUT/ppo_profile_compile_$c.log" 2>&1
 grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile_compile_$c.log" | tail -42 | cut -c1-200
 done
 }
+section_6() {
+stamp "6. ceilings: one layer's matrix products and attention through each SDPA backend, 1.7B micro-batch"
+timeout 60 python3 bench/gpu_probe_kernels.py 2>&1 | tee "$OUT/probe_kernels.log" | grep -vE "[Ww]arn"
+}
+
+# The compile cache comes and goes as one file: INDUCTOR_CACHE=path/to/inductor.tgz (carried) seeds it, and it
+# is written back to $OUT/inductor.tgz when it fits the device tool's 16 MiB a file.
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache; mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+[ -f "${INDUCTOR_CACHE:-}" ] && tar xzf "$INDUCTOR_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" && stamp "compile cache seeded"
 for s in $SECTIONS; do "section_$s"; done   # in the order given
+tar czf /tmp/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null && \
+  [ "$(stat -c %s /tmp/inductor.tgz)" -lt 16000000 ] && cp /tmp/inductor.tgz "$OUT/" && stamp "compile cache saved"
 stamp "done"

@@ -19,11 +19,18 @@ components/ppo/memory.py's count for a PPO micro-batch of 32 x 192 tokens at the
 was 31 GiB). `_AdapterTerm` computes the same fp32 LoRA term in one autograd node that
 keeps the half-precision input (2 bytes) and the [N, r] product instead, and casts in the backward pass.
 
-`fused_lora(model, half=True)` instead runs the same node's LoRA matmuls in the base's half dtype, with the
-fp32 adapter weights rounded to it, as bf16 autocast does: fp32 accumulation inside each matmul, the result
-rounded once. On a GPU the fp32 path is slow work: every LoRA layer's [N, out] base output and gradient are cast
-to fp32 and back, and its fp32 matmuls miss the tensor cores (an H100 profile of a PPO step at the 1.7B shape:
-fp32 GEMMs 8%, copies 15% of the GPU time). The adapters, their gradients and the optimizer stay fp32.
+`fused_lora(model, half=True)` instead runs the LoRA matmuls in the base's half dtype, with the fp32 adapter
+weights rounded to it, as bf16 autocast does: fp32 accumulation inside each matmul. On a GPU the fp32 path is
+slow work: every LoRA layer's [N, out] base output and gradient are cast to fp32 and back, and its fp32 matmuls
+miss the tensor cores (an H100 profile of a PPO step at the 1.7B shape: fp32 GEMMs 8%, copies 15% of the GPU
+time). The adapters, their gradients and the optimizer stay fp32. Plain autograd serves here: it keeps the
+same tensors a custom node would (the half input, shared with the base layer, and the [N, r] product).
+
+Under torch.compile the LoRA term is added out of place, `base + t @ (s B)^T`: inductor then leaves the two
+matmuls apart and folds the add into the kernel that reads the layer's output next (rotary embedding, SiLU,
+residual add). The in-place `addmm_` that eager mode uses becomes, in a compiled graph, an addmm that first
+copies the whole [N, out] base output (an H100 profile of the compiled 1.7B training phase: 672 such copies,
+5% of its GPU time, and the beta-add matmul reading that copy another 7%).
 """
 from __future__ import annotations
 
@@ -64,32 +71,30 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class _AdapterTerm(torch.autograd.Function):
-    """y = base_out + s * (x A^T) B^T with the matmuls in `compute` dtype, rounded once to x's dtype.
-
-    x [N, in] half, a [r, in] fp32, b [out, r] fp32, base_out [N, out] half (the base layer's output, whose own
-    autograd node carries the base gradient). compute=float32: peft's mixed-precision result, keeping x (half)
-    and t = x A^T ([N, r] fp32) instead of an fp32 copy of x. compute=x's dtype: the matmuls in half precision
-    with A and B rounded to it, like autocast (`half=True`). The gradients of A and B come back as fp32.
+    """y = base_out + s * (x A^T) B^T with fp32 matmuls, rounded once to x's dtype: peft's mixed-precision
+    result. x [N, in] half, a [r, in] fp32, b [out, r] fp32, base_out [N, out] half (the base layer's output,
+    whose own autograd node carries the base gradient). Keeps x (half) and t = x A^T ([N, r] fp32) instead of
+    an fp32 copy of x; the gradients of A and B come back as fp32.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, base_out, scaling: float, compute: torch.dtype):
-        t = x.to(compute) @ a.to(compute).t()
-        y = torch.addmm(base_out.to(compute), t, b.to(compute).t(), alpha=scaling).to(x.dtype)
-        ctx.save_for_backward(x, a, b, t)     # the fp32 weights themselves: rounding again costs less than a copy
-        ctx.scaling, ctx.compute = scaling, compute
+    def forward(ctx, x, a, b, base_out, scaling: float):
+        t = x.float() @ a.t()
+        y = torch.addmm(base_out.float(), t, b.t(), alpha=scaling).to(x.dtype)
+        ctx.save_for_backward(x, a, b, t)
+        ctx.scaling = scaling
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, a, b, t = ctx.saved_tensors
-        s, c = ctx.scaling, ctx.compute
-        g = gy.to(c)
-        gt = (g @ b.to(c)).mul_(s)                                     # d loss / d t   [N, r]
-        grad_x = (gt @ a.to(c)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_a = (gt.t() @ x.to(c)).float() if ctx.needs_input_grad[1] else None
-        grad_b = (g.t() @ t).float().mul_(s) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None, None
+        s = ctx.scaling
+        g = gy.float()
+        gt = (g @ b).mul_(s)                                           # d loss / d t   [N, r]
+        grad_x = (gt @ a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_a = gt.t() @ x.float() if ctx.needs_input_grad[1] else None
+        grad_b = (g.t() @ t).mul_(s) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, gy if ctx.needs_input_grad[3] else None, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -> torch.Tensor:
@@ -99,12 +104,15 @@ def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -
     base = self.base_layer
     x2 = x.reshape(-1, x.shape[-1])
     out = nn.functional.linear(x2, base.weight, base.bias)            # [N, out]: a fresh tensor
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    if a.dtype != x.dtype:                                             # fp32 adapter on a half-precision base
-        out = _AdapterTerm.apply(x2, a, b, out, float(self.scaling[name]), x.dtype if half else torch.float32)
+    a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    if a.dtype != x.dtype and not half:                                # fp32 adapter math on a half base
+        out = _AdapterTerm.apply(x2, a, b, out, s)
+    elif torch.compiler.is_compiling():
+        # out of place, so inductor folds the add into the next kernel instead of copying `out` (module docs)
+        out = out + (x2 @ a.to(x.dtype).t()) @ (b * s).to(x.dtype).t()
     else:
         # autograd saves the inputs of linear/addmm, not their outputs, so accumulating in place is safe
-        out.addmm_(x2 @ a.t(), b.t(), alpha=self.scaling[name])
+        out.addmm_(x2 @ a.to(x.dtype).t(), b.to(x.dtype).t(), alpha=s)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

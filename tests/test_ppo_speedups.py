@@ -105,6 +105,44 @@ def test_shortcuts_equal_the_plain_pass(policy, share, fused):
         assert torch.linalg.vector_norm(a - b) <= 1e-3 * torch.linalg.vector_norm(b) + 1e-8
 
 
+def test_left_aligned_training_layout_equals_the_masked_pass(policy):
+    """The training passes' layout (each row moved to column 0, attention with no mask: rollout._aligned_left)
+    gives the masked left-padded pass's log-probs, values, entropy and LoRA gradients, also for a row that
+    ended early (EOS, then padding), and SDPA really runs unmasked and causal."""
+    import torch.nn.functional as F
+    lm, q, qm, resp, rm, vh = policy
+    resp, rm = resp.clone(), rm.clone()
+    resp[0, 3], resp[0, 4:], rm[0, 4:] = lm.eos_token_id, lm.pad_token_id, 0      # row 0 ended at its 4th token
+    assert len(set(qm.sum(1).tolist())) > 2                                        # prompts of several lengths
+    params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+    masks = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real_sdpa(*args, **kwargs)
+
+    def run(want_hidden: bool):
+        for p in params:
+            p.grad = None
+        fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, want_entropy=True,
+                              want_hidden=want_hidden, share_prefix=False)
+        ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+        return fo, [p.grad.clone() for p in params]
+    masked, g_masked = run(want_hidden=True)
+    F.scaled_dot_product_attention = spy
+    try:
+        aligned, g_aligned = run(want_hidden=False)
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+    assert masks and all(m is None and causal for m, causal in masks), masks[:1]
+    keep = rm.bool()
+    for k in ("logp", "values", "entropy"):
+        assert torch.allclose(getattr(aligned, k)[keep], getattr(masked, k)[keep], atol=2e-4), k
+    for a, b in zip(g_aligned, g_masked):
+        assert torch.linalg.vector_norm(a - b) <= 1e-3 * torch.linalg.vector_norm(b) + 1e-8
+
+
 def test_shared_prefix_without_adapters_equals_plain(policy):
     lm, q, qm, resp, rm, _ = policy
     with torch.no_grad(), lm.model.disable_adapter():
@@ -167,13 +205,16 @@ def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base
 
 
 def _one_lora_layer(model):
-    """run(mode) -> (output, input grad, lora_A grad, lora_B grad, bytes autograd saved beyond the layer's weights)
-    of one LoRA layer (mlp.down_proj) on a fixed bf16 input and output gradient."""
+    """run(mode) -> (output, input grad, lora_A grad, lora_B grad, bytes of activations autograd saved) of one
+    LoRA layer (mlp.down_proj) on a fixed bf16 input and output gradient. Activations: saved tensors with a token
+    dimension, the memory that grows with the batch (not the weights, nor copies of the adapter rounded to bf16)."""
     layer = next(m for n, m in model.named_modules() if n.endswith("mlp.down_proj"))
     name = layer.active_adapters[0]
     x = torch.randn(3, 7, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(3, 7, layer.out_features, dtype=torch.bfloat16)
     weights = {p.data_ptr() for p in layer.parameters()}
+    n_tokens = 21
+    assert n_tokens not in (layer.in_features, layer.out_features, layer.lora_A[name].weight.shape[0])
 
     def run(mode: str):
         saved = []
@@ -181,7 +222,7 @@ def _one_lora_layer(model):
         x.grad = a.grad = b.grad = None
 
         def pack(t):
-            if t.data_ptr() not in weights:
+            if t.data_ptr() not in weights and t.dim() > 1 and t.shape[:-1].numel() == n_tokens:
                 saved.append(t.numel() * t.element_size())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -381,10 +381,10 @@ class PPOTrainer:
                     fo = heads_on_hidden(causal_lm_of(self.model).get_output_embeddings(), gen_hidden, resp,
                                          cfg.temperature, self.value_head, want_entropy=True)
                 else:
-                    with self._fused():     # the LoRA math of the training passes, so the first ratio is ~1
+                    with self._fused():     # the training passes' LoRA math and layout: the first ratio is ~1
                         fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
                                               value_head=self.value_head, want_entropy=True,
-                                              share_prefix=cfg.share_prompt_prefix)
+                                              share_prefix=self._share_prefix_in_training)
                 ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
                 del gen_hidden
             t_pol = time.perf_counter()
@@ -447,6 +447,11 @@ class PPOTrainer:
                 "samples": self._display(ro, scores),
             }
         return metrics
+
+    @property
+    def _share_prefix_in_training(self) -> bool:
+        # the shared prefix's cache does not go through the compiled layers
+        return self.config.share_prompt_prefix and self._compiled_layers is None
 
     def _fused(self):
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
@@ -513,7 +518,7 @@ class PPOTrainer:
         m = mask[idx, :R]
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
                               want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
-                              share_prefix=cfg.share_prompt_prefix and self._compiled_layers is None)
+                              share_prefix=self._share_prefix_in_training)
         pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
         vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
         loss = pl + cfg.vf_coef * vl
