@@ -3,13 +3,14 @@
 # Results and logs go to $OUT. Needs, beside the image's torch/transformers/peft: the wheels in .whl/
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
-# .gpu/peers). Sections: 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
-# 64: eager, compiled, compiled with 64-row micro-batches (no argument: 1 2 4); on request:
+# .gpu/peers). Sections: 7 compiled against eager gradients (~1.5 minutes; run first: a compiled figure counts
+# only where they agree), 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
+# 64: compiled, compiled with 64-row micro-batches, eager (no argument: 7 1 2 4); on request:
 # 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
 # compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
 set -u
-SECTIONS="${*:-1 2 4}"
+SECTIONS="${*:-7 1 2 4}"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 # The wheels go to a folder named site-packages: dill (datasets' hasher) pickles modules that live elsewhere
@@ -56,7 +57,7 @@ stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 ep
 # (compile, mini-batch): the default eager passes, compiled ones, then compiled with one 64-row micro-batch (the
 # issue's "larger micro-batches"; the compile cache of the run before may shorten its first step). Run 7 timed
 # fp32 against bf16 LoRA matmuls here: add "off fp32 32" to repeat that.
-IFS=';' read -ra variants <<< "${VARIANTS:-off auto 32;on auto 32;on auto 64}"   # VARIANTS="on auto 64;..."
+IFS=';' read -ra variants <<< "${VARIANTS:-on auto 32;on auto 64;off auto 32}"   # VARIANTS="on auto 64;..."
 for v in "${variants[@]}"; do set -- $v
 timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
     --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
@@ -73,6 +74,11 @@ timeout 200 python3 bench/gpu_profile_ppo.py --shape 1.7b --compile $c > "$OUT/p
 grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile_compile_$c.log" | tail -42 | cut -c1-200
 done
 }
+section_7() {
+stamp "7. compiled against eager gradients, adapter by adapter, 1.7B shape, training and masked layouts"
+timeout 200 python3 bench/gpu_check_compiled_grads.py --shape 1.7b 2>&1 | tee "$OUT/compiled_grads.log" | grep -E "^\||Error"
+}
+
 section_6() {
 stamp "6. ceilings: one layer's matrix products and attention through each SDPA backend, 1.7B micro-batch"
 timeout 60 python3 bench/gpu_probe_kernels.py 2>&1 | tee "$OUT/probe_kernels.log" | grep -vE "[Ww]arn"

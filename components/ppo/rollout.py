@@ -12,8 +12,9 @@ per-token quantity (log-prob, value, entropy) is computed from hidden[:, P-1 : P
 
 Training passes lay the batch out again, each row moved to column 0 (`_aligned_left`): the padding then sits
 after every real token, where causal attention already hides it, so attention runs with no mask at all. A
-mask makes SDPA take its slower masked kernel, and builds a [B, heads, L, L] bias in every layer (an H100
-profile of the compiled 1.7B training phase: ~8% of its GPU time in attention and the bias).
+mask makes SDPA take its slower masked kernel and builds a [B, heads, L, L] bias in every layer; and layers
+compiled with that mask on an H100 ran no attention backward at all (docs/GPU.md, run 8), which the unmasked
+layout does (run 9: FlashAttention's kernels, forward and backward).
 
 Shared prompt prefix: prompts written with a chat template all begin with the same tokens (SmolLM2's system
 prompt is ~24 of a ~37-token prompt). `forward_response` runs that common prefix once (batch 1), repeats its

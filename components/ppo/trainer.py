@@ -485,6 +485,8 @@ class PPOTrainer:
                             cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
                             self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums)
                             n_micro += 1
+                        if self._compiled_layers is not None and n_opt == 0:
+                            self._check_every_tensor_got_a_gradient()
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
@@ -506,6 +508,16 @@ class PPOTrainer:
             if not math.isfinite(v):
                 raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
         return out
+
+    def _check_every_tensor_got_a_gradient(self) -> None:
+        """Compiled passes once gave no gradient to part of the adapter and nothing failed: on an H100, layers
+        compiled with a padding mask skipped attention's backward pass, so the q/k/v adapters never trained (the
+        GPU profile showed no attention backward kernel). Checked on the first update, before it is applied."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        missing = [names.get(id(p), "value_head") for p in self._params if p.grad is None]
+        if missing:
+            raise RuntimeError(f"the compiled training passes gave no gradient to {len(missing)} trainable tensors "
+                               f"(first: {missing[0]}); the update was not applied. Set compile='off'.")
 
     def _micro_step(self, ro: Rollout, idx: torch.Tensor, cols: tuple[int, int], advantages, returns, mask,
                     sums: dict) -> None:

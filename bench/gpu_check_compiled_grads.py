@@ -1,0 +1,94 @@
+"""Do the compiled training passes give the eager passes' gradients on this GPU, adapter by adapter?
+
+An H100 profile of the compiled training phase (docs/GPU.md, run 8) showed no attention backward kernel while
+layers ran with the left-padding mask: the q/k/v adapters got no gradient and nothing failed. The training
+passes now lay rows out from column 0 and run attention unmasked (components/ppo/rollout.py). This compares,
+for one micro-batch of sampled rows, every trainable tensor's gradient from torch.compile'd layers (inductor)
+with the eager one, in both layouts: the training layout and the masked one (want_hidden=True).
+
+    python bench/gpu_check_compiled_grads.py --shape 1.7b      # on a GPU, ~1.5 minutes (two compilations)
+    python bench/gpu_check_compiled_grads.py --device cpu --shape tiny
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.gpu_ppo import SyntheticReward, load, random_prompts, save_random_model  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", default="1.7b")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    from components.ppo import PPOConfig, PPOTrainer
+    from components.ppo.rollout import forward_response, rollout
+    from components.ppo.trainer import causal_lm_of, swapped_layers
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    folder = Path(tempfile.mkdtemp(prefix=f"grads_{args.shape}_"))
+    try:
+        save_random_model(args.shape, folder, 3.0)
+        lm = load(folder, "none", device, dtype)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    cfg = PPOConfig(batch_size=args.rows, mini_batch_size=args.rows, max_new_tokens=args.new_tokens,
+                    max_prompt_tokens=64, seed=0, value_head_init="zeros", compile="on", missing_eos_penalty=0.0)
+    prompts = random_prompts(args.rows, lm.model.config.vocab_size, seed=0)
+    reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
+    trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
+    g = torch.Generator().manual_seed(0)
+    for name, p in lm.model.named_parameters():      # non-zero B, so every A gets a gradient too
+        if "lora_B" in name:
+            p.data.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.device, p.dtype))
+    with torch.no_grad():
+        trainer.value_head.weight.normal_(0, 0.02)
+    ro = rollout(trainer.model, lm, prompts, max_prompt_tokens=64, max_new_tokens=args.new_tokens,
+                 temperature=1.0, score_tokens=False, device=device)
+    rm = ro.response_mask.float()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    decoder = causal_lm_of(trainer.model).get_decoder()
+
+    def gradients(compiled: bool, masked: bool) -> dict:
+        for p in trainer._params:
+            p.grad = None
+        layers = swapped_layers(decoder, trainer._compiled_layers) if compiled else nullcontext()
+        with trainer._fused(), layers:
+            fo = forward_response(trainer.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
+                                  1.0, value_head=trainer.value_head, want_hidden=masked, share_prefix=False)
+            ((fo.logp * rm).sum() / rm.sum() + (fo.values * rm).sum() / rm.sum()).backward()
+        return {names.get(id(p), "value_head"): None if p.grad is None else p.grad.detach().float().clone()
+                for p in trainer._params}
+
+    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {args.shape}, {args.rows} rows, "
+          f"{len(trainer._params)} trainable tensors")
+    print("| layout | tensors without gradient (compiled / eager) | q_proj tensors without | median rel. error "
+          "| max rel. error |")
+    print("|---|---|---|---|---|")
+    for masked in (False, True):
+        eager, comp = gradients(False, masked), gradients(True, masked)
+        none_c = [n for n, v in comp.items() if v is None]
+        none_e = [n for n, v in eager.items() if v is None]
+        errs = [float(torch.linalg.vector_norm(comp[n] - eager[n]) / torch.linalg.vector_norm(eager[n]).clamp_min(1e-30))
+                for n in eager if eager[n] is not None and comp[n] is not None]
+        q_none = sum("q_proj" in n for n in none_c)
+        layout = "masked, left-padded" if masked else "training: from column 0, unmasked"
+        print(f"| {layout} | {len(none_c)} / {len(none_e)} | {q_none} | "
+              f"{statistics.median(errs):.4f} | {max(errs):.4f} |" if errs else f"| {layout} | all missing |")
+
+
+if __name__ == "__main__":
+    main()
