@@ -12,10 +12,8 @@ with the eager one, in both layouts: the training layout and the masked one (wan
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.gpu_ppo import SyntheticReward, load, random_prompts, save_random_model  # noqa: E402
+from bench.gpu_ppo import random_trainer  # noqa: E402
 
 
 def main(argv=None):
@@ -33,23 +31,18 @@ def main(argv=None):
     ap.add_argument("--shape", default="1.7b")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--lora-precision", choices=["auto", "fp32", "half"], default="auto")
+    ap.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args(argv)
-    from components.ppo import PPOConfig, PPOTrainer
     from components.ppo.rollout import forward_response, rollout
     from components.ppo.trainer import causal_lm_of, swapped_layers
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    folder = Path(tempfile.mkdtemp(prefix=f"grads_{args.shape}_"))
-    try:
-        save_random_model(args.shape, folder, 3.0)
-        lm = load(folder, "none", device, dtype)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    cfg = PPOConfig(batch_size=args.rows, mini_batch_size=args.rows, max_new_tokens=args.new_tokens,
-                    max_prompt_tokens=64, seed=0, value_head_init="zeros", compile="on", missing_eos_penalty=0.0)
-    prompts = random_prompts(args.rows, lm.model.config.vocab_size, seed=0)
-    reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
-    trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" or args.cpu_dtype == "bf16" else torch.float32
+    trainer, prompts = random_trainer(args.shape, device, dtype, args.rows, batch_size=args.rows,
+                                      mini_batch_size=args.rows, max_new_tokens=args.new_tokens,
+                                      max_prompt_tokens=64, seed=0, value_head_init="zeros", compile="on",
+                                      missing_eos_penalty=0.0, lora_precision=args.lora_precision)
+    lm = trainer.lm
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():      # non-zero B, so every A gets a gradient too
         if "lora_B" in name:
@@ -74,7 +67,7 @@ def main(argv=None):
                 for p in trainer._params}
 
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {args.shape}, {args.rows} rows, "
-          f"{len(trainer._params)} trainable tensors")
+          f"{len(trainer._params)} trainable tensors, LoRA matmuls in {'bf16' if trainer.half_lora else 'fp32'}")
     print("| layout | tensors without gradient (compiled / eager) | q_proj tensors without | median rel. error "
           "| max rel. error |")
     print("|---|---|---|---|---|")

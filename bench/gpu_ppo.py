@@ -154,6 +154,22 @@ def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return out
 
 
+def random_trainer(shape: str, device: torch.device, dtype: torch.dtype, n_prompts: int, logit_std: float = 3.0,
+                   **config):
+    """(trainer, prompts): a PPOTrainer on random weights of `shape` (loaded from a temporary folder), the
+    synthetic reward, `n_prompts` random prompts and PPOConfig(**config). For the GPU scripts beside this one."""
+    from components.ppo import PPOConfig, PPOTrainer
+    folder = Path(tempfile.mkdtemp(prefix=f"ppo_{shape}_"))
+    try:
+        save_random_model(shape, folder, logit_std)
+        lm = load(folder, "none", device, dtype)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    prompts = random_prompts(n_prompts, lm.model.config.vocab_size, seed=0)
+    reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
+    return PPOTrainer(lm, reward, PPOConfig(**config), prompts, device=device), prompts
+
+
 def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) -> dict:
     from components.ppo import PPOConfig, PPOTrainer, estimate_memory
     dtype = torch.bfloat16 if device.type == "cuda" else (torch.float32 if args.cpu_dtype == "fp32"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.gpu_ppo import SyntheticReward, load, random_prompts, save_random_model  # noqa: E402
+from bench.gpu_ppo import random_trainer  # noqa: E402
 
 
 def main(argv=None):
@@ -45,22 +45,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
-    from components.ppo import PPOConfig, PPOTrainer
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    folder = Path(tempfile.mkdtemp(prefix=f"ppo_prof_{args.shape}_"))
-    try:
-        save_random_model(args.shape, folder, args.logit_std)
-        lm = load(folder, "none", device, dtype)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    cfg = PPOConfig(steps=args.warmup + 1, batch_size=args.batch, mini_batch_size=args.mini_batch,
-                    ppo_epochs=args.epochs, max_new_tokens=args.new_tokens, max_prompt_tokens=64, temperature=1.0,
-                    lr=1e-5, kl_coef=0.01, missing_eos_penalty=0.0, seed=0, value_head_init="zeros",
-                    compile=args.compile)
-    prompts = random_prompts(args.batch, lm.model.config.vocab_size, seed=0)
-    reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
-    trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
+    trainer, _ = random_trainer(args.shape, device, dtype, args.batch, args.logit_std, steps=args.warmup + 1,
+                                batch_size=args.batch, mini_batch_size=args.mini_batch, ppo_epochs=args.epochs,
+                                max_new_tokens=args.new_tokens, max_prompt_tokens=64, temperature=1.0, lr=1e-5,
+                                kl_coef=0.01, missing_eos_penalty=0.0, seed=0, value_head_init="zeros",
+                                compile=args.compile)
     for i in range(args.warmup):
         m = trainer.step()
         print(f"warm-up step {i + 1}: {m['t_step']:.2f} s", flush=True)
