@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check and benchmark of issue 7 (and, on request, issue 4's) in one device session, ~7 minutes.
+# Every GPU check and benchmark of issue 7 (and, on request, issue 4's) in one device session, ~8 minutes.
 # Results and logs go to $OUT. Needs, beside the image's torch/transformers/peft: the wheels in .whl/
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
@@ -28,7 +28,8 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 
 section_1() {
 stamp "1. rollout generation and LoRA training step vs baselines (issue 7)"
-timeout 200 python3 bench/gpu_fast.py --compile > "$OUT/gpu_fast.log" 2>&1
+# FAST_ARGS=--compile adds the bench's own whole-decoder compiled training step (cut off at 200 s in run 7)
+timeout 200 python3 bench/gpu_fast.py ${FAST_ARGS:-} > "$OUT/gpu_fast.log" 2>&1
 grep -vE "[Ww]arn" "$OUT/gpu_fast.log" | tail -40
 }
 
@@ -89,6 +90,9 @@ timeout 60 python3 bench/gpu_probe_kernels.py 2>&1 | tee "$OUT/probe_kernels.log
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache; mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 [ -f "${INDUCTOR_CACHE:-}" ] && tar xzf "$INDUCTOR_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" && stamp "compile cache seeded"
 for s in $SECTIONS; do "section_$s"; done   # in the order given
+# the device tool brings back 8 files at most: the logs and JSON go back as one archive
+(cd "$OUT" && ls | grep -vE '^(all\.log|.*\.json\.gz)$' > /tmp/out-files && [ -s /tmp/out-files ] && \
+  tar czf /tmp/logs.tgz -T /tmp/out-files && xargs rm -f < /tmp/out-files && mv /tmp/logs.tgz .)
 tar czf /tmp/inductor.tgz -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null && \
   [ "$(stat -c %s /tmp/inductor.tgz)" -lt 16000000 ] && cp /tmp/inductor.tgz "$OUT/" && stamp "compile cache saved"
 stamp "done"
