@@ -328,18 +328,22 @@ def test_compiled_training_passes_match_eager(lm32):
         assert torch.linalg.vector_norm(got_update - want_update) <= 0.05 * torch.linalg.vector_norm(want_update), k
 
 
-def test_compiled_passes_that_lose_a_gradient_stop_before_the_update(lm32):
+@pytest.mark.parametrize("cut", ["detach", "zero"])
+def test_compiled_passes_that_lose_a_gradient_stop_before_the_update(lm32, cut):
     """An H100 run once compiled layers whose graph skipped attention's backward pass (the q/k/v adapters got no
-    gradient, silently). Stood in for here by cutting attention's output from the graph: the first update
-    raises, naming a tensor, and leaves the adapter as it was."""
+    gradient, silently). Stood in for here by cutting attention's output from the graph (no gradient at all) or
+    zeroing it (zero gradients): the first update raises, naming a tensor, and leaves the adapter as it was."""
     import torch._dynamo
     from components.ppo.trainer import decoder_layer_list
-    torch._dynamo.register_backend(lambda gm, ex: gm.forward, name="studio_test_plain")
+    from torch._dynamo.backends.registry import list_backends
+    if "studio_test_plain" not in list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(lambda gm, ex: gm.forward, name="studio_test_plain")
     trainer = small_trainer(lm32, ppo_epochs=1, compile="on", compile_backend="studio_test_plain")
     before = {k: v.clone() for k, v in trainer._adapter_state().items()}
     layers = decoder_layer_list(lm32.model.get_base_model().get_decoder())
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: (args[0].detach(),))
-             for layer in layers]
+    def cut_attention(module, args):
+        return (args[0].detach(),) if cut == "detach" else (args[0] * 0,)
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(cut_attention) for layer in layers]
     try:
         with pytest.raises(RuntimeError, match=r"no gradient to \d+ trainable tensors \(first: .*q_proj"):
             trainer.step()

@@ -100,8 +100,10 @@ class PPOConfig:
     training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
     Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
     rollout, policy and reference passes stay eager. Not with gradient_checkpointing. On an H100 at the 1.7B shape
-    (batch 64, mini-batch 32): training 0.79 -> 0.56 s a step, after a first step of 79 s that compiles (a cold
-    cache), hence "off" by default: it pays off after a few hundred steps (docs/GPU.md)."""
+    (batch 64, mini-batch 32): training 0.76 -> 0.57 s a step, after a first step of 45-60 s that compiles (a cold
+    cache), hence "off" by default: it pays off after a few hundred steps (docs/GPU.md, run 9). The first update
+    checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
+    pass) and fails before applying it if not."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
     kernels; the tests register a recording backend)."""

@@ -515,6 +515,12 @@ class PPOTrainer:
         GPU profile showed no attention backward kernel). Checked on the first update, before it is applied."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         missing = [names.get(id(p), "value_head") for p in self._params if p.grad is None]
+        # a cut graph may also hand back zeros; a B matrix's gradient is never exactly zero otherwise (A starts
+        # random), while an A matrix's is while B is still zero
+        b_mats = [p for p in self._params if p.grad is not None and "lora_B" in names.get(id(p), "")]
+        if b_mats:
+            zero = torch.stack([p.grad.abs().amax() for p in b_mats]).eq(0).tolist()    # one wait for the GPU
+            missing += [names[id(p)] for p, z in zip(b_mats, zero) if z]
         if missing:
             raise RuntimeError(f"the compiled training passes gave no gradient to {len(missing)} trainable tensors "
                                f"(first: {missing[0]}); the update was not applied. Set compile='off'.")
