@@ -224,6 +224,8 @@ class PPOTrainer:
                                                not quantized and not cfg.gradient_checkpointing)
             self._compiled_layers = compile_layers(causal_lm_of(self.model).get_decoder(),
                                                    cfg.compile_backend) if compiled else None
+            # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
+            self._gradients_unchecked = compiled
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
@@ -485,8 +487,9 @@ class PPOTrainer:
                             cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
                             self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums)
                             n_micro += 1
-                        if self._compiled_layers is not None and n_opt == 0:
+                        if self._gradients_unchecked:
                             self._check_every_tensor_got_a_gradient()
+                            self._gradients_unchecked = False
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
