@@ -4,9 +4,10 @@ An H100 profile of the compiled training phase (docs/GPU.md, run 8) showed no at
 layers ran with the left-padding mask: the q/k/v adapters got no gradient and nothing failed. The training
 passes now lay rows out from column 0 and run attention unmasked (components/ppo/rollout.py). This compares,
 for one micro-batch of sampled rows, every trainable tensor's gradient from torch.compile'd layers (inductor)
-with the eager one, in both layouts: the training layout and the masked one (want_hidden=True).
+with the eager one, in three layouts: packed rows (the training layout where packing applies), rows from column 0,
+and the masked one (want_hidden=True); and the packed rows' gradients with the padded ones'.
 
-    python bench/gpu_check_compiled_grads.py --shape 1.7b      # on a GPU, ~1.5 minutes (two compilations)
+    python bench/gpu_check_compiled_grads.py --shape 1.7b      # on a GPU, ~2 minutes (three compilations)
     python bench/gpu_check_compiled_grads.py --device cpu --shape tiny
 """
 from __future__ import annotations
@@ -55,32 +56,46 @@ def main(argv=None):
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     decoder = causal_lm_of(trainer.model).get_decoder()
 
-    def gradients(compiled: bool, masked: bool) -> dict:
+    layouts = {"training, packed rows (no padding)": dict(want_hidden=False, pack=True),
+               "training, from column 0, unmasked": dict(want_hidden=False, pack=False),
+               "masked, left-padded": dict(want_hidden=True, pack=False)}
+
+    def gradients(compiled: bool, layout: str) -> tuple[dict, torch.Tensor]:
         for p in trainer._params:
             p.grad = None
         layers = swapped_layers(decoder, trainer._compiled_layers) if compiled else nullcontext()
         with trainer._fused(), layers:
             fo = forward_response(trainer.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
-                                  1.0, value_head=trainer.value_head, want_hidden=masked, share_prefix=False)
+                                  1.0, value_head=trainer.value_head, share_prefix=False, **layouts[layout])
             ((fo.logp * rm).sum() / rm.sum() + (fo.values * rm).sum() / rm.sum()).backward()
-        return {names.get(id(p), "value_head"): None if p.grad is None else p.grad.detach().float().clone()
-                for p in trainer._params}
+        return ({names.get(id(p), "value_head"): None if p.grad is None else p.grad.detach().float().clone()
+                 for p in trainer._params}, fo.logp.detach().float())
+
+    def errors(got: dict, want: dict) -> list[float]:
+        return [float(torch.linalg.vector_norm(got[n] - want[n]) / torch.linalg.vector_norm(want[n]).clamp_min(1e-30))
+                for n in want if want[n] is not None and got[n] is not None]
 
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {args.shape}, {args.rows} rows, "
           f"{len(trainer._params)} trainable tensors, LoRA matmuls in {'bf16' if trainer.half_lora else 'fp32'}")
     print("| layout | tensors without gradient (compiled / eager) | q_proj tensors without | median rel. error "
           "| max rel. error |")
     print("|---|---|---|---|---|")
-    for masked in (False, True):
-        eager, comp = gradients(False, masked), gradients(True, masked)
-        none_c = [n for n, v in comp.items() if v is None]
-        none_e = [n for n, v in eager.items() if v is None]
-        errs = [float(torch.linalg.vector_norm(comp[n] - eager[n]) / torch.linalg.vector_norm(eager[n]).clamp_min(1e-30))
-                for n in eager if eager[n] is not None and comp[n] is not None]
+    eager_of = {}
+    for layout in layouts:
+        eager, comp = gradients(False, layout), gradients(True, layout)
+        eager_of[layout] = eager
+        none_c = [n for n, v in comp[0].items() if v is None]
+        none_e = [n for n, v in eager[0].items() if v is None]
+        errs = errors(comp[0], eager[0])
         q_none = sum("q_proj" in n for n in none_c)
-        layout = "masked, left-padded" if masked else "training: from column 0, unmasked"
         print(f"| {layout} | {len(none_c)} / {len(none_e)} | {q_none} | "
               f"{statistics.median(errs):.4f} | {max(errs):.4f} |" if errs else f"| {layout} | all missing |")
+    # packing against padding, both eager: the same rows, so the same numbers up to rounding
+    (packed, lp_packed), (padded, lp_padded) = (eager_of[k] for k in list(layouts)[:2])
+    errs = errors(packed, padded)
+    keep = rm.bool()
+    print(f"packed against padded rows, eager: gradients median rel. error {statistics.median(errs):.4f}, max "
+          f"{max(errs):.4f}; log-probs max abs difference {float((lp_packed - lp_padded)[keep].abs().max()):.4f}")
 
 
 if __name__ == "__main__":

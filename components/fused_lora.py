@@ -41,6 +41,10 @@ import torch
 from torch import nn
 
 
+# the default of fused_lora(siblings=...); the GPU bench flips it to time both
+SHARE_SIBLING_INPUTS = True
+
+
 def _lora_linear_type():
     from peft.tuners.lora.layer import Linear
     return Linear
@@ -107,13 +111,83 @@ def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -
     a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     if a.dtype != x.dtype and not half:                                # fp32 adapter math on a half base
         out = _AdapterTerm.apply(x2, a, b, out, s)
-    elif torch.compiler.is_compiling():
+        return out.view(*x.shape[:-1], out.shape[-1])
+    group, index = self.__dict__.get(_SIBLINGS, (None, 0))
+    if group is not None and group.enabled:
+        t = group.a_product(index, x, x2, name)                          # [N, r]
+    else:
+        t = x2 @ a.to(x.dtype).t()
+    if torch.compiler.is_compiling():
         # out of place, so inductor may fold the add into the next kernel instead of copying `out` (module docs)
-        out = out + (x2 @ a.to(x.dtype).t()) @ (b * s).to(x.dtype).t()
+        out = out + t @ (b * s).to(x.dtype).t()
     else:
         # autograd saves the inputs of linear/addmm, not their outputs, so accumulating in place is safe
-        out.addmm_(x2 @ a.to(x.dtype).t(), b.to(x.dtype).t(), alpha=s)
+        out.addmm_(t, b.to(x.dtype).t(), alpha=s)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# Sibling projections that read the same input in the decoders transformers ships (Llama, Qwen2, Mistral, Gemma,
+# SmolLM2): attention's q/k/v and the gated MLP's gate/up. Named, because structure alone cannot tell them from
+# o_proj, which has q's shape but reads attention's output. The input is still compared at run time.
+SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_SIBLINGS = "_fused_lora_siblings"
+
+
+class _Siblings:
+    """LoRA layers that read one input: the first of them to see a new input computes every sibling's x A^T in
+    one matmul, x [N, in] @ [A_1; A_2; ...]^T, and the others take their slice of it. One skinny GEMM instead of
+    three (q/k/v) or two (gate/up) reads x once, and in the backward pass autograd forms x's gradient and the
+    A gradients with one GEMM each as well. The same products, so the same math as one matmul a layer.
+
+    One object per set of layers for the model's lifetime: torch.compile guards on the objects a compiled layer
+    reads, and a new one per fused_lora block would recompile every PPO step."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        self.enabled = True
+        self.x = None            # the input the held products belong to
+        self.held = []           # [N, r_i] products not yet taken, None where taken or not computed
+
+    def a_product(self, i: int, x: torch.Tensor, x2: torch.Tensor, name: str) -> torch.Tensor:
+        """Layer i's x A^T, [N, r]: taken from the held products when they belong to this x, else computed."""
+        if self.x is x and self.held[i] is not None:
+            t, self.held[i] = self.held[i], None
+        else:
+            t = self._compute(i, x, x2, name)
+        if all(h is None for h in self.held):      # all taken: do not keep x or products alive past their use
+            self.x, self.held = None, []
+        return t
+
+    def _compute(self, i: int, x: torch.Tensor, x2: torch.Tensor, name: str) -> torch.Tensor:
+        # siblings whose call with this input would take the same fused path, with adapters of one dtype
+        a_dtype = self.layers[i].lora_A[name].weight.dtype
+        joins = [j == i or (_fusable(m, x, (), {}) == name and m.lora_A[name].weight.dtype == a_dtype)
+                 for j, m in enumerate(self.layers)]
+        weights = [m.lora_A[name].weight for m, join in zip(self.layers, joins) if join]
+        products = (x2 @ torch.cat(weights).to(x.dtype).t()).split([w.shape[0] for w in weights], dim=1)
+        held, k = [], 0
+        for j, join in enumerate(joins):
+            held.append(products[k] if join else None)
+            k += join
+        t, held[i] = held[i], None
+        self.x, self.held = x, held
+        return t
+
+
+def _siblings_of(model: nn.Module, linear) -> list[_Siblings]:
+    """Each set of sibling LoRA layers' (SIBLING_SETS) one _Siblings object, made on first use."""
+    groups = []
+    for parent in model.modules():
+        for names in SIBLING_SETS:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, linear) for m in layers):
+                continue
+            if _SIBLINGS not in layers[0].__dict__:
+                group = _Siblings(layers)
+                for i, m in enumerate(layers):
+                    m.__dict__[_SIBLINGS] = (group, i)
+            groups.append(layers[0].__dict__[_SIBLINGS][0])
+    return groups
 
 
 def _fused_forward_half(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -123,11 +197,15 @@ def _fused_forward_half(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def fused_lora(model: nn.Module, half: bool = False):
+def fused_lora(model: nn.Module, half: bool = False, siblings: bool | None = None):
     """Within the block, peft LoRA Linear layers of `model` use the fused forward (see module docs). half: fp32
-    adapters on a half-precision base run their matmuls in the base's dtype instead of fp32."""
+    adapters on a half-precision base run their matmuls in the base's dtype instead of fp32. siblings: layers
+    that read one input share one x A^T matmul (`_Siblings`; default `SHARE_SIBLING_INPUTS`)."""
     linear = _lora_linear_type()
     layers = [m for m in model.modules() if isinstance(m, linear)]
+    groups = _siblings_of(model, linear)
+    for group in groups:
+        group.enabled = SHARE_SIBLING_INPUTS if siblings is None else siblings
     forward = _fused_forward_half if half else _fused_forward
     for m in layers:
         m.forward = types.MethodType(forward, m)
@@ -136,3 +214,5 @@ def fused_lora(model: nn.Module, half: bool = False):
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
+        for group in groups:                      # an exception mid-pass may leave products held
+            group.x, group.held = None, []

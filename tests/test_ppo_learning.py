@@ -306,6 +306,8 @@ def test_compiled_training_passes_match_eager(lm32):
     want_adapter = {k: v.clone() for k, v in eager._adapter_state().items()}
     compiled = small_trainer(lm32, ppo_epochs=1, compile="on", compile_backend="studio_test_recording")
     assert compiled.compiled
+    # off CUDA the packed rows' attention reads row starts to the host, which a graph cannot: padded rows
+    assert eager.pack_rows and not compiled.pack_rows
     init = compiled._adapter_state()
     got = [compiled.step()]
     n_graphs_after_first_step = len(graphs)
@@ -323,6 +325,45 @@ def test_compiled_training_passes_match_eager(lm32):
     assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in layers)
     # Adam moves near-zero gradients by a full lr step, so compare each tensor's update as a whole
     got_adapter = compiled._adapter_state()
+    for k, v in want_adapter.items():
+        want_update, got_update = v - init[k], got_adapter[k] - init[k]
+        assert torch.linalg.vector_norm(got_update - want_update) <= 0.05 * torch.linalg.vector_norm(want_update), k
+
+
+def test_packed_rows_train_as_padded_rows(lm32):
+    """PPOConfig.pack_rows: the policy and training passes run the rows packed without padding (no shared prefix
+    here; the reference pass keeps the padded layout, as this reward reads its hidden states). Two steps give the
+    padded trainer's samples, losses, KL and adapter update; packed attention really ran, in both kinds of pass."""
+    import components.attention as attention
+    calls = []
+    real = attention.packed_attention_forward
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(module, query, *args, **kwargs)
+    kw = dict(ppo_epochs=1, share_prompt_prefix=False, old_logprobs="forward")
+    padded = small_trainer(lm32, pack_rows=False, **kw)
+    want = [padded.step() for _ in range(2)]
+    want_adapter = {k: v.clone() for k, v in padded._adapter_state().items()}
+    packed = small_trainer(lm32, **kw)
+    assert packed.pack_rows and not padded.pack_rows
+    init = packed._adapter_state()
+    from transformers import AttentionInterface
+    attention.register_packed_attention()            # now, so that the first pass does not register over the spy
+    AttentionInterface.register(attention.PACKED, counting)
+    try:
+        got = [packed.step() for _ in range(2)]
+    finally:
+        AttentionInterface.register(attention.PACKED, real)
+    n_layers = lm32.model.config.num_hidden_layers
+    # per step: the policy pass (no gradient), then 2 training micro-batches of 2 rows
+    assert calls.count(False) == 2 * n_layers and calls.count(True) == 2 * 2 * n_layers, len(calls)
+    assert lm32.model.config._attn_implementation == "sdpa"
+    for g, w in zip(got, want):
+        assert [s["response"] for s in g["samples"]] == [s["response"] for s in w["samples"]]
+        for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):
+            assert g[k] == pytest.approx(w[k], rel=1e-3, abs=1e-5), k
+    got_adapter = packed._adapter_state()
     for k, v in want_adapter.items():
         want_update, got_update = v - init[k], got_adapter[k] - init[k]
         assert torch.linalg.vector_norm(got_update - want_update) <= 0.05 * torch.linalg.vector_norm(want_update), k

@@ -143,6 +143,63 @@ def test_left_aligned_training_layout_equals_the_masked_pass(policy):
         assert torch.linalg.vector_norm(a - b) <= 1e-3 * torch.linalg.vector_norm(b) + 1e-8
 
 
+def test_packed_layout_on_hand_made_rows():
+    from components.ppo.rollout import _packed
+    pad = 0
+    q = torch.tensor([[pad, pad, 5, 6],
+                      [7, 8, 9, 1]])
+    r = torch.tensor([[2, 3],
+                      [4, pad]])                       # row 1's response ended early: its padding is kept
+    ids, positions, cu, predicting = _packed(q, (q != pad).long(), r)
+    assert ids.tolist() == [[5, 6, 2, 3, 7, 8, 9, 1, 4, pad]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]
+    assert cu.tolist() == [0, 4, 10] and cu.dtype == torch.int32
+    assert predicting.tolist() == [[1, 2], [7, 8]]     # the prompt's last token predicts the first response token
+
+
+def test_packed_rows_equal_the_padded_pass(policy):
+    """forward_response(pack=True): the rows' real tokens in one sequence, attention inside each row. Log-probs,
+    values and entropy at every response position (also after a row's EOS) and the LoRA gradients equal the
+    padded pass's; attention ran once per row and layer on exactly that row's tokens (GQA: SmolLM2 has 9 query
+    and 3 key/value heads), with no mask; the model's attention setting is back afterwards."""
+    import torch.nn.functional as F
+    lm, q, qm, resp, rm, vh = policy
+    resp, rm = resp.clone(), rm.clone()
+    resp[0, 3], resp[0, 4:], rm[0, 4:] = lm.eos_token_id, lm.pad_token_id, 0
+    params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[1], kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real_sdpa(query, key, *args, **kwargs)
+
+    def run(pack: bool):
+        for p in params:
+            p.grad = None
+        with fused_lora(lm.model):
+            fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, want_entropy=True,
+                                  share_prefix=False, pack=pack)
+            ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+        return fo, [p.grad.clone() for p in params]
+    padded, g_padded = run(False)
+    F.scaled_dot_product_attention = spy
+    try:
+        packed, g_packed = run(True)
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+    rows = (qm.sum(1) + resp.shape[1]).tolist()
+    n_layers = lm.model.config.num_hidden_layers
+    assert [s[0] for s in seen] == rows * n_layers                       # each row's own tokens, each layer
+    assert all(mask is None and causal for _, _, mask, causal in seen)
+    assert seen[0][1] == lm.model.config.num_key_value_heads < lm.model.config.num_attention_heads
+    assert lm.model.config._attn_implementation == "sdpa"
+    for k in ("logp", "values", "entropy"):
+        assert torch.allclose(getattr(packed, k), getattr(padded, k), atol=2e-4), k
+    for a, b in zip(g_packed, g_padded):
+        assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-8
+
+
 def test_shared_prefix_without_adapters_equals_plain(policy):
     lm, q, qm, resp, rm, _ = policy
     with torch.no_grad(), lm.model.disable_adapter():
@@ -179,6 +236,56 @@ def test_fused_lora_falls_back_to_peft(policy):
         finally:
             layer.eval()
             layer.lora_dropout[name] = saved
+
+
+def test_sibling_layers_share_one_lora_a_matmul(policy):
+    """q/k/v and gate/up read one input: with siblings=True the first of them computes every sibling's x A^T in
+    one matmul. A whole pass gives the same log-probs, values and LoRA gradients as one matmul a layer, with 9
+    fewer matrix products per decoder layer (forward x A^T, backward x's gradient and A's gradient: 2 saved for
+    q/k/v and 1 for gate/up in each), but 7 in layer 0, whose q/k/v input (the frozen embeddings, normed) needs
+    no gradient. A layer whose input differs (o_proj's shape, another tensor) computes its
+    own product instead of taking a sibling's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    lm, q, qm, resp, rm, vh = policy
+    aten = torch.ops.aten
+    products = {aten.mm.default, aten.addmm.default, aten.addmm_.default, aten.bmm.default}
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in products
+            return func(*args, **(kwargs or {}))
+
+    params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+
+    def run(siblings: bool):
+        for p in params:
+            p.grad = None
+        with CountProducts() as count, fused_lora(lm.model, siblings=siblings):
+            fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, share_prefix=False)
+            ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+        return fo, [p.grad.clone() for p in params], count.n
+    apart, g_apart, n_apart = run(False)
+    shared, g_shared, n_shared = run(True)
+    n_layers = lm.model.config.num_hidden_layers
+    assert n_apart - n_shared == 9 * n_layers - 2, (n_apart, n_shared)
+    keep = rm.bool()
+    assert torch.allclose(shared.logp[keep], apart.logp[keep], atol=1e-5)
+    assert torch.allclose(shared.values[keep], apart.values[keep], atol=1e-5)
+    for a, b in zip(g_shared, g_apart):
+        assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(b) + 1e-8
+
+    attn = next(m for n, m in lm.model.named_modules() if n.endswith("layers.2.self_attn"))
+    x, other = torch.randn(2, 3, 2, lm.model.config.hidden_size).unbind()
+    with torch.no_grad():
+        want = [attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)]
+        with fused_lora(lm.model, siblings=True):
+            got = [attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)]   # k's input is not the one q saw
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base(policy):

@@ -104,6 +104,14 @@ class PPOConfig:
     cache), hence "off" by default: it pays off after a few hundred steps (docs/GPU.md, run 9). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
     pass) and fails before applying it if not."""
+    pack_rows: bool = True
+    """Forward passes that do not share a prompt prefix (compiled training passes, prompts with no common prefix,
+    the reference pass) run the rows packed one after another into a single sequence with no padding; attention
+    stays inside each row (FlashAttention's variable-length kernel on CUDA in bf16/fp16, SDPA row by row
+    elsewhere; components/attention.py). Same results; the padding to the longest prompt is not computed (with
+    prompts of 16..64 tokens and 128-token responses, one position in eight). Only for decoders known to allow
+    it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows), and not for compiled passes off
+    CUDA. False: padded rows."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
     kernels; the tests register a recording backend)."""

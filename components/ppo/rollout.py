@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from ..attention import PACKED, attention_implementation, register_packed_attention
 from ..fastgen import cache_kwarg, fast_generate
 from .core import entropy_from_logits, logprobs_from_logits
 
@@ -188,7 +189,7 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
-                     entropy_grad: bool = False, share_prefix: bool = True) -> ForwardOut:
+                     entropy_grad: bool = False, share_prefix: bool = True, pack: bool = False) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
@@ -197,6 +198,8 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     Gradients flow when called outside no_grad (through the entropy only if entropy_grad).
     share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
     which cannot keep a cache.
+    pack: where neither the shared prefix nor want_hidden applies, run the rows packed into one sequence with no
+    padding (`_packed`; attention stays inside each row: components/attention.py).
     """
     lm = causal_lm_of(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -213,6 +216,15 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
         if want_hidden:
             out.hidden = _full_layout(pre_hidden, tail, query_mask, R)
         return out
+    if not want_hidden and pack:
+        # the rows' real tokens one after another, no padding (components/attention.py)
+        input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids)
+        register_packed_attention()
+        with attention_implementation(decoder.config, PACKED):
+            hidden = decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
+                             packed_cu_seqlens=cu_seqlens, packed_max_len=P + R).last_hidden_state
+        h = hidden[0, predicting]                                                       # [B, R, H]
+        return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad)
     if not want_hidden:
         # every row moved to column 0: padding only at the end, where causal attention keeps it out of every
         # real token's view, so no mask is needed (module docs)
@@ -246,6 +258,31 @@ def _aligned_left(query_ids: torch.Tensor, query_mask: torch.Tensor, response_id
     source = (cols + (P - lens)).clamp(max=P + R - 1)                                  # [B, P + R]
     ids = torch.cat([query_ids, response_ids], dim=1).gather(1, source)
     return ids, lens - 1 + cols[:, :R]
+
+
+def _packed(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor):
+    """The batch packed into one row without padding.
+
+    query_ids/query_mask [B, P] left-padded, response_ids [B, R] -> (ids [1, T]: row i's L_i prompt tokens and
+    its R response columns, rows one after another, T = sum(L_i) + B R; positions [1, T], from 0 in each row;
+    cu_seqlens [B + 1] int32, where each row starts and the last ends; predicting [B, R]: the index in T of the
+    hidden state that predicts each response token). Reads T to the host: one wait for the device.
+    """
+    B, P = query_ids.shape
+    R = response_ids.shape[1]
+    dev = query_ids.device
+    lens = query_mask.long().sum(1)                                                    # [B]
+    n = lens + R                                                                       # row lengths
+    ends = n.cumsum(0)
+    starts = ends - n
+    T = int(ends[-1])
+    row = torch.repeat_interleave(torch.arange(B, device=dev), n, output_size=T)      # [T]: each token's row
+    positions = torch.arange(T, device=dev) - starts[row]                              # [T]
+    aligned, _ = _aligned_left(query_ids, query_mask, response_ids)                    # [B, P + R]
+    ids = aligned[row, positions]
+    predicting = (starts + lens - 1).unsqueeze(1) + torch.arange(R, device=dev)        # [B, R]
+    cu_seqlens = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)
+    return ids[None], positions[None], cu_seqlens, predicting
 
 
 def _full_layout(pre_hidden: torch.Tensor, tail: torch.Tensor, query_mask: torch.Tensor, R: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..attention import avoid_cudnn_attention
+from ..attention import avoid_cudnn_attention, packing_supported, varlen_available
 from ..fastgen import quantized_base
 from ..fused_lora import fused_lora
 from . import core
@@ -226,6 +226,11 @@ class PPOTrainer:
                                                    cfg.compile_backend) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
+            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`); compiled, only where one
+            # kernel does it (the row-by-row fallback reads the row starts to the host, which a graph cannot)
+            self.pack_rows = cfg.pack_rows and packing_supported(
+                causal_lm_of(self.model).get_decoder().config, cfg.max_prompt_tokens + cfg.max_new_tokens) and \
+                (not compiled or varlen_available(self.device, base_dtype))
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
@@ -322,7 +327,7 @@ class PPOTrainer:
         with self.model.disable_adapter():
             fo = forward_response(self.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
                                   self.config.temperature, want_hidden=want_hidden,
-                                  share_prefix=self.config.share_prompt_prefix)
+                                  share_prefix=self.config.share_prompt_prefix, pack=self.pack_rows)
         return fo.logp, fo.hidden
 
     @torch.no_grad()
@@ -386,7 +391,7 @@ class PPOTrainer:
                     with self._fused():     # the training passes' LoRA math and layout: the first ratio is ~1
                         fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
                                               value_head=self.value_head, want_entropy=True,
-                                              share_prefix=self._share_prefix_in_training)
+                                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows)
                 ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
                 del gen_hidden
             t_pol = time.perf_counter()
@@ -539,7 +544,7 @@ class PPOTrainer:
         m = mask[idx, :R]
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
                               want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
-                              share_prefix=self._share_prefix_in_training)
+                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows)
         pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
         vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
         loss = pl + cfg.vf_coef * vl
