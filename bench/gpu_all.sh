@@ -3,9 +3,10 @@
 # Results and logs go to $OUT. Needs, beside the image's torch/transformers/peft: the wheels in .whl/
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
-# .gpu/peers). Sections: 7 compiled against eager gradients (~1.5 minutes; run first: a compiled figure counts
-# only where they agree), 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch
-# 64: compiled, compiled with 64-row micro-batches, eager (no argument: 7 1 2 4); on request:
+# .gpu/peers). Sections: 7 compiled against eager gradients, and packed rows against padded ones (~2 minutes;
+# run first: a compiled or packed figure counts only where they agree), 1 fast rollouts + training step, 2 PPO vs
+# TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed, compiled mb64 padded (run 9's best),
+# eager (no argument: 7 1 2 4); on request:
 # 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
 # compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
@@ -54,17 +55,19 @@ grep -E "^\||Error|error" "$OUT/gpu_ppo.log" | tail -16
 }
 
 section_4() {
-stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 epochs: eager, compiled, compiled mb64"
-# (compile, mini-batch): the default eager passes, compiled ones, then compiled with one 64-row micro-batch (the
-# issue's "larger micro-batches"; the compile cache of the run before may shorten its first step). Run 7 timed
-# fp32 against bf16 LoRA matmuls here: add "off fp32 32" to repeat that.
-IFS=';' read -ra variants <<< "${VARIANTS:-on auto 32;on auto 64;off auto 32}"   # VARIANTS="on auto 64;..."
+stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 epochs"
+# (compile, LoRA precision, mini-batch, packed rows, LoRA siblings): compiled with one 64-row micro-batch, packed
+# rows and one x A^T matmul for q/k/v and gate/up (the defaults since run 9, untimed); the same without both
+# (run 9's best, 30.5% MFU) as the baseline in this run; the eager default. Add "on auto 64 on off" to split the
+# two; run 7 timed fp32 against bf16 LoRA matmuls here: "off fp32 32 on on" repeats that.
+IFS=';' read -ra variants <<< "${VARIANTS:-on auto 64 on on;on auto 64 off off;off auto 32 on on}"
 for v in "${variants[@]}"; do set -- $v
+tag="compile_$1_lora_$2_mb$3_pack_${4:-on}_siblings_${5:-on}"
 timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
     --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
-    --json "$OUT/ours_1.7b_compile_$1_lora_$2_mb$3.json" > "$OUT/ours_1.7b_compile_$1_lora_$2_mb$3.log" 2>&1
-grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_compile_$1_lora_$2_mb$3.log" | tail -3 | cut -c1-600
-stamp "compile=$1 lora_precision=$2 mini-batch=$3 done"
+    --pack-rows ${4:-on} --lora-siblings ${5:-on} --json "$OUT/ours_1.7b_$tag.json" > "$OUT/ours_1.7b_$tag.log" 2>&1
+grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_$tag.log" | tail -3 | cut -c1-600
+stamp "$tag done"
 done
 }
 
@@ -76,8 +79,9 @@ grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile_compile_$c.log" | tail -42 
 done
 }
 section_7() {
-stamp "7. compiled against eager gradients, adapter by adapter, 1.7B shape, training and masked layouts"
-timeout 200 python3 bench/gpu_check_compiled_grads.py --shape 1.7b 2>&1 | tee "$OUT/compiled_grads.log" | grep -E "^\||Error"
+stamp "7. compiled against eager gradients, adapter by adapter, 1.7B shape, packed, training and masked layouts"
+timeout 240 python3 bench/gpu_check_compiled_grads.py --shape 1.7b 2>&1 | tee "$OUT/compiled_grads.log" | \
+    grep -E "^\||^packed|Error|varlen"
 }
 
 section_6() {

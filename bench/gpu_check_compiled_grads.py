@@ -94,8 +94,10 @@ def main(argv=None):
     (packed, lp_packed), (padded, lp_padded) = (eager_of[k] for k in list(layouts)[:2])
     errs = errors(packed, padded)
     keep = rm.bool()
+    from components.attention import _VARLEN_WORKS
     print(f"packed against padded rows, eager: gradients median rel. error {statistics.median(errs):.4f}, max "
-          f"{max(errs):.4f}; log-probs max abs difference {float((lp_packed - lp_padded)[keep].abs().max()):.4f}")
+          f"{max(errs):.4f}; log-probs max abs difference {float((lp_packed - lp_padded)[keep].abs().max()):.4f}; "
+          f"varlen_attn probe by device: {_VARLEN_WORKS or 'not used'}")
 
 
 if __name__ == "__main__":

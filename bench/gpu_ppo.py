@@ -185,7 +185,8 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
                     grad_accum=args.grad_accum, ppo_epochs=args.epochs, max_new_tokens=args.new_tokens,
                     max_prompt_tokens=64, temperature=1.0, lr=args.lr, kl_coef=0.01, missing_eos_penalty=0.0,
                     lora_r=16, lora_alpha=32, seed=0, value_head_init="zeros", compile=args.compile,
-                    merge_for_generation=args.merge, lora_precision=args.lora_precision)
+                    merge_for_generation=args.merge, lora_precision=args.lora_precision,
+                    pack_rows=args.pack_rows == "on")
     est = estimate_memory(lm.model.config, cfg, quantization=None if quant == "none" else quant,
                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type)
     res["estimate_gib"] = est["gib"]
@@ -195,6 +196,9 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
     res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
     res["half_lora"] = trainer.half_lora
+    res["packed_rows"] = trainer.pack_rows
+    import components.fused_lora
+    res["lora_siblings"] = components.fused_lora.SHARE_SIBLING_INPUTS
     hist = []
     t_start = time.perf_counter()
     for _ in range(cfg.steps):
@@ -265,8 +269,13 @@ def main():
     ap.add_argument("--lora-precision", choices=["auto", "fp32", "half"], default="auto",
                     help="PPOConfig.lora_precision")
     ap.add_argument("--merge", choices=["off", "on", "auto"], default="auto", help="PPOConfig.merge_for_generation")
+    ap.add_argument("--pack-rows", choices=["on", "off"], default="on", help="PPOConfig.pack_rows")
+    ap.add_argument("--lora-siblings", choices=["on", "off"], default="on",
+                    help="one x A^T matmul for q/k/v and gate/up (components.fused_lora.SHARE_SIBLING_INPUTS)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    import components.fused_lora
+    components.fused_lora.SHARE_SIBLING_INPUTS = args.lora_siblings == "on"
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -316,8 +325,8 @@ def main():
           f"LoRA r=16; total {total:.0f}s\n")
     print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | gen tok/s | train tok/s |"
           " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises | merged rollout | compiled |"
-          " half LoRA | 1st step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " half LoRA | packed rows | LoRA siblings | 1st step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
@@ -328,7 +337,7 @@ def main():
               f"{ph['t_train']} | {r['generate_tok_s']} | {r['train_tok_s']} | {r.get('train_mfu_pct', '-')} | "
               f"{r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} | {r['merged_rollout']} | {r['compiled']} | "
-              f"{r['half_lora']} | {r['first_step_s']} |")
+              f"{r['half_lora']} | {r['packed_rows']} | {r['lora_siblings']} | {r['first_step_s']} |")
     dest = write_json(args, info, results, total)
     if dest:
         print(f"wrote {dest}")

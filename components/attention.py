@@ -1,4 +1,5 @@
-"""Attention kernels for passes that are differentiated (PPO updates, the deep reward tier).
+"""Attention for passes that are differentiated (PPO updates, the deep reward tier): cuDNN's kernel off on CUDA
+(below), and packed rows without padding (second half of the module).
 
 Seen on an H200 (torch 2.11, CUDA 13, bf16, LoRA on a SmolLM2-135M shape, 64 left-padded prompts x 128 tokens):
 with PyTorch choosing cuDNN's fused attention for the masked SDPA call, the backward pass gave NaN gradients, and
@@ -62,9 +63,66 @@ def _varlen_keywords() -> dict | None:
 _VARLEN = _varlen_keywords()
 
 
+_VARLEN_WORKS: dict[str, bool] = {}       # device -> did the probe pass (`varlen_available`)
+
+
 def varlen_available(device, dtype) -> bool:
-    """Packed attention runs as one flash kernel here (CUDA, half precision, torch's varlen_attn)."""
-    return _VARLEN is not None and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    """Packed attention runs as one flash kernel here: CUDA, half precision, torch's varlen_attn, and on this
+    device a small probe of it (forward and backward) agreed with SDPA row by row. Probed once per device."""
+    device = torch.device(device)
+    if _VARLEN is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if str(device) not in _VARLEN_WORKS:
+        _VARLEN_WORKS[str(device)] = _probe_varlen(device)
+    return _VARLEN_WORKS[str(device)]
+
+
+def _probe_varlen(device) -> bool:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 11, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
+    try:
+        fast = _varlen_rows(q, k, v, cu, 7, None)
+        (gq,) = torch.autograd.grad(fast.float().square().sum(), q)
+    except Exception as e:  # noqa: BLE001 - any failure means: keep padded rows
+        log.warning("packed rows: torch's varlen_attn failed a probe on %s (%s: %s); passes keep padded rows",
+                    device, type(e).__name__, e)
+        return False
+    slow = _sdpa_rows(q, k, v, cu, None)
+    (gq_slow,) = torch.autograd.grad(slow.float().square().sum(), q)
+    ok = bool((fast - slow).abs().max() < 3e-2 and (gq - gq_slow).abs().max() < 3e-2 * gq_slow.abs().max())
+    if not ok:
+        log.warning("packed rows: torch's varlen_attn disagreed with SDPA on %s; passes keep padded rows", device)
+    return ok
+
+
+def _varlen_rows(query, key, value, cu_seqlens, max_len, scaling):
+    """[1, H, T, D] rows packed along T -> [1, T, Hq, D], with FlashAttention's variable-length kernel."""
+    from torch.nn.attention.varlen import varlen_attn
+    kw = {k: v for k, v in _VARLEN.items() if k not in ("gqa", "scale")}
+    if scaling is not None and _VARLEN["scale"]:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
+        raise ValueError(f"this torch's varlen_attn takes no scale, and the model's is {scaling}")
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))      # [T, H, D]
+    if query.shape[1] != key.shape[1]:
+        if _VARLEN["gqa"]:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kw).unsqueeze(0)
+
+
+def _sdpa_rows(query, key, value, cu_seqlens, scaling):
+    """The same with SDPA row by row; the host reads the row starts (cheap off the GPU, a wait on it)."""
+    bounds = cu_seqlens.tolist()
+    rows = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1]) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(rows, dim=2).transpose(1, 2).contiguous()
 
 
 def packed_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
@@ -75,27 +133,10 @@ def packed_attention_forward(module, query, key, value, attention_mask=None, dro
             or (kwargs.get("sliding_window") or packed_max_len) < packed_max_len:
         raise ValueError("packed attention needs packed_cu_seqlens, and takes no mask, dropout, softcap nor "
                          "sliding window shorter than a row; turn packing off (PPOConfig.pack_rows=False)")
-    gqa = query.shape[1] != key.shape[1]
-    if varlen_available(query.device, query.dtype):
-        from torch.nn.attention.varlen import varlen_attn
-        kw = {k: v for k, v in _VARLEN.items() if k not in ("gqa", "scale")}
-        if scaling is not None and _VARLEN["scale"]:
-            kw["scale"] = scaling
-        elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
-            raise ValueError(f"this torch's varlen_attn takes no scale, and the model's is {scaling}")
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))                 # [T, H, D]
-        if gqa and _VARLEN["gqa"]:
-            kw["enable_gqa"] = True
-        elif gqa:
-            k, v = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (k, v))
-        out = varlen_attn(q, k, v, packed_cu_seqlens, packed_cu_seqlens, packed_max_len, packed_max_len, **kw)
-        return out.unsqueeze(0), None
-    # elsewhere (CPU): SDPA row by row; the host reads the row starts (cheap off the GPU)
-    bounds = packed_cu_seqlens.tolist()
-    rows = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
+    # read, not probed, here: the probe ran when the trainer chose packing (a compiled layer traces this)
+    if query.dtype in (torch.float16, torch.bfloat16) and _VARLEN_WORKS.get(str(query.device)):
+        return _varlen_rows(query, key, value, packed_cu_seqlens, packed_max_len, scaling), None
+    return _sdpa_rows(query, key, value, packed_cu_seqlens, scaling), None
 
 
 # decoders whose attention transformers runs through its attention interface with rotary positions, causal and

@@ -31,6 +31,9 @@ two matmuls apart and fold the add into the kernel that reads the layer's output
 that eager mode uses becomes, in a compiled graph, an addmm that first copies the whole [N, out] base output
 (an H100 profile of the compiled 1.7B training phase: 672 such copies, 5% of its GPU time). Measured after the
 change (docs/GPU.md, run 9): inductor still fuses most of these adds back into an addmm, 589 copies remain.
+
+Sibling layers that read one input (q/k/v, gate/up: `SIBLING_SETS`) share one x A^T matmul (`_Siblings`): one
+skinny GEMM instead of three or two, forward and backward. fused_lora(siblings=False) keeps one per layer.
 """
 from __future__ import annotations
 

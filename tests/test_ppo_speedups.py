@@ -200,6 +200,16 @@ def test_packed_rows_equal_the_padded_pass(policy):
         assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-8
 
 
+def test_packed_attention_probes_the_flash_kernel_before_trusting_it(caplog):
+    """The packed rows' one-kernel path (torch's varlen_attn) is taken only where a probe of it passed: on this
+    CPU the kernel raises (it is CUDA-only), the probe says no with a warning, and the rows go through SDPA."""
+    from components.attention import _probe_varlen, varlen_available
+    assert not varlen_available("cpu", torch.bfloat16)
+    with caplog.at_level("WARNING", logger="components.attention"):
+        assert _probe_varlen(torch.device("cpu")) is False
+    assert "varlen_attn failed a probe" in caplog.text
+
+
 def test_shared_prefix_without_adapters_equals_plain(policy):
     lm, q, qm, resp, rm, _ = policy
     with torch.no_grad(), lm.model.disable_adapter():

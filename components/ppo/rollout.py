@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ..attention import PACKED, attention_implementation, register_packed_attention
+from ..attention import PACKED, attention_implementation, register_packed_attention, varlen_available
 from ..fastgen import cache_kwarg, fast_generate
 from .core import entropy_from_logits, logprobs_from_logits
 
@@ -220,6 +220,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
         # the rows' real tokens one after another, no padding (components/attention.py)
         input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids)
         register_packed_attention()
+        varlen_available(input_ids.device, decoder.get_input_embeddings().weight.dtype)   # probed once, here
         with attention_implementation(decoder.config, PACKED):
             hidden = decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
                              packed_cu_seqlens=cu_seqlens, packed_max_len=P + R).last_hidden_state
