@@ -110,8 +110,9 @@ class PPOConfig:
     stays inside each row (FlashAttention's variable-length kernel on CUDA in bf16/fp16, SDPA row by row
     elsewhere; components/attention.py). Same results; the padding to the longest prompt is not computed (with
     prompts of 16..64 tokens and 128-token responses, one position in eight). Only for decoders known to allow
-    it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows), and not for compiled passes off
-    CUDA. False: padded rows."""
+    it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
+    the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
+    padded rows."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
     kernels; the tests register a recording backend)."""

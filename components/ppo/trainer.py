@@ -226,11 +226,14 @@ class PPOTrainer:
                                                    cfg.compile_backend) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
-            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`); compiled, only where one
-            # kernel does it (the row-by-row fallback reads the row starts to the host, which a graph cannot)
+            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`). On CUDA or compiled, only
+            # where one kernel does it: the row-by-row fallback launches a kernel per row and reads the row starts
+            # to the host, which a graph cannot
+            decoder = causal_lm_of(self.model).get_decoder()
             self.pack_rows = cfg.pack_rows and packing_supported(
-                causal_lm_of(self.model).get_decoder().config, cfg.max_prompt_tokens + cfg.max_new_tokens) and \
-                (not compiled or varlen_available(self.device, base_dtype))
+                decoder.config, cfg.max_prompt_tokens + cfg.max_new_tokens) and (
+                varlen_available(self.device, decoder.get_input_embeddings().weight.dtype)
+                if compiled or self.device.type == "cuda" else True)
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
