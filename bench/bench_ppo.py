@@ -122,7 +122,7 @@ def main():
                     help="our old_logprobs setting (auto: from generation for fp32, one forward for bf16)")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--plain", action="store_true",
-                    help="also run ours with the shared prompt prefix and the fused LoRA forward off")
+                    help="also run ours with the shared prompt prefix, the fused LoRA forward and packed rows off")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--trl-timeout", type=int, default=1800)
     ap.add_argument("--json", default="")
@@ -143,7 +143,8 @@ def main():
         results[f"ours_{dt}"] = run_ours(args, dt)
         print(f"[bench] ours {dt}: {results[f'ours_{dt}']['median_step_s']} s/step", flush=True)
         if args.plain:
-            results[f"plain_{dt}"] = run_ours(args, dt, share_prompt_prefix=False, fused_lora=False)
+            results[f"plain_{dt}"] = run_ours(args, dt, share_prompt_prefix=False, fused_lora=False,
+                                               pack_rows=False)
             print(f"[bench] ours {dt}, plain: {results[f'plain_{dt}']['median_step_s']} s/step", flush=True)
 
     print(f"\n{args.batch} prompts x {args.new_tokens} new tokens, {args.epochs} PPO epochs, LoRA r=16; medians of "
