@@ -79,6 +79,7 @@ def varlen_available(device, dtype) -> bool:
     return _VARLEN_WORKS[str(device)]
 
 
+@torch.enable_grad()          # the first packed pass may be a no-grad one; the probe needs the backward
 def _probe_varlen(device) -> bool:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 11, 64, generator=g).to(device, torch.bfloat16).requires_grad_()

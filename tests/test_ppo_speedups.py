@@ -205,9 +205,25 @@ def test_packed_attention_probes_the_flash_kernel_before_trusting_it(caplog):
     CPU the kernel raises (it is CUDA-only), the probe says no with a warning, and the rows go through SDPA."""
     from components.attention import _probe_varlen, varlen_available
     assert not varlen_available("cpu", torch.bfloat16)
-    with caplog.at_level("WARNING", logger="components.attention"):
+    with caplog.at_level("WARNING", logger="components.attention"), torch.no_grad():
         assert _probe_varlen(torch.device("cpu")) is False
     assert "varlen_attn failed a probe" in caplog.text
+    assert "_flash_attention_forward" in caplog.text       # the kernel itself failed, not the probe's backward
+
+
+def test_the_varlen_probe_passes_a_kernel_that_agrees_and_fails_one_that_does_not(monkeypatch):
+    """The probe's own logic, with row-by-row SDPA standing in for the CUDA-only kernel: a kernel that agrees
+    passes, also when the first packed pass runs under no_grad (the probe needs a backward); one whose rows see
+    each other (one causal pass over the whole packed sequence) fails."""
+    import components.attention as attention
+    monkeypatch.setattr(attention, "_varlen_rows", lambda q, k, v, cu, max_len, scale:
+                        attention._sdpa_rows(q, k, v, cu, scale))
+    with torch.no_grad():
+        assert attention._probe_varlen(torch.device("cpu")) is True
+    leaky = torch.tensor([0, 11], dtype=torch.int32)
+    monkeypatch.setattr(attention, "_varlen_rows", lambda q, k, v, cu, max_len, scale:
+                        attention._sdpa_rows(q, k, v, leaky, scale))
+    assert attention._probe_varlen(torch.device("cpu")) is False
 
 
 def test_shared_prefix_without_adapters_equals_plain(policy):
