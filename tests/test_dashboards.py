@@ -337,3 +337,17 @@ def test_dashboard_tab_loads(fresh_store):
     assert len(out) == len(outputs) == 9
     assert "labels" in out[0] and "α" in out[0]
     assert all(isinstance(f, go.Figure) for f in out[1:7])
+
+
+def test_training_curves_tick_at_whole_steps_and_labels():
+    """Steps and label counts are whole numbers: plotly's automatic ticks put 1.5 between steps 1 and 2 (seen in
+    the Train tab's screenshot); the curves tick at 1, 2 or 5 times a power of ten, about 8 ticks at most."""
+    from studio import plots
+    steps = pd.DataFrame({"step": [1, 2, 3], "reward_mean": [0.1, 0.2, 0.3], "reward_std": [0.1, 0.1, 0.1],
+                          "kl": [0.0, 0.01, 0.02]})
+    fig = plots.ppo_curves(steps)
+    axes = [fig.layout[k] for k in fig.layout if k.startswith("xaxis")]
+    assert len(axes) == 8 and all(ax.dtick == 1 and ax.tick0 == 0 for ax in axes)
+    labels = pd.DataFrame({"labels_seen": [10, 40, 130], "heldout_accuracy": [0.5, 0.6, 0.7],
+                           "heldout_loss": [0.7, 0.6, 0.5], "tier": ["fast"] * 3})
+    assert plots.reward_curves(labels).layout.xaxis.dtick == 20

@@ -152,7 +152,7 @@ def build(studio, role: str = "owner"):
         md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}"
         sm = studio.store.run_samples(rid)
         if len(sm):
-            sm = sm.sort_values("step", ascending=False).head(12)
+            sm = sm.sort_values("step", ascending=False).head(12).round({"reward": 3})
         return (md, pct, plots.ppo_curves(m), sm, rs.iloc[::-1] if len(rs) else rs,
                 ad.iloc[::-1] if len(ad) else ad)
 
