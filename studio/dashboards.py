@@ -268,6 +268,10 @@ def _unit(first, last) -> str:
     return "month"
 
 
+_UNIT_DAYS = {"hour": 1 / 24, "day": 1, "week": 7, "month": 30.4}
+_MS = pd.Timedelta(1, "ms")
+
+
 def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -> go.Figure:
     """Labels given per hour/day/week/month (automatic from the time span), stacked by kind (top) and by
     annotator (bottom; the busiest `top_annotators`, the rest as '(other)'). Replaced labels count: activity."""
@@ -279,12 +283,19 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
     df = q.labels_over_time(store, unit, top_annotators)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("by kind", "by annotator"))
+    # each bar as wide as its period, the axis at least one period either side: with every label in one hour,
+    # plotly otherwise spans a millisecond and ticks at 19:59:59.9996
+    width = pd.Timedelta(_UNIT_DAYS[unit], "D")
     for row, by in ((1, "kind"), (2, "annotator")):
         part = df[df["dim"] == by]
         for i, (key, g) in enumerate(part.groupby("grp", sort=True)):
-            fig.add_trace(go.Bar(x=g["t"], y=g["n"], name=str(key), legendgroup=by,
-                                 legendgrouptitle_text=by if i == 0 else None),
+            # x: the middle of the period that starts at t
+            fig.add_trace(go.Bar(x=pd.to_datetime(g["t"]) + width / 2, y=g["n"], name=str(key), legendgroup=by,
+                                 width=0.9 * width / _MS, customdata=pd.to_datetime(g["t"]).astype(str),
+                                 hovertemplate="%{customdata}: %{y}", legendgrouptitle_text=by if i == 0 else None),
                           row=row, col=1)
+    t = pd.to_datetime(df["t"])
+    fig.update_xaxes(range=[t.min() - width / 2, t.max() + 1.5 * width])
     fig.update_layout(barmode="stack", title=f"{title} ({total:,} labels, per {unit})", height=560,
                       margin=_MARGIN, legend=dict(groupclick="toggleitem"))
     fig.update_yaxes(title_text="labels", row=1, col=1)

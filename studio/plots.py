@@ -10,9 +10,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 
-def _integer_ticks(fig: go.Figure, largest) -> None:
-    """x axes that count (steps, labels) tick at whole numbers: plotly puts 1.5 between 1 and 2 otherwise."""
-    want = max(1.0, float(largest) / 8)                       # at most ~8 ticks, each 1, 2 or 5 times 10^k
+def _integer_ticks(fig: go.Figure, values) -> None:
+    """x axes that count (steps, labels) tick at whole numbers: plotly puts 1.5 between 1 and 2 otherwise. The
+    step spans the values' range (labels seen may run from 120 to 132), ~8 ticks at most, 1, 2 or 5 times 10^k."""
+    want = max(1.0, (float(max(values)) - float(min(values))) / 8)
     scale = 10 ** math.floor(math.log10(want))
     fig.update_xaxes(tick0=0, dtick=next(m * scale for m in (1, 2, 5, 10) if m * scale >= want))
 
@@ -37,7 +38,7 @@ def reward_curves(metrics: pd.DataFrame) -> go.Figure:
                                  name=f"{tier}: BT loss"), secondary_y=True)
     fig.update_layout(title="Held-out accuracy and loss", height=340, margin=dict(l=40, r=20, t=50, b=40))
     fig.update_xaxes(title="labels seen")
-    _integer_ticks(fig, metrics["labels_seen"].max())
+    _integer_ticks(fig, metrics.dropna(subset=["heldout_accuracy"])["labels_seen"])
     fig.update_yaxes(title="pairwise accuracy", range=[0, 1], secondary_y=False)
     fig.update_yaxes(title="BT loss", secondary_y=True)
     return fig
@@ -93,5 +94,5 @@ def ppo_curves(metrics: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=metrics["step"], y=y, mode="lines+markers", error_y=err, showlegend=False),
                       row=r + 1, col=c + 1)
     fig.update_layout(height=480, margin=dict(l=40, r=20, t=50, b=40), title="PPO training")
-    _integer_ticks(fig, metrics["step"].max())
+    _integer_ticks(fig, metrics["step"])
     return fig

@@ -163,6 +163,12 @@ def test_labels_over_time_counts(fresh_store):
     assert who == {"a0": 3, "a1": 2, "(other)": 1}
     fig = d.labels_over_time(st)
     assert sum(sum(t.y) for t in fig.data if t.legendgroup == "kind") == 6
+    # all six labels fall in one hour: the bars are an hour wide and the axis spans hours, not the millisecond
+    # plotly picks for a single x value (ticks at 19:59:59.9996 in a screenshot)
+    lo, hi = (pd.Timestamp(v) for v in fig.layout.xaxis.range)
+    assert hi - lo >= pd.Timedelta(2, "h")
+    assert all(t.width == pytest.approx(0.9 * 3600e3) for t in fig.data)
+    assert all(pd.Timestamp(x).minute == 30 for t in fig.data for x in t.x)     # each bar over its own hour
 
 
 # ------------------------------------------------------------------------------------------------ agreement (SQL)
@@ -351,3 +357,7 @@ def test_training_curves_tick_at_whole_steps_and_labels():
     labels = pd.DataFrame({"labels_seen": [10, 40, 130], "heldout_accuracy": [0.5, 0.6, 0.7],
                            "heldout_loss": [0.7, 0.6, 0.5], "tier": ["fast"] * 3})
     assert plots.reward_curves(labels).layout.xaxis.dtick == 20
+    # the step follows the range, not the largest value: 120..132 labels seen gets ticks 2 apart (a step of 20
+    # left this axis without a single tick, seen on the Reward tab)
+    late = labels.assign(labels_seen=[120, 126, 132])
+    assert plots.reward_curves(late).layout.xaxis.dtick == 2

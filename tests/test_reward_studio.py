@@ -118,3 +118,26 @@ def test_deep_tier_margins_from_the_pairs_view(studio):
     got = {(int(r.chosen_id), int(r.rejected_id), r.kind): float(m)
            for r, m in zip(pairs.itertuples(), bt_margins(pairs["margin"].to_numpy()))}
     assert got == {(a.id, b.id, "pairwise"): 0.0, (a.id, c.id, "stars"): 3.0}
+
+
+def test_reward_tab_shows_scores_of_a_reopened_database(tmp_path, lm):
+    """The Reward tab's liked-most / liked-least tables and score histogram come from the stored fast model: a
+    studio reopened on a database has no model in memory until something scores, and the tab used to show
+    empty tables and "no scored completions yet" then. Before any model: empty tables with their columns."""
+    from studio import Studio
+    from studio.ui.reward import _likes
+    db = str(tmp_path / "reopen.duckdb")
+    s = Studio(db, model=lm)
+    s.reward.settings.deep_every = 0
+    empty_best, empty_worst, no_scores = _likes(s)
+    assert no_scores is None and list(empty_best.columns) == ["id", "prompt_id", "score", "text"]
+    _labelled(s, ["Name a fruit.", "Say hello."])
+    s.close()
+    s = Studio(db, model=lm)
+    try:
+        best, worst, scores = _likes(s, k=2)
+        assert len(scores) == 6 and not any(map(lambda v: v != v, scores))      # every completion scored
+        assert len(best) == len(worst) == 2 and best["score"].iloc[0] >= worst["score"].iloc[-1]
+        assert best["score"].iloc[0] == round(float(max(scores)), 3)
+    finally:
+        s.close()

@@ -6,6 +6,7 @@ import json
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 
 from .. import plots
 from ..errors import StudioError
@@ -44,13 +45,19 @@ def _status_md(studio) -> str:
 
 
 def _likes(studio, k: int = 5):
+    """(k best, k worst completions by the fast tier's score, all scores) of the latest 2000 completions; empty
+    tables and no scores before any reward model exists. The fast model loads on first use: a studio reopened
+    on a database has none in memory until something scores."""
+    empty = pd.DataFrame(columns=["id", "prompt_id", "score", "text"])
     df = studio.completions()
-    if len(df) == 0 or studio.reward.fast is None:
-        return None, None
+    if len(df) == 0:
+        return empty, empty, None
     df = df.tail(2000)
     scores = studio.reward.visible_scores(list(df["id"]))
     vals = np.array([s[0] if s else np.nan for s in scores])
-    df = df.assign(score=vals).dropna(subset=["score"])[["id", "prompt_id", "score", "text"]]
+    if np.isnan(vals).all():
+        return empty, empty, None
+    df = df.assign(score=vals.round(3)).dropna(subset=["score"])[["id", "prompt_id", "score", "text"]]
     return df.sort_values("score", ascending=False).head(k), df.sort_values("score").head(k), vals
 
 
@@ -94,7 +101,7 @@ def build(studio, role: str = "owner"):
         vers = studio.reward_versions()
         keep = [c for c in ["id", "tier", "parent_id", "labels_seen", "criterion", "created_at"] if c in vers.columns]
         return (_status_md(studio), plots.reward_curves(m), plots.reliability(last_bins),
-                plots.score_histogram(liked[2] if liked[0] is not None else None),
+                plots.score_histogram(liked[2]),
                 vers[keep].iloc[::-1] if len(vers) else vers,
                 liked[0], liked[1])
 
