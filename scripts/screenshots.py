@@ -17,11 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = ["Give me one tip for writing a clear email.", "Explain photosynthesis to a child.",
-           "Write a haiku about autumn.", "What is a good name for a cat?", "Why is the sky blue?",
-           "Suggest a healthy breakfast.", "How do I make a cup of tea?", "Tell me a fun fact about octopuses.",
-           "What should I pack for a day hike?", "Explain recursion briefly.", "Name three primary colours.",
-           "How can I sleep better?"]
+from bench.bench_ppo import PROMPTS as BENCH_PROMPTS  # noqa: E402
+
+PROMPTS = BENCH_PROMPTS[:12]        # everyday prompts, the CPU PPO bench's
 
 
 def build(db: str, ppo_steps: int) -> None:
@@ -45,16 +43,12 @@ def build(db: str, ppo_steps: int) -> None:
 def photograph(db: str, out: Path) -> list[Path]:
     from playwright.sync_api import expect
 
-    from tests.browser import browser, running_app
+    from tests.browser import browser, generate_in_page, running_app
     shots = []
     with running_app(db) as (url, _), browser() as b:
         page = b.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
-        page.locator("#prompt textarea").fill("Give me three ideas for a rainy afternoon.")
-        page.locator("#max-new-tokens input[type=number]").fill("48")
-        page.locator("#max-new-tokens input[type=number]").press("Enter")
-        page.locator("#seed textarea, #seed input").first.fill("3")
-        page.click("#generate-btn")
+        generate_in_page(page, "Give me three ideas for a rainy afternoon.", max_new_tokens=48, seed=3)
         expect(page.locator("#status")).to_contain_text("4 completions saved", timeout=180_000)
         page.locator("#stars-0 input[value='4']").click()
         expect(page.locator("#status")).to_contain_text("4 stars for A", timeout=60_000)

@@ -67,3 +67,12 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def generate_in_page(page, prompt: str, max_new_tokens: int, seed: int) -> None:
+    """Type a prompt into the Generate & Rate tab, set max new tokens and the seed, press Generate."""
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#max-new-tokens input[type=number]").fill(str(max_new_tokens))
+    page.locator("#max-new-tokens input[type=number]").press("Enter")
+    page.locator("#seed textarea, #seed input").first.fill(str(seed))
+    page.click("#generate-btn")

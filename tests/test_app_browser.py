@@ -3,7 +3,7 @@ feedback, then the DuckDB file checked row by row; and gradio_client against the
 import duckdb
 import pytest
 
-from tests.browser import ARTIFACTS, browser, running_app
+from tests.browser import ARTIFACTS, browser, generate_in_page, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -20,11 +20,7 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url)
-        page.locator("#prompt textarea").fill("Write a haiku about rain")
-        page.locator("#max-new-tokens input[type=number]").fill("16")
-        page.locator("#max-new-tokens input[type=number]").press("Enter")
-        page.locator("#seed textarea, #seed input").first.fill("7")
-        page.click("#generate-btn")
+        generate_in_page(page, "Write a haiku about rain", max_new_tokens=16, seed=7)
         _wait_status(page, "4 completions saved")
         texts = [page.locator(f"#comp-{i} textarea").input_value() for i in range(4)]
         assert all(isinstance(t, str) for t in texts) and any(t.strip() for t in texts)
