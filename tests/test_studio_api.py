@@ -146,3 +146,35 @@ def test_prompt_library(studio, tmp_path):
     with pytest.raises(StudioError, match="line 2"):
         studio.import_prompts(str(bad))
     assert "ok" not in studio.prompts()["text"].tolist()
+
+
+def test_history_tab_reads_labels_in_words(studio):
+    """The History tab's labels table: each label in words on its completions' ids, the prompt beside it, the
+    critique text and reason tags as a note; no internal columns (session, idempotency key), which squeezed 18
+    columns into letter-wide ones; replaced labels marked in the history view."""
+    from studio.ui.history import readable_labels
+    a, b, c = studio.generate("Name a fruit.", n=3, max_new_tokens=4, seed=0)
+    studio.rate(a.id, 1)
+    studio.rate(a.id, 4)                                   # replaces the 1
+    studio.thumbs(b.id, up=False, tags=["off-topic"])
+    studio.compare(a.id, b.id, "b")
+    studio.compare(a.id, c.id, "both_bad")
+    studio.rank([c.id, a.id, b.id])
+    studio.critique(c.id, "Too short.", "Apple.")
+    table = readable_labels(studio.feedback(), studio.prompts())
+    assert list(table.columns) == ["id", "when", "kind", "criterion", "prompt", "label", "note", "annotator",
+                                   "source"]
+    by_kind = {k: g for k, g in table.groupby("kind")}
+    assert by_kind["stars"]["label"].tolist() == [f"4 stars for #{a.id}"]
+    assert by_kind["thumbs"]["label"].tolist() == [f"down for #{b.id}"]
+    assert by_kind["thumbs"]["note"].tolist() == ["tags: off-topic"]
+    assert sorted(by_kind["pairwise"]["label"]) == sorted([f"#{a.id} vs #{b.id}: #{b.id} wins",
+                                                           f"#{a.id} vs #{c.id}: both bad"])
+    assert by_kind["ranking"]["label"].tolist() == [f"#{c.id} > #{a.id} > #{b.id}"]
+    assert by_kind["critique"]["note"].tolist() == ["Too short."]
+    assert by_kind["rewrite"]["label"].str.startswith(f"#{c.id} rewritten as #").all()
+    assert (table["prompt"] == f"#{a.prompt_id} Name a fruit.").all()
+    history = readable_labels(studio.feedback(history=True), studio.prompts())
+    stars = history[history["kind"] == "stars"].sort_values("id")
+    assert stars["label"].tolist() == [f"1 star for #{a.id}", f"4 stars for #{a.id}"]
+    assert stars["superseded"].tolist() == [True, False]

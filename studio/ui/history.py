@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 KINDS = ["all", "stars", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
 _MAX_ROWS = 2000
@@ -16,6 +17,57 @@ def _filter_text(df, needle: str, columns: list[str]):
             m = df[c].astype(str).str.contains(needle, case=False, regex=False, na=False)
             mask = m if mask is None else (mask | m)
     return df[mask] if mask is not None else df
+
+
+def _present(v) -> bool:
+    if v is None:
+        return False
+    try:
+        return not bool(pd.isna(v))
+    except (TypeError, ValueError):       # an array (a ranking) is present
+        return True
+
+
+def _label_text(r) -> str:
+    """One label's value in words: what a person gave, on which completions (#id)."""
+    kind = r["kind"]
+    if kind == "stars":
+        n = int(r["stars"])
+        return f"{n} star{'s' if n != 1 else ''} for #{r['completion_id']}"
+    if kind == "thumbs":
+        return f"{'up' if bool(r['up']) else 'down'} for #{r['completion_id']}"
+    if kind == "pairwise":
+        winner = {"a": f"#{r['completion_id']} wins", "b": f"#{r['other_completion_id']} wins", "tie": "tie",
+                  "both_bad": "both bad"}.get(str(r["winner"]), str(r["winner"]))
+        return f"#{r['completion_id']} vs #{r['other_completion_id']}: {winner}"
+    if kind == "ranking":
+        return " > ".join(f"#{int(i)}" for i in r["ranking"])
+    if kind == "rewrite" or _present(r.get("rewrite_completion_id")):
+        return f"#{r['completion_id']} rewritten as #{r['rewrite_completion_id']}"
+    return f"{kind} of #{r['completion_id']}" if _present(r.get("completion_id")) else kind
+
+
+def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
+    """The labels table a person reads: when, what kind, the prompt, the label in words, the note (critique
+    text, reason tags), who and from where; ids for cross-reference. Internal columns (session, idempotency
+    key) stay in the database and the exports."""
+    cols = ["id", "when", "kind", "criterion", "prompt", "label", "note", "annotator", "source"]
+    if "superseded" in fb.columns:
+        cols.append("superseded")
+    if len(fb) == 0:
+        return pd.DataFrame(columns=cols)
+    texts = prompts.set_index("id")["text"] if len(prompts) else pd.Series(dtype=str)
+
+    def note(r) -> str:
+        parts = [str(r["text"])] if _present(r["text"]) else []
+        if _present(r["tags"]) and len(r["tags"]):
+            parts.append("tags: " + ", ".join(map(str, r["tags"])))
+        return " · ".join(parts)
+    out = fb.assign(when=fb["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+                    prompt=[f"#{p} {str(texts.get(p, ''))[:80]}" for p in fb["prompt_id"]],
+                    label=[_label_text(r) for _, r in fb.iterrows()],
+                    note=[note(r) for _, r in fb.iterrows()])
+    return out[cols]
 
 
 def build(studio, role: str = "owner"):
@@ -43,8 +95,8 @@ def build(studio, role: str = "owner"):
         cs = _filter_text(studio.completions(), search_, ["text"])
         ps = _filter_text(studio.prompts(), search_, ["text"])
         md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
-        return (md, fb.tail(_MAX_ROWS).iloc[::-1], cs.drop(columns=["params"], errors="ignore").tail(_MAX_ROWS).iloc[::-1],
-                ps.tail(_MAX_ROWS).iloc[::-1])
+        return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], studio.prompts()),
+                cs.drop(columns=["params"], errors="ignore").tail(_MAX_ROWS).iloc[::-1], ps.tail(_MAX_ROWS).iloc[::-1])
 
     inputs = [kind, annotator, search, replaced]
     outputs = [summary, labels, completions, prompts]
