@@ -48,6 +48,12 @@ def test_label_history_latest_wins(studio):
     stars = hist[hist["kind"] == "stars"].sort_values("id")
     assert stars["stars"].tolist() == [2, 4]
     assert stars["superseded"].tolist() == [True, False]
+    from studio.ui.history import readable_completions
+    comps = readable_completions(studio.completions())
+    assert list(comps.columns) == ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed",
+                                   "corrects", "text"]
+    rewrite = comps[comps["corrects"] == c.id]
+    assert rewrite["text"].tolist() == ["Apple."] and (comps["policy"] == "base").all()
 
 
 def test_criteria_and_idempotency(studio):
@@ -178,3 +184,9 @@ def test_history_tab_reads_labels_in_words(studio):
     stars = history[history["kind"] == "stars"].sort_values("id")
     assert stars["label"].tolist() == [f"1 star for #{a.id}", f"4 stars for #{a.id}"]
     assert stars["superseded"].tolist() == [True, False]
+    from studio.ui.history import readable_completions
+    comps = readable_completions(studio.completions())
+    assert list(comps.columns) == ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed",
+                                   "corrects", "text"]
+    rewrite = comps[comps["corrects"] == c.id]
+    assert rewrite["text"].tolist() == ["Apple."] and (comps["policy"] == "base").all()

@@ -70,6 +70,18 @@ def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+def readable_completions(cs: pd.DataFrame) -> pd.DataFrame:
+    """The completions table a person reads: short columns first, the text last (it takes the width left);
+    sampling parameters and the model's revision hash stay in the database and the exports."""
+    cols = ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed", "corrects", "text"]
+    if len(cs) == 0:
+        return pd.DataFrame(columns=cols)
+    policy = ["base" if not _present(a) else f"adapter-{int(a)}" for a in cs["adapter_id"]]
+    return cs.assign(when=cs["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S"), policy=policy,
+                     tokens=cs["completion_tokens"], finish=cs["finish_reason"],
+                     corrects=cs["corrects_id"])[cols]
+
+
 def build(studio, role: str = "owner"):
     with gr.Row():
         kind = gr.Dropdown(KINDS, value="all", label="Label kind", elem_id="history-kind")
@@ -96,7 +108,7 @@ def build(studio, role: str = "owner"):
         ps = _filter_text(studio.prompts(), search_, ["text"])
         md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
         return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], studio.prompts()),
-                cs.drop(columns=["params"], errors="ignore").tail(_MAX_ROWS).iloc[::-1], ps.tail(_MAX_ROWS).iloc[::-1])
+                readable_completions(cs.tail(_MAX_ROWS).iloc[::-1]), ps.tail(_MAX_ROWS).iloc[::-1])
 
     inputs = [kind, annotator, search, replaced]
     outputs = [summary, labels, completions, prompts]
