@@ -196,9 +196,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
     res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
     res["half_lora"] = trainer.half_lora
-    res["packed_rows"] = trainer.pack_rows
-    import components.fused_lora
-    res["lora_siblings"] = components.fused_lora.SHARE_SIBLING_INPUTS
+    res["packed_rows"], res["lora_siblings"] = trainer.pack_rows, args.lora_siblings == "on"
     hist = []
     t_start = time.perf_counter()
     for _ in range(cfg.steps):

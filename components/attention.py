@@ -45,22 +45,19 @@ PACKED = "studio_packed"
 _registered = False
 
 
-def _varlen_keywords() -> dict | None:
-    """Keyword arguments that make torch's flash varlen_attn causal, None where it is missing. Its causal switch
-    moved: is_causal=True (torch 2.10), window_size=(-1, 0) (later)."""
+def _varlen_parameters() -> frozenset | None:
+    """The parameter names of torch's flash varlen_attn, None where it is missing. Its signature moves between
+    versions: causal is is_causal=True in torch 2.10, window_size=(-1, 0) later; scale and enable_gqa came later."""
     try:
         import inspect
 
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    kw["gqa"], kw["scale"] = "enable_gqa" in params, "scale" in params
-    return kw
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-_VARLEN = _varlen_keywords()
+_VARLEN = _varlen_parameters()
 
 
 _VARLEN_WORKS: dict[str, bool] = {}       # device -> did the probe pass (`varlen_available`)
@@ -103,14 +100,14 @@ def _probe_varlen(device) -> bool:
 def _varlen_rows(query, key, value, cu_seqlens, max_len, scaling):
     """[1, H, T, D] rows packed along T -> [1, T, Hq, D], with FlashAttention's variable-length kernel."""
     from torch.nn.attention.varlen import varlen_attn
-    kw = {k: v for k, v in _VARLEN.items() if k not in ("gqa", "scale")}
-    if scaling is not None and _VARLEN["scale"]:
+    kw = {"window_size": (-1, 0)} if "window_size" in _VARLEN else {"is_causal": True}
+    if scaling is not None and "scale" in _VARLEN:
         kw["scale"] = scaling
     elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
         raise ValueError(f"this torch's varlen_attn takes no scale, and the model's is {scaling}")
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))      # [T, H, D]
     if query.shape[1] != key.shape[1]:
-        if _VARLEN["gqa"]:
+        if "enable_gqa" in _VARLEN:
             kw["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (k, v))

@@ -286,16 +286,16 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
     # each bar as wide as its period, the axis at least one period either side: with every label in one hour,
     # plotly otherwise spans a millisecond and ticks at 19:59:59.9996
     width = pd.Timedelta(_UNIT_DAYS[unit], "D")
+    df = df.assign(t=pd.to_datetime(df["t"]))
     for row, by in ((1, "kind"), (2, "annotator")):
         part = df[df["dim"] == by]
         for i, (key, g) in enumerate(part.groupby("grp", sort=True)):
             # x: the middle of the period that starts at t
-            fig.add_trace(go.Bar(x=pd.to_datetime(g["t"]) + width / 2, y=g["n"], name=str(key), legendgroup=by,
-                                 width=0.9 * width / _MS, customdata=pd.to_datetime(g["t"]).astype(str),
+            fig.add_trace(go.Bar(x=g["t"] + width / 2, y=g["n"], name=str(key), legendgroup=by,
+                                 width=0.9 * width / _MS, customdata=g["t"].astype(str),
                                  hovertemplate="%{customdata}: %{y}", legendgrouptitle_text=by if i == 0 else None),
                           row=row, col=1)
-    t = pd.to_datetime(df["t"])
-    fig.update_xaxes(range=[t.min() - width / 2, t.max() + 1.5 * width])
+    fig.update_xaxes(range=[df["t"].min() - width / 2, df["t"].max() + 1.5 * width])
     fig.update_layout(barmode="stack", title=f"{title} ({total:,} labels, per {unit})", height=560,
                       margin=_MARGIN, legend=dict(groupclick="toggleitem"))
     fig.update_yaxes(title_text="labels", row=1, col=1)

@@ -216,23 +216,23 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
         if want_hidden:
             out.hidden = _full_layout(pre_hidden, tail, query_mask, R)
         return out
-    if not want_hidden and pack:
-        # the rows' real tokens one after another, no padding (components/attention.py)
-        input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids)
-        register_packed_attention()
-        varlen_available(input_ids.device, decoder.get_input_embeddings().weight.dtype)   # probed once, here
-        with attention_implementation(decoder.config, PACKED):
-            hidden = decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
-                             packed_cu_seqlens=cu_seqlens, packed_max_len=P + R).last_hidden_state
-        h = hidden[0, predicting]                                                       # [B, R, H]
-        return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad)
     if not want_hidden:
-        # every row moved to column 0: padding only at the end, where causal attention keeps it out of every
-        # real token's view, so no mask is needed (module docs)
-        input_ids, predicting = _aligned_left(query_ids, query_mask, response_ids)
-        hidden = decoder(input_ids=input_ids, position_ids=torch.arange(P + R, device=input_ids.device)[None],
-                         use_cache=False).last_hidden_state
-        h = hidden.gather(1, predicting.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        if pack:
+            # the rows' real tokens one after another, no padding (components/attention.py)
+            input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids)
+            register_packed_attention()
+            varlen_available(input_ids.device, decoder.get_input_embeddings().weight.dtype)   # probed once
+            with attention_implementation(decoder.config, PACKED):
+                hidden = decoder(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                 packed_cu_seqlens=cu_seqlens, packed_max_len=P + R).last_hidden_state
+            h = hidden[0, predicting]                                                   # [B, R, H]
+        else:
+            # every row moved to column 0: padding only at the end, where causal attention keeps it out of
+            # every real token's view, so no mask is needed (module docs)
+            input_ids, predicting = _aligned_left(query_ids, query_mask, response_ids)
+            hidden = decoder(input_ids=input_ids, position_ids=torch.arange(P + R, device=input_ids.device)[None],
+                             use_cache=False).last_hidden_state
+            h = hidden.gather(1, predicting.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad)
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)

@@ -222,14 +222,13 @@ class PPOTrainer:
             # ---- training passes through compiled decoder layers (same weights; compiled lazily) -------------
             compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
                                                not quantized and not cfg.gradient_checkpointing)
-            self._compiled_layers = compile_layers(causal_lm_of(self.model).get_decoder(),
-                                                   cfg.compile_backend) if compiled else None
+            decoder = causal_lm_of(self.model).get_decoder()
+            self._compiled_layers = compile_layers(decoder, cfg.compile_backend) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
             # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`). On CUDA or compiled, only
             # where one kernel does it: the row-by-row fallback launches a kernel per row and reads the row starts
             # to the host, which a graph cannot
-            decoder = causal_lm_of(self.model).get_decoder()
             self.pack_rows = cfg.pack_rows and packing_supported(
                 decoder.config, cfg.max_prompt_tokens + cfg.max_new_tokens) and (
                 varlen_available(self.device, decoder.get_input_embeddings().weight.dtype)

@@ -63,10 +63,10 @@ def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
         if _present(r["tags"]) and len(r["tags"]):
             parts.append("tags: " + ", ".join(map(str, r["tags"])))
         return " · ".join(parts)
+    rows = [r for _, r in fb.iterrows()]
     out = fb.assign(when=fb["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S"),
                     prompt=[f"#{p} {str(texts.get(p, ''))[:80]}" for p in fb["prompt_id"]],
-                    label=[_label_text(r) for _, r in fb.iterrows()],
-                    note=[note(r) for _, r in fb.iterrows()])
+                    label=[_label_text(r) for r in rows], note=[note(r) for r in rows])
     return out[cols]
 
 
@@ -105,9 +105,10 @@ def build(studio, role: str = "owner"):
             fb = fb[fb["annotator"].astype(str).str.contains(annotator_.strip(), case=False, regex=False)]
         fb = _filter_text(fb, search_, ["text", "tags", "winner"])
         cs = _filter_text(studio.completions(), search_, ["text"])
-        ps = _filter_text(studio.prompts(), search_, ["text"])
+        all_prompts = studio.prompts()
+        ps = _filter_text(all_prompts, search_, ["text"])
         md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
-        return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], studio.prompts()),
+        return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], all_prompts),
                 readable_completions(cs.tail(_MAX_ROWS).iloc[::-1]), ps.tail(_MAX_ROWS).iloc[::-1])
 
     inputs = [kind, annotator, search, replaced]
