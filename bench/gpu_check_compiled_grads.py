@@ -91,13 +91,17 @@ def main(argv=None):
         print(f"| {layout} | {len(none_c)} / {len(none_e)} | {q_none} | "
               f"{statistics.median(errs):.4f} | {max(errs):.4f} |" if errs else f"| {layout} | all missing |")
     # packing against padding, both eager: the same rows, so the same numbers up to rounding
-    (packed, lp_packed), (padded, lp_padded) = (eager_of[k] for k in list(layouts)[:2])
-    errs = errors(packed, padded)
+    # the same rows through two other layouts that should agree (column 0 against masked) give the scale of
+    # rounding against which the packed-against-padded figures read
     keep = rm.bool()
     from components.attention import _VARLEN_WORKS
-    print(f"packed against padded rows, eager: gradients median rel. error {statistics.median(errs):.4f}, max "
-          f"{max(errs):.4f}; log-probs max abs difference {float((lp_packed - lp_padded)[keep].abs().max()):.4f}; "
-          f"varlen_attn probe by device: {_VARLEN_WORKS or 'not used'}")
+    for (first, second), what in ((list(layouts)[:2], "packed against padded rows"),
+                                  (list(layouts)[1:], "column 0 against masked (the rounding's scale)")):
+        (g1, lp1), (g2, lp2) = eager_of[first], eager_of[second]
+        errs, lp_diff = errors(g1, g2), (lp1 - lp2)[keep].abs()
+        print(f"{what}, eager: gradients median rel. error {statistics.median(errs):.4f}, max {max(errs):.4f}; "
+              f"log-probs abs difference median {float(lp_diff.median()):.4f}, max {float(lp_diff.max()):.4f}")
+    print(f"varlen_attn probe by device: {_VARLEN_WORKS or 'not used'}")
 
 
 if __name__ == "__main__":
