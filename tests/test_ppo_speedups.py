@@ -156,6 +156,23 @@ def test_packed_layout_on_hand_made_rows():
     assert cu.tolist() == [0, 4, 10] and cu.dtype == torch.int32
     assert predicting.tolist() == [[1, 2], [7, 8]]     # the prompt's last token predicts the first response token
 
+    # with the prompt lengths known on the host (the PPO update has them), the same layout and no read-back
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountReads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+    with CountReads():
+        got = _packed(q, (q != pad).long(), r, prompt_lengths=[2, 4])
+    assert CountReads.n == 0
+    assert all(torch.equal(x, y) for x, y in zip(got, (ids, positions, cu, predicting)))
+    with CountReads():
+        _packed(q, (q != pad).long(), r)
+    assert CountReads.n == 1                            # T, read back from the device
+
 
 def test_packed_rows_equal_the_padded_pass(policy):
     """forward_response(pack=True): the rows' real tokens in one sequence, attention inside each row. Log-probs,
@@ -312,6 +329,77 @@ def test_sibling_layers_share_one_lora_a_matmul(policy):
             got = [attn.q_proj(x), attn.k_proj(other), attn.v_proj(x)]   # k's input is not the one q saw
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_compiled_siblings_share_one_base_matmul(policy):
+    """Inside compiled layers, fused_lora(base=True) gives q/k/v and gate/up their outputs from one base matmul
+    over weights stacked on entering the block: 3 fewer linear calls per layer graph, the same log-probs, values
+    and LoRA gradients as one matmul a layer, and the stack follows the base. A change to the base weights between
+    blocks (PPO merges the adapter in place to sample) shows in the next block's output, and the new stack reuses
+    the compiled graph."""
+    import torch._dynamo
+    from components.ppo.trainer import causal_lm_of, compile_layers, decoder_layer_list, swapped_layers
+    lm, q, qm, resp, rm, vh = policy
+    decoder = causal_lm_of(lm.model).get_decoder()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def linear_calls(gm):
+        return sum(n.op == "call_function" and n.target is torch._C._nn.linear for n in gm.graph.nodes)
+
+    params = [p for n, p in lm.model.named_parameters() if "lora_" in n]
+    compiled = compile_layers(decoder, recording_backend)
+
+    def run(base: bool, layers=compiled):
+        for p in params:
+            p.grad = None
+        with fused_lora(lm.model, base=base), (swapped_layers(decoder, layers) if layers else
+                                               contextlib.nullcontext()):
+            fo = forward_response(lm.model, q, qm, resp, rm, 0.7, value_head=vh, share_prefix=False, pack=False)
+            ((fo.logp * rm).sum() + (fo.values * rm).sum()).backward()
+        return fo, [p.grad.clone() for p in params]
+
+    keep = rm.bool()
+
+    def assert_same(a, b):
+        (fa, ga), (fb, gb) = a, b
+        assert torch.allclose(fa.logp[keep], fb.logp[keep], atol=1e-5)
+        assert torch.allclose(fa.values[keep], fb.values[keep], atol=1e-5)
+        for x, y in zip(ga, gb):
+            assert torch.linalg.vector_norm(x - y) <= 1e-5 * torch.linalg.vector_norm(y) + 1e-8
+
+    try:
+        apart = run(False)
+        n_apart = len(graphs)
+        stacked = run(True)
+        new = graphs[n_apart:]
+        assert new, "stacking the bases should trace a graph of its own"
+        assert {linear_calls(g) for g in graphs[:n_apart]} == {7} and {linear_calls(g) for g in new} == {4}
+        assert_same(stacked, apart)
+        assert_same(stacked, run(False, layers=None))                    # and the eager pass
+
+        # the base changes between blocks, as the sampler's in-place merge does: the next stack follows it
+        attn = decoder_layer_list(decoder)[5].self_attn
+        w = attn.k_proj.base_layer.weight
+        saved = w.detach().clone()
+        n_graphs = len(graphs)
+        try:
+            with torch.no_grad():
+                w.add_(torch.randn_like(w) * 0.05)
+            changed = run(True)
+            assert len(graphs) == n_graphs, "a new stack recompiled the layer"
+            assert_same(changed, run(False, layers=None))
+            assert not torch.allclose(changed[0].logp[keep], stacked[0].logp[keep], atol=1e-3)
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+        from components.fused_lora import _SIBLINGS
+        assert attn.q_proj.__dict__[_SIBLINGS][0].base_w is None       # the stack goes with the block
+    finally:
+        torch._dynamo.reset()
 
 
 def test_sampling_with_the_adapter_merged_matches_unmerged_and_restores_the_base(policy):

@@ -189,7 +189,8 @@ def _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, res
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
-                     entropy_grad: bool = False, share_prefix: bool = True, pack: bool = False) -> ForwardOut:
+                     entropy_grad: bool = False, share_prefix: bool = True, pack: bool = False,
+                     prompt_lengths: list[int] | None = None) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
@@ -199,7 +200,9 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
     which cannot keep a cache.
     pack: where neither the shared prefix nor want_hidden applies, run the rows packed into one sequence with no
-    padding (`_packed`; attention stays inside each row: components/attention.py).
+    padding (`_packed`; attention stays inside each row: components/attention.py). prompt_lengths: the rows'
+    prompt lengths on the host (query_mask's row sums), where the caller has them: packing then waits for nothing
+    on the device.
     """
     lm = causal_lm_of(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -219,7 +222,8 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     if not want_hidden:
         if pack:
             # the rows' real tokens one after another, no padding (components/attention.py)
-            input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids)
+            input_ids, positions, cu_seqlens, predicting = _packed(query_ids, query_mask, response_ids,
+                                                                   prompt_lengths)
             register_packed_attention()
             varlen_available(input_ids.device, decoder.get_input_embeddings().weight.dtype)   # probed once
             with attention_implementation(decoder.config, PACKED):
@@ -261,13 +265,16 @@ def _aligned_left(query_ids: torch.Tensor, query_mask: torch.Tensor, response_id
     return ids, lens - 1 + cols[:, :R]
 
 
-def _packed(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor):
+def _packed(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+            prompt_lengths: list[int] | None = None):
     """The batch packed into one row without padding.
 
     query_ids/query_mask [B, P] left-padded, response_ids [B, R] -> (ids [1, T]: row i's L_i prompt tokens and
     its R response columns, rows one after another, T = sum(L_i) + B R; positions [1, T], from 0 in each row;
     cu_seqlens [B + 1] int32, where each row starts and the last ends; predicting [B, R]: the index in T of the
-    hidden state that predicts each response token). Reads T to the host: one wait for the device.
+    hidden state that predicts each response token). prompt_lengths: the L_i on the host, if known; otherwise T
+    is read back from the device, which waits for all the work queued before (a PPO micro-batch: the optimizer
+    step).
     """
     B, P = query_ids.shape
     R = response_ids.shape[1]
@@ -276,7 +283,7 @@ def _packed(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: tor
     n = lens + R                                                                       # row lengths
     ends = n.cumsum(0)
     starts = ends - n
-    T = int(ends[-1])
+    T = sum(prompt_lengths) + B * R if prompt_lengths is not None else int(ends[-1])
     row = torch.repeat_interleave(torch.arange(B, device=dev), n, output_size=T)      # [T]: each token's row
     positions = torch.arange(T, device=dev) - starts[row]                              # [T]
     aligned, _ = _aligned_left(query_ids, query_mask, response_ids)                    # [B, P + R]

@@ -462,10 +462,11 @@ class PPOTrainer:
         # the shared prefix's cache does not go through the compiled layers
         return self.config.share_prompt_prefix and self._compiled_layers is None
 
-    def _fused(self):
+    def _fused(self, base: bool = False):
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
-        matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off."""
-        return fused_lora(self.model, half=self.half_lora) if self.config.fused_lora else nullcontext()
+        matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off.
+        base: the compiled passes' sibling layers share one base matmul (weights stacked for the block)."""
+        return fused_lora(self.model, half=self.half_lora, base=base) if self.config.fused_lora else nullcontext()
 
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
         cfg = self.config
@@ -476,12 +477,13 @@ class PPOTrainer:
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0,
                 "grad_norm": 0.0}
         n_micro = n_opt = 0
-        fused = self._fused()
+        fused = self._fused(base=self._compiled_layers is not None and cfg.stack_sibling_bases)
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
             if self._compiled_layers else nullcontext()
         # each row's first prompt column and response length, on the host once: trimming a micro-batch's columns
         # then needs no wait for the GPU
         first_col, resp_len = torch.stack([ro.query_mask.float().argmax(1), ro.response_mask.sum(1).float()]).cpu()
+        P = ro.query_mask.shape[1]
         try:
             with fused, compiled:
                 for _ in range(cfg.ppo_epochs):
@@ -492,7 +494,8 @@ class PPOTrainer:
                         for mi in range(mb, min(mb + cfg.mini_batch_size, B), micro):
                             rows = perm[mi:min(mi + micro, mb + cfg.mini_batch_size, B)]
                             cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
-                            self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums)
+                            self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums,
+                                             prompt_lengths=(P - first_col[rows].long()).tolist())
                             n_micro += 1
                         if self._gradients_unchecked:
                             self._check_every_tensor_got_a_gradient()
@@ -536,9 +539,10 @@ class PPOTrainer:
                                f"(first: {missing[0]}); the update was not applied. Set compile='off'.")
 
     def _micro_step(self, ro: Rollout, idx: torch.Tensor, cols: tuple[int, int], advantages, returns, mask,
-                    sums: dict) -> None:
+                    sums: dict, prompt_lengths: list[int] | None = None) -> None:
         """Forward and backward of the clipped PPO loss on rows `idx`; adds its statistics to `sums`. cols: (first
-        prompt column, response length) that hold a token in some row: the columns outside are trimmed."""
+        prompt column, response length) that hold a token in some row: the columns outside are trimmed.
+        prompt_lengths: those rows' prompt lengths, on the host (packing then reads nothing back)."""
         cfg = self.config
         first, R = cols
         q, qm = ro.query_ids[idx, first:], ro.query_mask[idx, first:]
@@ -546,7 +550,8 @@ class PPOTrainer:
         m = mask[idx, :R]
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
                               want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
-                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows)
+                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows,
+                              prompt_lengths=prompt_lengths)
         pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
         vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
         loss = pl + cfg.vf_coef * vl
