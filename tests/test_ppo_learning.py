@@ -258,13 +258,27 @@ def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
     assert diff < 2e-3, diff
 
 
-def test_non_finite_gradient_stops_before_the_update(lm32):
-    """A NaN gradient (cuDNN attention's backward gave them on an H200) must not reach the adapter's weights."""
+@pytest.mark.parametrize("optimizer", ["plain", "fused"])
+def test_non_finite_gradient_stops_before_the_update(lm32, optimizer):
+    """A NaN gradient (cuDNN attention's backward gave them on an H200) must not reach the adapter's weights.
+    "fused": the CUDA trainer's fused AdamW (here its CPU kernel), which skips the step on the device instead of
+    reading each norm back; the NaN comes in the second of four optimizer steps, and the finite ones after it are
+    skipped too, so the adapter and AdamW's state stay as the first step left them."""
     from safetensors.torch import load
-    tr = small_trainer(lm32, ppo_epochs=1)
+    tr = small_trainer(lm32, ppo_epochs=2)
+    if optimizer == "fused":
+        tr.optimizer = torch.optim.AdamW(tr._params, lr=tr.config.lr, eps=tr.config.adam_eps,
+                                         weight_decay=tr.config.weight_decay, fused=True)
     tr.step()
+    n_steps = int(tr.optimizer.state[tr._params[0]]["step"])
+    assert n_steps == 4                    # 2 epochs x 2 mini-batches
     before = load(tr.adapter_bytes())     # tensors, not bytes: safetensors writes its metadata in any order
-    handle = tr._params[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+    calls = []
+
+    def nan_in_the_second_step(g):        # each micro-batch's backward calls it once; the later ones are finite
+        calls.append(1)
+        return torch.full_like(g, float("nan")) if len(calls) == 2 else g
+    handle = tr._params[0].register_hook(nan_in_the_second_step)
     try:
         with pytest.raises(FloatingPointError, match="gradient norm is nan.*not applied"):
             tr.step()
@@ -272,7 +286,14 @@ def test_non_finite_gradient_stops_before_the_update(lm32):
         handle.remove()
     after = load(tr.adapter_bytes())
     assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    steps = int(tr.optimizer.state[tr._params[0]]["step"])
+    assert steps == n_steps + 1            # the first step of this update ran, no other
+    assert changed                         # (that one moved the adapter)
+    for p in tr._params:
+        assert all(torch.isfinite(v).all() for v in tr.optimizer.state[p].values())
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not hasattr(tr.optimizer, "found_inf")
 
 
 def test_cudnn_attention_is_turned_off_only_for_cuda_training():

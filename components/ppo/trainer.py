@@ -158,6 +158,11 @@ def swapped_layers(decoder, replacements: list):
             mods[i] = m
 
 
+def _non_finite_norm(gn: float):
+    raise FloatingPointError(f"PPO gradient norm is {gn}: the update was not applied (the adapter keeps its last "
+                             "finite weights); lower lr or check the reward")
+
+
 def adapter_params(model, name: str) -> list[torch.nn.Parameter]:
     """The LoRA parameters of adapter `name`, in a stable order."""
     ps = [p for n, p in model.named_parameters() if "lora_" in n and f".{name}." in n + "."]
@@ -474,8 +479,7 @@ class PPOTrainer:
         micro = cfg.mini_batch_size // cfg.grad_accum
         train_mode = cfg.lora_dropout > 0 or cfg.gradient_checkpointing
         self.model.train(train_mode)
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0,
-                "grad_norm": 0.0}
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0}
         n_micro = n_opt = 0
         fused = self._fused(base=self._compiled_layers is not None and cfg.stack_sibling_bases)
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
@@ -484,6 +488,12 @@ class PPOTrainer:
         # then needs no wait for the GPU
         first_col, resp_len = torch.stack([ro.query_mask.float().argmax(1), ro.response_mask.sum(1).float()]).cpu()
         P = ro.query_mask.shape[1]
+        # The fused AdamW (CUDA) skips its step inside the kernel where `found_inf` is set: a non-finite gradient
+        # norm then stops this and every later step without the host reading each norm back (a wait for the GPU
+        # per step, after which it idles while the next kernels are launched). The norms are read once, at the end.
+        skip_on_device = bool(self.optimizer.defaults.get("fused"))
+        non_finite = torch.zeros((), device=self.device) if skip_on_device else None
+        norms = []
         try:
             with fused, compiled:
                 for _ in range(cfg.ppo_epochs):
@@ -504,19 +514,24 @@ class PPOTrainer:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
                             gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
-                        gn = float(gn)
-                        if not math.isfinite(gn):   # stop before the step writes NaN into the adapter
-                            raise FloatingPointError(f"PPO gradient norm is {gn}: the update was not applied "
-                                                     "(the adapter keeps its last finite weights); lower lr or "
-                                                     "check the reward")
-                        sums["grad_norm"] += gn
+                        if skip_on_device:          # this step and all after a non-finite one do nothing
+                            non_finite = torch.maximum(non_finite, (~torch.isfinite(gn)).float())
+                            self.optimizer.found_inf = non_finite
+                        elif not math.isfinite(gn := float(gn)):   # stop before the step writes NaN
+                            _non_finite_norm(gn)
+                        norms.append(gn)
                         self.optimizer.step()
                         n_opt += 1
         finally:
+            self.optimizer.__dict__.pop("found_inf", None)
             self.optimizer.zero_grad(set_to_none=True)
             self.model.eval()
-        out = {k: float(v) / max(n_micro, 1) for k, v in sums.items() if k != "grad_norm"}
-        out["grad_norm"] = sums["grad_norm"] / max(n_opt, 1)
+        norms = torch.stack(norms).tolist() if skip_on_device and norms else norms    # one read for all
+        for gn in norms:
+            if not math.isfinite(gn):
+                _non_finite_norm(gn)
+        out = {k: float(v) / max(n_micro, 1) for k, v in sums.items()}
+        out["grad_norm"] = sum(norms) / max(n_opt, 1)
         for k, v in out.items():
             if not math.isfinite(v):
                 raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
