@@ -69,7 +69,8 @@ def main(argv=None):
         layers = swapped_layers(decoder, trainer._compiled_layers) if compiled else nullcontext()
         with trainer._fused(base=compiled and trainer.config.stack_sibling_bases), layers:   # as the update runs
             fo = forward_response(trainer.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
-                                  1.0, value_head=trainer.value_head, share_prefix=False, **layouts[layout])
+                                  1.0, value_head=trainer.value_head, share_prefix=False, **layouts[layout],
+                                  logprobs_fn=trainer._logprobs_fn if compiled else None)
             ((fo.logp * rm).sum() / rm.sum() + (fo.values * rm).sum() / rm.sum()).backward()
         return ({names.get(id(p), "value_head"): None if p.grad is None else p.grad.detach().float().clone()
                  for p in trainer._params}, fo.logp.detach().float())

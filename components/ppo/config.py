@@ -94,9 +94,10 @@ class PPOConfig:
     (12.4% -> 18.9% MFU); the gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
     (tests/test_ppo_speedups.py)."""
     compile: str = "off"
-    """torch.compile each decoder layer for the training passes: "on", "off", or "auto" (on for an
-    unquantized base on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds) that keeps an
-    eager LoRA step far from the GPU's peak (the GPU bench's compiled step: 2.3x the eager one at 1.7B). The first
+    """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes:
+    "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
+    rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
+    peak (the GPU bench's compiled step: 2.3x the eager one at 1.7B). The first
     training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
     Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
     rollout, policy and reference passes stay eager. Not with gradient_checkpointing. On an H100 at the 1.7B shape

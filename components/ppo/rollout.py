@@ -190,7 +190,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                      response_mask: torch.Tensor, temperature: float, value_head: torch.nn.Module | None = None,
                      want_entropy: bool = False, want_hidden: bool = False,
                      entropy_grad: bool = False, share_prefix: bool = True, pack: bool = False,
-                     prompt_lengths: list[int] | None = None) -> ForwardOut:
+                     prompt_lengths: list[int] | None = None, logprobs_fn=None) -> ForwardOut:
     """One trunk forward over prompt + response giving log-probs (and values, entropy, hidden) of the response.
 
     model: a CausalLM (or a PeftModel around one): whatever adapter is active (or disabled) is used.
@@ -202,7 +202,8 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     pack: where neither the shared prefix nor want_hidden applies, run the rows packed into one sequence with no
     padding (`_packed`; attention stays inside each row: components/attention.py). prompt_lengths: the rows'
     prompt lengths on the host (query_mask's row sums), where the caller has them: packing then waits for nothing
-    on the device.
+    on the device. logprobs_fn: what turns the head's logits into log-probs (default `logprobs_from_logits`; the
+    compiled PPO update passes its compiled version of it).
     """
     lm = causal_lm_of(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -215,7 +216,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
         pre_hidden, tail = shared
         W = tail.shape[1] - R
         out = heads_on_hidden(head, tail[:, W - 1:W - 1 + R], response_ids, temperature, value_head,
-                              want_entropy, entropy_grad)
+                              want_entropy, entropy_grad, logprobs_fn)
         if want_hidden:
             out.hidden = _full_layout(pre_hidden, tail, query_mask, R)
         return out
@@ -237,13 +238,14 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
             hidden = decoder(input_ids=input_ids, position_ids=torch.arange(P + R, device=input_ids.device)[None],
                              use_cache=False).last_hidden_state
             h = hidden.gather(1, predicting.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad)
+        return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad,
+                               logprobs_fn)
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     out = heads_on_hidden(head, hidden[:, P - 1:P - 1 + R], response_ids, temperature, value_head, want_entropy,
-                          entropy_grad)
+                          entropy_grad, logprobs_fn)
     out.hidden = hidden
     return out
 
@@ -309,8 +311,9 @@ def _full_layout(pre_hidden: torch.Tensor, tail: torch.Tensor, query_mask: torch
 
 def heads_on_hidden(head: torch.nn.Module, h: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                     value_head: torch.nn.Module | None = None, want_entropy: bool = False,
-                    entropy_grad: bool = False) -> ForwardOut:
-    """Output head and value head on the response-predicting hidden states h [B, R, H] -> ForwardOut."""
+                    entropy_grad: bool = False, logprobs_fn=None) -> ForwardOut:
+    """Output head and value head on the response-predicting hidden states h [B, R, H] -> ForwardOut.
+    logprobs_fn(logits, labels, temperature): default `logprobs_from_logits`."""
     if temperature != 1.0 and getattr(head, "bias", None) is None:
         # head(h) / T == head(h / T) for a bias-free head; scaling h [B, R, H] instead of the logits
         # [B, R, V] saves a pass over V/H times more numbers, forward and backward
@@ -318,7 +321,7 @@ def heads_on_hidden(head: torch.nn.Module, h: torch.Tensor, response_ids: torch.
     else:
         h_scaled = h
     logits = head(h_scaled)
-    out = ForwardOut(logp=logprobs_from_logits(logits, response_ids, temperature))
+    out = ForwardOut(logp=(logprobs_fn or logprobs_from_logits)(logits, response_ids, temperature))
     if value_head is not None:
         out.values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
     if want_entropy:

@@ -229,6 +229,10 @@ class PPOTrainer:
                                                not quantized and not cfg.gradient_checkpointing)
             decoder = causal_lm_of(self.model).get_decoder()
             self._compiled_layers = compile_layers(decoder, cfg.compile_backend) if compiled else None
+            # and the log-probs from the head's logits: one fused reduction over the bf16 logits [rows, R, V]
+            # instead of eager's fp32 copy of them and logsumexp's passes over it, forward and backward
+            self._logprobs_fn = torch.compile(core.logprobs_from_logits, backend=cfg.compile_backend,
+                                              dynamic=True) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
             # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`). On CUDA or compiled, only
@@ -566,7 +570,7 @@ class PPOTrainer:
         fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
                               want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
                               share_prefix=self._share_prefix_in_training, pack=self.pack_rows,
-                              prompt_lengths=prompt_lengths)
+                              prompt_lengths=prompt_lengths, logprobs_fn=self._logprobs_fn)
         pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
         vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
         loss = pl + cfg.vf_coef * vl
