@@ -488,10 +488,10 @@ class PPOTrainer:
         fused = self._fused(base=self._compiled_layers is not None and cfg.stack_sibling_bases)
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
             if self._compiled_layers else nullcontext()
-        # each row's first prompt column and response length, on the host once: trimming a micro-batch's columns
-        # then needs no wait for the GPU
-        first_col, resp_len = torch.stack([ro.query_mask.float().argmax(1), ro.response_mask.sum(1).float()]).cpu()
-        P = ro.query_mask.shape[1]
+        # each row's first prompt column, response length and prompt length, on the host once: trimming and
+        # packing a micro-batch then need no wait for the GPU
+        qm, rm = ro.query_mask.float(), ro.response_mask.float()
+        first_col, resp_len, prompt_len = torch.stack([qm.argmax(1), rm.sum(1), qm.sum(1)]).cpu()
         # The fused AdamW (CUDA) skips its step inside the kernel where `found_inf` is set: a non-finite gradient
         # norm then stops this and every later step without the host reading each norm back (a wait for the GPU
         # per step, after which it idles while the next kernels are launched). The norms are read once, at the end.
@@ -509,7 +509,7 @@ class PPOTrainer:
                             rows = perm[mi:min(mi + micro, mb + cfg.mini_batch_size, B)]
                             cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
                             self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums,
-                                             prompt_lengths=(P - first_col[rows].long()).tolist())
+                                             prompt_lengths=prompt_len[rows].long().tolist())
                             n_micro += 1
                         if self._gradients_unchecked:
                             self._check_every_tensor_got_a_gradient()
