@@ -67,7 +67,7 @@ def main(argv=None):
         for p in trainer._params:
             p.grad = None
         layers = swapped_layers(decoder, trainer._compiled_layers) if compiled else nullcontext()
-        with trainer._fused(base=compiled and trainer.config.stack_sibling_bases), layers:   # as the update runs
+        with trainer._fused(update=compiled), layers:     # as the update runs them
             fo = forward_response(trainer.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
                                   1.0, value_head=trainer.value_head, share_prefix=False, **layouts[layout],
                                   logprobs_fn=trainer._logprobs_fn if compiled else None)

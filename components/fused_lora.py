@@ -196,8 +196,7 @@ class _Siblings:
                 self.x, self.held_out = None, []
             return out
         a_dtype = self.layers[i].lora_A[name].weight.dtype
-        if not all(_fusable(m, x, (), {}) == name and m.lora_A[name].weight.dtype == a_dtype
-                   and m.base_layer.weight.dtype == x.dtype for m in self.layers):
+        if not all(_fusable(m, x, (), {}) == name and m.lora_A[name].weight.dtype == a_dtype for m in self.layers):
             return None
         # one product for every sibling's LoRA term: [N, sum r] @ blockdiag(s_i B_i)^T, zeros between the blocks
         # (3x the LoRA B flops, ~1% of the base product's), so the add covers the stacked output in one pass

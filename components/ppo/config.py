@@ -232,6 +232,11 @@ class PPOConfig:
         return self.merge_for_generation == "on" or (
             self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
 
+    def compiles(self, device_type: str, quantized: bool) -> bool:
+        """Whether the training passes run through compiled decoder layers (`compile`, for this base and device)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and not quantized
+                                        and not self.gradient_checkpointing)
+
     def half_lora(self, device_type: str, base_bf16: bool) -> bool:
         """Whether the fused passes run fp32 adapters' matmuls in the half-precision base's dtype."""
         return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda" and base_bf16)

@@ -136,8 +136,8 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
     logits = m * R * V * (act + 4 + 4 + 4)
     train = acts + logits + m * T * H * act * 4
     # compiled passes: q/k/v and gate/up base weights stacked for one matmul each (components/fused_lora.py)
-    compiled = config.compile == "on" or (config.compile == "auto" and device == "cuda" and not quantized)
-    if compiled and config.fused_lora and config.stack_sibling_bases and fl.SHARE_SIBLING_INPUTS and not quantized:
+    if config.compiles(device, quantized) and config.stack_sibling_bases and config.fused_lora \
+            and fl.SHARE_SIBLING_INPUTS and not quantized:
         train += L * act * sum(shapes[t][0] * shapes[t][1] for names in fl.SIBLING_SETS for t in names
                                if all(n in targets for n in names))
 

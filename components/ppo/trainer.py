@@ -225,8 +225,7 @@ class PPOTrainer:
             # fp32 adapters on a bf16 base: the fused passes' LoRA matmuls in bf16 (`PPOConfig.lora_precision`)
             self.half_lora = cfg.half_lora(self.device.type, base_dtype == torch.bfloat16)
             # ---- training passes through compiled decoder layers (same weights; compiled lazily) -------------
-            compiled = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda" and
-                                               not quantized and not cfg.gradient_checkpointing)
+            compiled = cfg.compiles(self.device.type, quantized)
             decoder = causal_lm_of(self.model).get_decoder()
             self._compiled_layers = compile_layers(decoder, cfg.compile_backend) if compiled else None
             # and the log-probs from the head's logits: one fused reduction over the bf16 logits [rows, R, V]
@@ -471,10 +470,12 @@ class PPOTrainer:
         # the shared prefix's cache does not go through the compiled layers
         return self.config.share_prompt_prefix and self._compiled_layers is None
 
-    def _fused(self, base: bool = False):
+    def _fused(self, update: bool = False):
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
         matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off.
-        base: the compiled passes' sibling layers share one base matmul (weights stacked for the block)."""
+        update: for the update's passes, whose compiled layers share one base matmul between sibling layers where
+        `PPOConfig.stack_sibling_bases` says so (weights stacked for the block)."""
+        base = update and self._compiled_layers is not None and self.config.stack_sibling_bases
         return fused_lora(self.model, half=self.half_lora, base=base) if self.config.fused_lora else nullcontext()
 
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
@@ -485,7 +486,7 @@ class PPOTrainer:
         self.model.train(train_mode)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0}
         n_micro = n_opt = 0
-        fused = self._fused(base=self._compiled_layers is not None and cfg.stack_sibling_bases)
+        fused = self._fused(update=True)
         compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
             if self._compiled_layers else nullcontext()
         # each row's first prompt column, response length and prompt length, on the host once: trimming and
