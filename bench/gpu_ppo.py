@@ -194,10 +194,9 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
     reward = SyntheticReward(lm.model.get_output_embeddings().weight.detach(), lm.model.config.hidden_size)
     trainer = PPOTrainer(lm, reward, cfg, prompts, device=device)
     res["trainable_params"] = sum(p.numel() for p in trainer._params)
-    res["compiled"], res["merged_rollout"] = trainer.compiled, trainer.merge_for_generation
+    res["merged_rollout"] = trainer.merge_for_generation
     res["half_lora"] = trainer.half_lora
     res["packed_rows"], res["lora_siblings"] = trainer.pack_rows, args.lora_siblings == "on"
-    res["stacked_bases"] = cfg.stack_sibling_bases and trainer.compiled and args.lora_siblings == "on"
     hist = []
     t_start = None   # the time limit counts from the end of the first step, which holds any compilation
     for _ in range(cfg.steps):
@@ -208,6 +207,9 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
         if args.max_seconds and time.perf_counter() - t_start > args.max_seconds and len(hist) >= 3:
             res["stopped_early"] = True
             break
+    # after training: where compiling failed, the trainer went on eagerly (and these say so)
+    res["compiled"], res["compile_fallback"] = trainer.compiled, trainer.compile_fallback
+    res["stacked_bases"] = cfg.stack_sibling_bases and trainer.compiled and args.lora_siblings == "on"
     if device.type == "cuda":
         torch.cuda.synchronize()
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)

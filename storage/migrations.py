@@ -230,9 +230,15 @@ _V2 = """
 ALTER TABLE reward_versions ALTER COLUMN weights DROP NOT NULL;
 """
 
+# 3: what a run did differently from its config and went on (e.g. trained eagerly where compiling failed).
+_V3 = """
+ALTER TABLE runs ADD COLUMN notes VARCHAR;
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
     (2, _V2),
+    (3, _V3),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

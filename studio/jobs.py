@@ -42,7 +42,7 @@ def worker_main(address: str, authkey_hex: str) -> None:
 
 def ppo_worker(conn, cancel, spec: dict) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
-    ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
+    ("note", text), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
     try:
         import torch
         from components.models import load_model
@@ -60,12 +60,15 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         if spec.get("memory_headroom_mb"):
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
-        status = "completed"
+        status, noted = "completed", False
         while trainer.step_count < cfg.steps:
             if cancel.is_set():
                 status = "cancelled"
                 break
             m = trainer.step()
+            if trainer.compile_fallback and not noted:
+                conn.send(("note", trainer.compile_fallback))
+                noted = True
             samples = m.pop("samples", [])
             conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
@@ -333,6 +336,9 @@ class JobManager:
                     self.store.add_run_metrics(run_id, step, metrics)
                     if samples:
                         self.store.add_run_samples(run_id, step, samples)
+                elif kind == "note":
+                    log.warning("PPO run %s: %s", run_id, msg[1])
+                    self.store.add_run_note(run_id, msg[1])
                 elif kind == "checkpoint":
                     self.store.put_checkpoint(run_id, int(msg[1]), msg[2])
                 elif kind == "adapter":

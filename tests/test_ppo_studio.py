@@ -70,6 +70,23 @@ def test_kill9_marks_interrupted_and_resumes_from_last_checkpoint(trained):
     assert steps == sorted(set(steps))
 
 
+def test_a_run_whose_compiling_fails_trains_eagerly_and_says_so(trained, tmp_path, monkeypatch):
+    """compile="on" where inductor has no working C++ compiler (a real failure, in the job's own process: a
+    compiler that always fails and an empty compile cache). The run completes eagerly, and the run's notes say
+    why, once, in the DuckDB file the Train tab reads."""
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    s = trained
+    run = s.train_ppo(steps=2, compile="on", wait=True, **TINY)
+    assert run.status == "completed", s.store.run(run.run_id)["error"]
+    notes = s.store.run(run.run_id)["notes"]
+    assert notes is not None and len(notes.splitlines()) == 1, notes
+    assert "compiled training passes failed" in notes and "C++ compiler" in notes, notes
+    m = run.metrics()
+    assert m["step"].tolist() == [1, 2] and m["compiled"].tolist() == [0.0, 0.0]
+    assert s.runs().set_index("id").loc[run.run_id, "notes"] == notes
+
+
 def test_adapter_exports_for_peft_and_generates(trained, tmp_path):
     s = trained
     run = s.train_ppo(steps=1, wait=True, **TINY)

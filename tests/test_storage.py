@@ -629,3 +629,34 @@ def test_run_lifecycle_and_interrupted_at_startup(tmp_path):
         st.add_run_samples(running, 0, [{"prompt": "c", "response": "d", "reward": 1.0}])
         assert st.run_samples(running).idx.tolist() == [0, 1]
         assert st.run_metrics(done).columns.tolist() == ["step"]
+
+
+def test_a_version_2_file_with_runs_migrates_and_runs_take_notes(tmp_path, monkeypatch):
+    """Migration 3 alters `runs`, which metrics, checkpoints and adapters reference: a file written by the
+    previous version, with such rows, must open, keep them, and take notes."""
+    import storage.migrations as migrations
+    path = tmp_path / "v2.duckdb"
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
+    with Store(path) as st:
+        assert st.schema_version() == 2
+        run = st.create_run("ppo", {"steps": 3}, {})
+        st.set_run_status(run, "running")
+        st.add_run_metrics(run, 1, {"kl": 0.5})
+        st.put_checkpoint(run, 1, b"state")
+        st.add_adapter(name="a", weights=b"w", config={}, base_model_id="m", run_id=run, step=1)
+        assert "notes" not in st.runs().columns
+    monkeypatch.undo()
+    with Store(path) as st:
+        assert st.schema_version() == LATEST_VERSION >= 3
+        assert st.run(run)["notes"] is None and st.run(run)["status"] == "running"
+        assert st.run_metrics(run)["kl"].tolist() == [0.5] and st.latest_checkpoint(run) == (1, b"state")
+        st.add_run_note(run, "trained eagerly: compiling failed")
+        st.add_run_note(run, "trained eagerly: compiling failed")     # said again on resume: kept once
+        st.add_run_note(run, "another")
+        assert st.run(run)["notes"] == "trained eagerly: compiling failed\nanother"
+        st.set_run_status(run, "completed")
+        assert st.run(run)["notes"].splitlines() == ["trained eagerly: compiling failed", "another"]
+        with pytest.raises(InvalidInput):
+            st.add_run_note(run, "  ")
+        with pytest.raises(NotFound):
+            st.add_run_note(999, "x")

@@ -104,7 +104,9 @@ class PPOConfig:
     (batch 64, mini-batch 32): training 0.76 -> 0.57 s a step, after a first step of 45-60 s that compiles (a cold
     cache), hence "off" by default: it pays off after a few hundred steps (docs/GPU.md, run 9). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
-    pass) and fails before applying it if not."""
+    pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
+    the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
+    (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
     pack_rows: bool = True
     """Forward passes that do not share a prompt prefix (compiled training passes, prompts with no common prefix,
     the reference pass) run the rows packed one after another into a single sequence with no padding; attention

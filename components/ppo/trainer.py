@@ -25,11 +25,13 @@ After training the adapter stays on `lm.model` under `config.adapter_name`: gene
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
+import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +47,8 @@ from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, he
     fast_sampling_enabled, mask_after_eos, sample
 
 STATE_FORMAT = "rlhf-studio-ppo-state/1"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,6 +162,18 @@ def swapped_layers(decoder, replacements: list):
             mods[i] = m
 
 
+class CompiledGradientsMissing(RuntimeError):
+    """The compiled training passes left a trainable tensor without a gradient (`_check_every_tensor_got_...`)."""
+
+
+def _compile_failure(e: BaseException) -> bool:
+    """An error of torch.compile itself (tracing, a backend that cannot compile: no C++ compiler, no working
+    Triton, a GPU too old for it) or a compiled graph that lost a gradient, as opposed to the math failing."""
+    dynamo_exc = sys.modules.get("torch._dynamo.exc")
+    return isinstance(e, CompiledGradientsMissing) or (
+        dynamo_exc is not None and isinstance(e, dynamo_exc.TorchDynamoException))
+
+
 def _non_finite_norm(gn: float):
     raise FloatingPointError(f"PPO gradient norm is {gn}: the update was not applied (the adapter keeps its last "
                              "finite weights); lower lr or check the reward")
@@ -234,6 +250,8 @@ class PPOTrainer:
                                               dynamic=True) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
+            # why training went on eagerly, where the compiled passes failed (`_fall_back_to_eager`)
+            self.compile_fallback: str | None = None
             # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`). On CUDA or compiled, only
             # where one kernel does it: the row-by-row fallback launches a kernel per row and reads the row starts
             # to the host, which a graph cannot
@@ -454,6 +472,7 @@ class PPOTrainer:
                 "response_len": float(mask.sum(1).mean()),
                 "eos_frac": float(has_eos.float().mean()),
                 "lr": lr,
+                "compiled": float(self.compiled),
                 "t_generate": t_gen - t_start,
                 "t_policy": t_pol - t_gen,
                 "t_reference": t_ref - t_pol,
@@ -478,21 +497,33 @@ class PPOTrainer:
         base = update and self._compiled_layers is not None and self.config.stack_sibling_bases
         return fused_lora(self.model, half=self.half_lora, base=base) if self.config.fused_lora else nullcontext()
 
+    def _enter_update_passes(self, stack: ExitStack) -> None:
+        """The update's forward: the fused LoRA layers, through the compiled decoder layers where they are on."""
+        stack.enter_context(self._fused(update=True))
+        if self._compiled_layers:
+            stack.enter_context(swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers))
+
+    def _fall_back_to_eager(self, e: BaseException) -> None:
+        """The compiled passes failed before their mini-batch's optimizer step: train eagerly from here on (same
+        math) instead of failing the run; `compile_fallback` says why (the studio shows it with the run)."""
+        why = " ".join(str(e).split())[:300]
+        self.compile_fallback = (f"the compiled training passes failed ({type(e).__name__}: {why}); "
+                                 "the run trains eagerly instead")
+        log.warning("%s", self.compile_fallback)
+        self._compiled_layers = self._logprobs_fn = None
+        self._gradients_unchecked = False
+
     def _optimise(self, ro: Rollout, advantages, returns, mask) -> dict:
         cfg = self.config
         B = ro.query_ids.shape[0]
-        micro = cfg.mini_batch_size // cfg.grad_accum
         train_mode = cfg.lora_dropout > 0 or cfg.gradient_checkpointing
         self.model.train(train_mode)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0}
         n_micro = n_opt = 0
-        fused = self._fused(update=True)
-        compiled = swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers) \
-            if self._compiled_layers else nullcontext()
         # each row's first prompt column, response length and prompt length, on the host once: trimming and
         # packing a micro-batch then need no wait for the GPU
         qm, rm = ro.query_mask.float(), ro.response_mask.float()
-        first_col, resp_len, prompt_len = torch.stack([qm.argmax(1), rm.sum(1), qm.sum(1)]).cpu()
+        host = torch.stack([qm.argmax(1), rm.sum(1), qm.sum(1)]).cpu()
         # The fused AdamW (CUDA) skips its step inside the kernel where `found_inf` is set: a non-finite gradient
         # norm then stops this and every later step without the host reading each norm back (a wait for the GPU
         # per step, after which it idles while the next kernels are launched). The norms are read once, at the end.
@@ -500,21 +531,31 @@ class PPOTrainer:
         non_finite = torch.zeros((), device=self.device) if skip_on_device else None
         norms = []
         try:
-            with fused, compiled:
+            with ExitStack() as passes:
+                self._enter_update_passes(passes)
                 for _ in range(cfg.ppo_epochs):
                     perm = torch.randperm(B, generator=self._gen)
                     perm_dev = perm.to(self.device)
                     for mb in range(0, B, cfg.mini_batch_size):
+                        rows, rows_dev = perm[mb:mb + cfg.mini_batch_size], perm_dev[mb:mb + cfg.mini_batch_size]
+                        # ---- forward and backward of the mini-batch's micro-batches -----------------------------
                         self.optimizer.zero_grad(set_to_none=True)
-                        for mi in range(mb, min(mb + cfg.mini_batch_size, B), micro):
-                            rows = perm[mi:min(mi + micro, mb + cfg.mini_batch_size, B)]
-                            cols = (int(first_col[rows].min()), int(resp_len[rows].max()))
-                            self._micro_step(ro, perm_dev[mi:mi + len(rows)], cols, advantages, returns, mask, sums,
-                                             prompt_lengths=prompt_len[rows].long().tolist())
-                            n_micro += 1
-                        if self._gradients_unchecked:
-                            self._check_every_tensor_got_a_gradient()
-                            self._gradients_unchecked = False
+                        sums_before = {k: v.clone() if torch.is_tensor(v) else v for k, v in sums.items()} \
+                            if self.compiled else None
+                        try:
+                            n_micro += self._backward(ro, rows, rows_dev, host, advantages, returns, mask, sums)
+                        except Exception as e:
+                            if not (self.compiled and _compile_failure(e)):
+                                raise
+                            # the compiled passes failed (compiling, or losing a gradient) before this mini-batch's
+                            # step: redo it eagerly, its gradients and statistics so far dropped
+                            passes.close()          # out of the compiled layers and their stacked bases
+                            self._fall_back_to_eager(e)
+                            self._enter_update_passes(passes)
+                            sums.update(sums_before)
+                            self.optimizer.zero_grad(set_to_none=True)
+                            n_micro += self._backward(ro, rows, rows_dev, host, advantages, returns, mask, sums)
+                        # ---- clip, then the optimizer step ------------------------------------------------------
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
@@ -542,6 +583,23 @@ class PPOTrainer:
                 raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
         return out
 
+    def _backward(self, ro: Rollout, rows, rows_dev, host, advantages, returns, mask, sums: dict) -> int:
+        """Forward and backward of one mini-batch's `rows` in micro-batches (the gradients add up); returns how
+        many. host: each row's first prompt column, response length and prompt length, on the host."""
+        micro = self.config.mini_batch_size // self.config.grad_accum
+        first_col, resp_len, prompt_len = host
+        n = 0
+        for i in range(0, len(rows), micro):
+            r = rows[i:i + micro]
+            cols = (int(first_col[r].min()), int(resp_len[r].max()))
+            self._micro_step(ro, rows_dev[i:i + micro], cols, advantages, returns, mask, sums,
+                             prompt_lengths=prompt_len[r].long().tolist())
+            n += 1
+        if self._gradients_unchecked:
+            self._check_every_tensor_got_a_gradient()
+            self._gradients_unchecked = False
+        return n
+
     def _check_every_tensor_got_a_gradient(self) -> None:
         """Compiled passes once gave no gradient to part of the adapter and nothing failed: on an H100, layers
         compiled with a padding mask skipped attention's backward pass, so the q/k/v adapters never trained (the
@@ -555,8 +613,8 @@ class PPOTrainer:
             zero = torch.stack([p.grad.abs().amax() for p in b_mats]).eq(0).tolist()    # one wait for the GPU
             missing += [names[id(p)] for p, z in zip(b_mats, zero) if z]
         if missing:
-            raise RuntimeError(f"the compiled training passes gave no gradient to {len(missing)} trainable tensors "
-                               f"(first: {missing[0]}); the update was not applied. Set compile='off'.")
+            raise CompiledGradientsMissing(f"the compiled training passes gave no gradient to {len(missing)} "
+                                           f"trainable tensors (first: {missing[0]}); their update was not applied")
 
     def _micro_step(self, ro: Rollout, idx: torch.Tensor, cols: tuple[int, int], advantages, returns, mask,
                     sums: dict, prompt_lengths: list[int] | None = None) -> None:

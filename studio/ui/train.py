@@ -149,7 +149,8 @@ def build(studio, role: str = "owner"):
         if len(m) >= 1 and run["status"] == "running" and "step_seconds" in m:
             eta = f" · ETA {m['step_seconds'].tail(5).mean() * (total - done):.0f} s"
         err = f" — {run['error']}" if run.get("error") else ""
-        md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}"
+        notes = "".join(f"\n\nNote: {n}" for n in (run.get("notes") or "").splitlines())
+        md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}{notes}"
         sm = studio.store.run_samples(rid)
         if len(sm):
             sm = sm.sort_values("step", ascending=False).head(12).round({"reward": 3})
