@@ -113,7 +113,7 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
     assert corr > 0.5, corr
 
-    cfg = PPOConfig(steps=12, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+    cfg = PPOConfig(steps=8, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
                     lr=6e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
@@ -414,6 +414,20 @@ def test_packed_rows_train_as_padded_rows(lm32):
         assert torch.linalg.vector_norm(got_update - want_update) <= 0.05 * torch.linalg.vector_norm(want_update), k
 
 
+_EAGER_FIRST_STEP = {}
+
+
+def eager_first_step(lm):
+    """small_trainer(ppo_epochs=1)'s initial adapter, first step's metrics and adapter update, eager (computed
+    once: every fallback case compares with it)."""
+    if id(lm) not in _EAGER_FIRST_STEP:
+        eager = small_trainer(lm, ppo_epochs=1)
+        init = {k: v.clone() for k, v in eager._adapter_state().items()}
+        want = eager.step()
+        _EAGER_FIRST_STEP[id(lm)] = init, want, {k: v - init[k] for k, v in eager._adapter_state().items()}
+    return _EAGER_FIRST_STEP[id(lm)]
+
+
 @pytest.mark.parametrize("failure", ["compiler", "detach", "zero"])
 def test_compiled_passes_that_fail_fall_back_to_eager_training(lm32, failure):
     """Where the compiled passes fail, the run trains eagerly instead of failing, and says why.
@@ -435,10 +449,7 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm32, failure):
     name = f"studio_test_fallback_{failure}"
     if name not in list_backends(exclude_tags=()):
         torch._dynamo.register_backend(no_compiler if failure == "compiler" else plain, name=name)
-    eager = small_trainer(lm32, ppo_epochs=1)
-    init = {k: v.clone() for k, v in eager._adapter_state().items()}
-    want = eager.step()
-    want_update = {k: v - init[k] for k, v in eager._adapter_state().items()}
+    init, want, want_update = eager_first_step(lm32)
 
     trainer = small_trainer(lm32, ppo_epochs=1, compile="on", compile_backend=name)
     assert trainer.compiled and trainer.compile_fallback is None

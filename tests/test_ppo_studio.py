@@ -32,9 +32,14 @@ def _wait_for(cond, timeout=600, every=0.5):
     raise AssertionError("timed out")
 
 
-def test_cancel_then_resume_to_completion(trained):
+def test_cancel_then_resume_to_completion(trained, tmp_path, monkeypatch):
+    """Also: compile="on" where inductor has no working C++ compiler (a real failure in the job's own process: a
+    compiler that always fails, an empty compile cache). The run trains eagerly, before and after the resume, and
+    its notes say why, once, in the DuckDB file the Train tab reads."""
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     s = trained
-    run = s.train_ppo(steps=4, wait=False, **TINY)
+    run = s.train_ppo(steps=4, wait=False, compile="on", **TINY)
     with pytest.raises(StudioError, match="already running"):
         s.train_ppo(steps=2, **TINY)                      # one training job at a time
     _wait_for(lambda: len(run.metrics()) >= 1)
@@ -53,6 +58,11 @@ def test_cancel_then_resume_to_completion(trained):
         assert col in m.columns and m[col].notna().all(), col
     lineage = s.store.run(run.run_id)["lineage"]
     assert lineage["reward_tier"] == "fast" and lineage["base_revision"] == s.lm.revision
+    assert m["compiled"].tolist() == [0.0] * 4
+    notes = s.store.run(run.run_id)["notes"]
+    assert notes is not None and len(notes.splitlines()) == 1, notes     # the resumed job said it again
+    assert "compiled training passes failed" in notes and "C++ compiler" in notes, notes
+    assert s.runs().set_index("id").loc[run.run_id, "notes"] == notes
 
 
 def test_kill9_marks_interrupted_and_resumes_from_last_checkpoint(trained):
@@ -68,23 +78,6 @@ def test_kill9_marks_interrupted_and_resumes_from_last_checkpoint(trained):
     steps = resumed.metrics()["step"].tolist()
     assert steps[-1] == 5 and ck_step >= 2
     assert steps == sorted(set(steps))
-
-
-def test_a_run_whose_compiling_fails_trains_eagerly_and_says_so(trained, tmp_path, monkeypatch):
-    """compile="on" where inductor has no working C++ compiler (a real failure, in the job's own process: a
-    compiler that always fails and an empty compile cache). The run completes eagerly, and the run's notes say
-    why, once, in the DuckDB file the Train tab reads."""
-    monkeypatch.setenv("CXX", "/bin/false")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    s = trained
-    run = s.train_ppo(steps=2, compile="on", wait=True, **TINY)
-    assert run.status == "completed", s.store.run(run.run_id)["error"]
-    notes = s.store.run(run.run_id)["notes"]
-    assert notes is not None and len(notes.splitlines()) == 1, notes
-    assert "compiled training passes failed" in notes and "C++ compiler" in notes, notes
-    m = run.metrics()
-    assert m["step"].tolist() == [1, 2] and m["compiled"].tolist() == [0.0, 0.0]
-    assert s.runs().set_index("id").loc[run.run_id, "notes"] == notes
 
 
 def test_adapter_exports_for_peft_and_generates(trained, tmp_path):
