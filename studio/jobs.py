@@ -60,15 +60,16 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         if spec.get("memory_headroom_mb"):
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
-        status, noted = "completed", False
+        status, noted = "completed", set()
         while trainer.step_count < cfg.steps:
             if cancel.is_set():
                 status = "cancelled"
                 break
             m = trainer.step()
-            if trainer.compile_fallback and not noted:
-                conn.send(("note", trainer.compile_fallback))
-                noted = True
+            for note in trainer.notes:
+                if note not in noted:
+                    conn.send(("note", note))
+                    noted.add(note)
             samples = m.pop("samples", [])
             conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \

@@ -497,3 +497,34 @@ def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm32):
     sa, sb = first._adapter_state(), again._adapter_state()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_a_model_the_fast_sampler_refuses_trains_sampling_with_generate(lm32, tmp_path, monkeypatch):
+    """A local model folder with sliding-window attention shorter than the sequence (a Mistral-style decoder,
+    random weights, the embedded tokenizer): the fast sampler refuses it. PPO then samples with `model.generate`,
+    exactly as with the fast sampler switched off, and says so in its notes; it once failed its first step."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from components.models import load_model
+    folder = tmp_path / "tiny-mistral-sliding"
+    tok = lm32.tokenizer
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    def run(fast: bool):
+        monkeypatch.setenv("RLHF_STUDIO_FASTGEN", "1" if fast else "0")
+        trainer = small_trainer(load_model(str(folder), dtype="fp32"), steps=2)
+        return trainer, [trainer.step() for _ in range(2)]
+
+    refused, got = run(fast=True)
+    assert len(refused.notes) == 1 and "sliding-window attention (16)" in refused.notes[0], refused.notes
+    assert "model.generate" in refused.notes[0]
+    plain, want = run(fast=False)
+    assert plain.notes == []               # switched off by the user: nothing to say
+    for g, w in zip(got, want):
+        assert [s["response"] for s in g["samples"]] == [s["response"] for s in w["samples"]]
+        for k in ("policy_loss", "value_loss", "kl", "reward_mean"):
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k

@@ -24,6 +24,8 @@ state depends only on the tokens before it and its position, so this is the same
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
 
 import os
@@ -31,7 +33,7 @@ import os
 import torch
 
 from ..attention import PACKED, attention_implementation, register_packed_attention, varlen_available
-from ..fastgen import cache_kwarg, fast_generate
+from ..fastgen import FastGenUnsupported, cache_kwarg, fast_generate
 from .core import entropy_from_logits, logprobs_from_logits
 
 
@@ -364,6 +366,16 @@ def fast_sampling_enabled() -> bool:
     return os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0"
 
 
+log = logging.getLogger(__name__)
+# models the fast sampler refused (FastGenUnsupported), with its reason: they sample with `generate`
+_FAST_UNSUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fast_sampling_unsupported(model) -> str | None:
+    """Why the fast sampler refused `model` (which then samples with `model.generate`), or None."""
+    return _FAST_UNSUPPORTED.get(model)
+
+
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
            top_p: float, eos_id: int, pad_id: int, greedy: bool = False, capture_hidden: bool = False,
@@ -382,7 +394,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     # Hidden states are recorded by a hook on the final norm, which sees one call per sampled token in eager
     # decoding (either sampler on the CPU, or `generate`), but not inside a CUDA graph: there the trainer runs
     # its one policy forward instead.
-    use_fast = fast_sampling_enabled()
+    use_fast = fast_sampling_enabled() and model not in _FAST_UNSUPPORTED
     record = capture_hidden and not (use_fast and query_ids.is_cuda)
     store: list[torch.Tensor] = []
     handle = None
@@ -396,11 +408,17 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     was_training = model.training
     model.eval()   # dropout off while sampling
     try:
+        out = None
         if use_fast:
-            out = fast_generate(model, query_ids, query_mask, max_new_tokens,
-                                temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
-                                pad_token_id=pad_id, merge_lora=merge_lora).sequences
-        else:
+            try:
+                out = fast_generate(model, query_ids, query_mask, max_new_tokens,
+                                    temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
+                                    pad_token_id=pad_id, merge_lora=merge_lora).sequences
+            except FastGenUnsupported as e:     # refused before sampling anything: `generate` does it instead
+                _FAST_UNSUPPORTED[model] = str(e)
+                log.warning("fast sampling does not support this model (%s); sampling with model.generate", e)
+                store.clear()
+        if out is None:
             out = model.generate(input_ids=query_ids, attention_mask=query_mask,
                                  generation_config=generation_config(max_new_tokens, temperature, top_p, eos_id,
                                                                      pad_id, greedy))

@@ -44,7 +44,7 @@ from . import core
 from .config import PPOConfig
 from .rewards import value_head_from_pooled_head
 from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
-    fast_sampling_enabled, mask_after_eos, sample
+    fast_sampling_enabled, fast_sampling_unsupported, mask_after_eos, sample
 
 STATE_FORMAT = "rlhf-studio-ppo-state/1"
 
@@ -309,6 +309,16 @@ class PPOTrainer:
             vh.weight.copy_(w.view_as(vh.weight).to(vh.weight.device))
             vh.bias.fill_(float(b))
             return "reward"
+
+    @property
+    def notes(self) -> list[str]:
+        """What this run does otherwise than its config asks, and why (the studio keeps them with the run)."""
+        notes = [self.compile_fallback] if self.compile_fallback else []
+        why = fast_sampling_unsupported(self.model) if fast_sampling_enabled() else None
+        if why:
+            notes.append(f"rollouts sample with model.generate, slower: the fast sampler does not support this "
+                         f"model ({why})")
+        return notes
 
     @property
     def compiled(self) -> bool:
