@@ -6,6 +6,9 @@ import string
 
 import gradio as gr
 
+from ..auth import require_owner
+from ..errors import StudioError
+
 LETTERS = string.ascii_uppercase[:8]
 ERROR_PREFIX = "**Error:**"
 
@@ -18,6 +21,14 @@ def annotator_of(request: gr.Request | None, default: str = "local") -> str:
 
 def session_of(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
+
+
+def owner_upload(studio, request: gr.Request | None, f, action: str) -> str:
+    """The path of the file uploaded to `action`; StudioError where the user is no owner or chose no file."""
+    require_owner(studio, request, action)
+    if f is None:
+        raise StudioError("choose a file first")
+    return f if isinstance(f, str) else f.name
 
 
 def ok(message: str) -> str:

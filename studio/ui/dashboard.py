@@ -17,7 +17,7 @@ from .. import dashboards as dash
 from .. import exports as ex
 from ..auth import require_owner
 from ..errors import StudioError
-from .common import fail, ok
+from .common import fail, ok, owner_upload
 
 ALL = "(all criteria)"
 _SCORED_MAX = 1000  # completions scored for the reward-vs-stars plot (those with cached reward features)
@@ -144,16 +144,10 @@ def build(studio, role: str = "owner"):
         return ok(f"exported {n:,} rows"), path
 
     def on_import(f, scale_, crit_, request: gr.Request):
-        try:
-            require_owner(studio, request, "import data")
-        except StudioError as e:
-            return fail(e)
-        if f is None:
-            return fail("choose a file first")
-        path = f if isinstance(f, str) else getattr(f, "name", None)
         criterion = "overall" if crit_ in (None, "", ALL) else crit_
         try:
-            r = ex.import_rated(studio.store, path, criterion=criterion, scale=scale_)
+            r = ex.import_rated(studio.store, owner_upload(studio, request, f, "import data"), criterion=criterion,
+                                scale=scale_)
         except StudioError as e:
             return fail(e)
         rew = getattr(studio, "reward", None)

@@ -11,7 +11,7 @@ import gradio as gr
 from components.generation import MAX_N
 from ..facade import THUMBS_DOWN_TAGS, StudioError
 from ..auth import require_owner
-from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, session_of
+from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, owner_upload, session_of
 
 WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
 
@@ -91,7 +91,6 @@ def build(studio, role: str = "owner"):
             critique = gr.Textbox(label="Critique", lines=2, elem_id="critique")
             rewrite = gr.Textbox(label="Corrected rewrite (optional)", lines=3, elem_id="rewrite")
             critique_btn = gr.Button("Save critique", elem_id="critique-btn")
-    stop_flag = gr.State(None)
     # A fresh key per page load and after each saved label: a double click or a retried request carries the same
     # key and content, so it is stored once (API callers may pass their own key, or none).
     label_key = gr.Textbox(value="", visible=False, elem_id="label-key", label="Idempotency key")
@@ -299,10 +298,7 @@ def build(studio, role: str = "owner"):
 
     def on_import_prompts(f, request: gr.Request):
         try:
-            require_owner(studio, request, "import prompts")
-            if f is None:
-                raise StudioError("choose a file first")
-            n = studio.import_prompts(f if isinstance(f, str) else f.name)
+            n = studio.import_prompts(owner_upload(studio, request, f, "import prompts"))
         except StudioError as e:
             return fail(e)
         return ok(f"{n} prompts imported")

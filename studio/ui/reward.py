@@ -2,7 +2,6 @@
 and importing preference data."""
 from __future__ import annotations
 
-import json
 
 import gradio as gr
 import numpy as np
@@ -11,7 +10,7 @@ import pandas as pd
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner
-from .common import fail, ok
+from .common import fail, ok, owner_upload
 
 
 def _status_md(studio) -> str:
@@ -134,14 +133,7 @@ def build(studio, role: str = "owner"):
 
     def on_import(f, fmt_, request: gr.Request):
         try:
-            require_owner(studio, request, "import data")
-        except StudioError as e:
-            return fail(e)
-        if f is None:
-            return fail("choose a file first")
-        path = f if isinstance(f, str) else getattr(f, "name", None)
-        try:
-            n = studio.import_preferences(path, format=fmt_)
+            n = studio.import_preferences(owner_upload(studio, request, f, "import data"), format=fmt_)
         except StudioError as e:
             return fail(e)
         return ok(f"imported {n} pairs; reward features are being computed in the background")

@@ -2,7 +2,6 @@
 live curves with ETA, sample rollouts, runs and adapters, export."""
 from __future__ import annotations
 
-import time
 
 import gradio as gr
 
