@@ -141,7 +141,7 @@ class _RemoteCancel:
 # ---------------------------------------------------------------------------- the app side
 @dataclass
 class RunHandle:
-    """A PPO run: `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`."""
+    """A PPO run: `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`, `.notes`."""
     run_id: int
     _manager: "JobManager"
     _thread: threading.Thread | None = None
@@ -153,6 +153,11 @@ class RunHandle:
     @property
     def status(self) -> str:
         return self._manager.store.run(self.run_id)["status"]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the run did otherwise than its config asked, and why (e.g. trained eagerly: compiling failed)."""
+        return (self._manager.store.run(self.run_id)["notes"] or "").splitlines()
 
     @property
     def pid(self) -> int | None:

@@ -83,7 +83,7 @@ def test_adapter_exports_for_peft_and_generates(trained, tmp_path, monkeypatch):
     notes = s.store.run(run.run_id)["notes"]
     assert notes is not None and len(notes.splitlines()) == 1, notes
     assert "compiled training passes failed" in notes and "C++ compiler" in notes, notes
-    assert s.runs().set_index("id").loc[run.run_id, "notes"] == notes
+    assert s.runs().set_index("id").loc[run.run_id, "notes"] == notes and run.notes == [notes]
     out = s.generate("Name a fruit.", n=2, max_new_tokens=5, adapter=run.adapter_id, seed=0)
     assert len(out) == 2
     comp = s.completions()
