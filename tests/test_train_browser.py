@@ -17,12 +17,20 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
     for p in ["Name a fruit.", "Say hello.", "Name a colour."]:
         cs = s.generate(p, n=3, max_new_tokens=6, seed=0)
         s.rank([c.id for c in cs])
+    # an earlier run that went on otherwise than asked: the tab shows its notes until the new run starts
+    earlier = s.store.create_run("ppo", {"steps": 2}, {})
+    s.store.set_run_status(earlier, "completed")
+    s.store.add_run_note(earlier, "the compiled training passes failed (InductorError: <no compiler>); "
+                                  "the run trains eagerly instead")
     s.close()
     from playwright.sync_api import expect
     with running_app(db) as (url, _), browser() as b:
         page = b.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(url)
         page.get_by_role("tab", name="Train (PPO)").click()
+        expect(page.locator("#ppo-status")).to_contain_text(
+            "Note: the compiled training passes failed (InductorError: <no compiler>); the run trains eagerly",
+            timeout=30_000)                  # as text: the angle brackets are not swallowed as a tag
         for elem, value in [("ppo-steps", "3"), ("ppo-batch", "2"), ("ppo-new-tokens", "6"), ("ppo-epochs", "1"),
                             ("ppo-ckpt", "1")]:
             page.locator(f"#{elem} input").fill(value)
@@ -42,7 +50,7 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "train-tab.png"), full_page=True)
     with duckdb.connect(db, read_only=True) as con:
-        assert con.execute("SELECT status FROM runs").fetchall() == [("completed",)]
-        assert con.execute("SELECT config->>'compile' FROM runs").fetchall() == [("auto",)]
+        assert con.execute("SELECT status, notes FROM runs WHERE id > ?", [earlier]).fetchall() == [("completed", None)]
+        assert con.execute("SELECT config->>'compile' FROM runs WHERE id > ?", [earlier]).fetchall() == [("auto",)]
         assert con.execute("SELECT max(step) FROM run_metrics").fetchall()[0][0] == 3
         assert con.execute("SELECT count(*) FROM adapters").fetchall()[0][0] == 1

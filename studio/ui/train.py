@@ -2,6 +2,7 @@
 live curves with ETA, sample rollouts, runs and adapters, export."""
 from __future__ import annotations
 
+import html
 
 import gradio as gr
 
@@ -147,8 +148,9 @@ def build(studio, role: str = "owner"):
         eta = ""
         if len(m) >= 1 and run["status"] == "running" and "step_seconds" in m:
             eta = f" · ETA {m['step_seconds'].tail(5).mean() * (total - done):.0f} s"
-        err = f" — {run['error']}" if run.get("error") else ""
-        notes = "".join(f"\n\nNote: {n}" for n in (run.get("notes") or "").splitlines())
+        # error and notes as text: a message such as "<no compiler>" must not be taken for a tag
+        err = f" — {html.escape(run['error'])}" if run.get("error") else ""
+        notes = "".join(f"\n\nNote: {html.escape(n)}" for n in (run.get("notes") or "").splitlines())
         md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}{notes}"
         sm = studio.store.run_samples(rid)
         if len(sm):
