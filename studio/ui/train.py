@@ -73,7 +73,7 @@ def _memory_md(studio, settings: dict) -> str:
         from components.ppo.config import PPOConfig
         est = studio.jobs.memory_estimate(PPOConfig(**settings))
     except Exception as e:
-        return f"memory estimate unavailable: {e}"
+        return f"memory estimate unavailable: {html.escape(str(e))}"
     need = est["bytes"] / 2**30
     avail = est.get("available_bytes")
     line = f"Estimated memory for this run: **{need:.2f} GiB**"
