@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import struct
-import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -169,9 +168,8 @@ class CompiledGradientsMissing(RuntimeError):
 def _compile_failure(e: BaseException) -> bool:
     """An error of torch.compile itself (tracing, a backend that cannot compile: no C++ compiler, no working
     Triton, a GPU too old for it) or a compiled graph that lost a gradient, as opposed to the math failing."""
-    dynamo_exc = sys.modules.get("torch._dynamo.exc")
-    return isinstance(e, CompiledGradientsMissing) or (
-        dynamo_exc is not None and isinstance(e, dynamo_exc.TorchDynamoException))
+    from torch._dynamo.exc import TorchDynamoException   # loaded already where anything was compiled
+    return isinstance(e, (CompiledGradientsMissing, TorchDynamoException))
 
 
 def _non_finite_norm(gn: float):
