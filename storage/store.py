@@ -830,16 +830,17 @@ class Store:
         """Append a line to the run's notes (what it did differently from its config and went on); a note it
         already has is not added again (a resumed run may say the same thing)."""
         rid = _int(run_id, "run_id")
-        note = _str(note, "note")
+        note = " ".join(_str(note, "note").split())     # one line, as the notes are read line by line
+
+        has_note = "list_contains(string_split(coalesce(notes, ''), chr(10)), ?)"   # as a whole line
 
         def fn(cur):
             self._require_run(cur, rid)
             cur.execute(f"UPDATE runs SET notes = CASE WHEN notes IS NULL THEN ? ELSE notes || chr(10) || ? END, "
-                        f"updated_at = {NOW} WHERE id = ? AND (notes IS NULL OR position(? IN notes) = 0)",
-                        [note, note, rid, note]).fetchall()
+                        f"updated_at = {NOW} WHERE id = ? AND NOT {has_note}", [note, note, rid, note]).fetchall()
 
         self._write(fn, f"a note on run {rid}", lambda cur, _: _scalar(
-            cur, "SELECT count(*) FROM runs WHERE id = ? AND position(? IN notes) > 0", [rid, note]) == 1)
+            cur, f"SELECT count(*) FROM runs WHERE id = ? AND {has_note}", [rid, note]) == 1)
 
     def mark_running_interrupted(self) -> int:
         """Runs left 'running' or 'queued' by a previous process become 'interrupted'. Returns how many."""

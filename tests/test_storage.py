@@ -653,9 +653,11 @@ def test_a_version_2_file_with_runs_migrates_and_runs_take_notes(tmp_path, monke
         st.add_run_note(run, "trained eagerly: compiling failed")
         st.add_run_note(run, "trained eagerly: compiling failed")     # said again on resume: kept once
         st.add_run_note(run, "another")
-        assert st.run(run)["notes"] == "trained eagerly: compiling failed\nanother"
+        st.add_run_note(run, "trained eagerly")      # a part of an earlier note is a note of its own
+        st.add_run_note(run, "another\n")            # a note is one line
+        assert st.run(run)["notes"] == "trained eagerly: compiling failed\nanother\ntrained eagerly"
         st.set_run_status(run, "completed")
-        assert st.run(run)["notes"].splitlines() == ["trained eagerly: compiling failed", "another"]
+        assert st.run(run)["notes"].splitlines() == ["trained eagerly: compiling failed", "another", "trained eagerly"]
         with pytest.raises(InvalidInput):
             st.add_run_note(run, "  ")
         with pytest.raises(NotFound):
