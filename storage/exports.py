@@ -9,9 +9,9 @@ renamed, so a failed export never leaves half a file under the final name.
 
 Dashboard queries aggregate in SQL and return small DataFrames. Over a million labels, the window in the
 `feedback_current` view costs about a second, so the dashboards take the current label of ONE kind with a
-GROUP BY over the same key as the view (kind, criterion, annotator, target) and `arg_max(..., id)` (the
-latest label wins, as in the view; `arg_max_null` where the value may be NULL); tests/test_dashboards.py
-checks that they agree with `feedback_current`.
+GROUP BY over the same key as the view (kind, criterion, annotator, target) over `feedback_live` (labels not
+withdrawn) and `arg_max(..., id)` (the latest label wins, as in the view; `arg_max_null` where the value may be
+NULL); tests/test_dashboards.py checks that they agree with `feedback_current`.
 """
 from __future__ import annotations
 
@@ -268,24 +268,25 @@ def export(store: Store, kind: str, path: str, format: str = "parquet", *, conve
 
 
 # ------------------------------------------------------------------------------------------------ dashboards
-# The current label of one kind: same key and same winner (highest id) as the feedback_current view.
+# The current label of one kind: same key and same winner (highest id among labels not withdrawn) as the
+# feedback_current view.
 _CUR_STARS = """
     SELECT criterion, annotator, completion_id, max(id) AS id, arg_max(stars, id) AS stars,
            arg_max(source, id) AS source, arg_max(prompt_id, id) AS prompt_id
-    FROM feedback WHERE kind = 'stars' {where} GROUP BY criterion, annotator, completion_id"""
+    FROM feedback_live WHERE kind = 'stars' {where} GROUP BY criterion, annotator, completion_id"""
 _CUR_PAIRWISE = """
     SELECT criterion, annotator, least(completion_id, other_completion_id) AS lo,
            greatest(completion_id, other_completion_id) AS hi, max(id) AS id,
            arg_max_null(CASE winner WHEN 'a' THEN completion_id WHEN 'b' THEN other_completion_id END, id)
                AS winner_id,
            arg_max(winner, id) AS winner, arg_max(prompt_id, id) AS prompt_id
-    FROM feedback WHERE kind = 'pairwise' {where}
+    FROM feedback_live WHERE kind = 'pairwise' {where}
     GROUP BY criterion, annotator, least(completion_id, other_completion_id),
              greatest(completion_id, other_completion_id)"""
 # every current label (all kinds), reduced to its prompt: the same count as Store.prompts().n_labels
 _CUR_PER_PROMPT = """
     SELECT prompt_id, count(*) AS n FROM (
-        SELECT prompt_id FROM feedback
+        SELECT prompt_id FROM feedback_live
         GROUP BY prompt_id, kind, criterion, annotator,
                  CASE kind WHEN 'pairwise' THEN least(completion_id, other_completion_id)
                            WHEN 'ranking' THEN NULL ELSE completion_id END,

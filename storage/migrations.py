@@ -235,10 +235,49 @@ _V3 = """
 ALTER TABLE runs ADD COLUMN notes VARCHAR;
 """
 
+# 4: a label can be withdrawn (undo, or a mislabel found later). Labels stay immutable: a withdrawal is a row of
+# its own, and the views below skip withdrawn labels, so the label the withdrawn one had replaced (if any) is
+# current again. `feedback_live` is every label not withdrawn; the dashboards' one-kind queries read it too.
+_V4 = f"""
+CREATE SEQUENCE retraction_id_seq;
+CREATE TABLE retractions (
+    id               BIGINT PRIMARY KEY DEFAULT nextval('retraction_id_seq'),
+    feedback_id      BIGINT NOT NULL UNIQUE REFERENCES feedback (id),
+    annotator        VARCHAR NOT NULL,          -- who withdrew it
+    session_id       VARCHAR,
+    reason           VARCHAR,
+    idempotency_key  VARCHAR UNIQUE,
+    created_at       TIMESTAMP NOT NULL DEFAULT {NOW}
+);
+
+CREATE VIEW feedback_live AS
+SELECT * FROM feedback WHERE id NOT IN (SELECT feedback_id FROM retractions);
+
+CREATE OR REPLACE VIEW feedback_history AS
+SELECT t.*,
+       NOT t.retracted AND row_number() OVER (PARTITION BY t.kind, t.criterion, t.annotator, t.target, t.retracted
+                                              ORDER BY t.id DESC) > 1 AS superseded
+FROM (
+    SELECT f.*,
+           CASE f.kind
+               WHEN 'pairwise' THEN 'pair:' || least(f.completion_id, f.other_completion_id)::VARCHAR
+                                    || '-' || greatest(f.completion_id, f.other_completion_id)::VARCHAR
+               WHEN 'ranking' THEN 'prompt:' || f.prompt_id::VARCHAR
+               ELSE 'completion:' || f.completion_id::VARCHAR
+           END AS target,
+           r.feedback_id IS NOT NULL AS retracted
+    FROM feedback f LEFT JOIN retractions r ON r.feedback_id = f.id
+) t;
+
+CREATE OR REPLACE VIEW feedback_current AS
+SELECT * EXCLUDE (superseded, retracted) FROM feedback_history WHERE NOT superseded AND NOT retracted;
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
     (2, _V2),
     (3, _V3),
+    (4, _V4),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -34,7 +34,7 @@ TIERS = ("fast", "deep")
 CHECKPOINTS_KEPT = 2
 
 TABLES = ("prompts", "completions", "criteria", "feedback", "features", "reward_versions", "runs",
-          "run_metrics", "run_samples", "adapters", "checkpoints")
+          "run_metrics", "run_samples", "adapters", "checkpoints", "retractions")
 
 _COMPLETION_COLS = ("prompt_id", "text", "source", "model_id", "model_revision", "adapter_id", "params", "seed",
                     "prompt_tokens", "completion_tokens", "finish_reason", "latency_s", "corrects_id")
@@ -576,13 +576,81 @@ class Store:
         return fid, new_cid
 
     def feedback(self, history: bool = False, kind: str | None = None, annotator: str | None = None) -> pd.DataFrame:
-        """Current labels (latest per kind, criterion, annotator and target); history=True: every label with a
-        `superseded` column."""
+        """Current labels (the latest not withdrawn per kind, criterion, annotator and target); history=True:
+        every label with `superseded` (a later label replaced it) and `retracted` (it was withdrawn) columns."""
         if kind is not None and kind not in FEEDBACK_KINDS:
             raise InvalidInput(f"Unknown feedback kind {kind!r}; use one of {', '.join(FEEDBACK_KINDS)}.")
         view = "feedback_history" if history else "feedback_current"
         return self._df(f"SELECT * FROM {view} WHERE (? IS NULL OR kind = ?) AND (? IS NULL OR annotator = ?) "
                         "ORDER BY id", [kind, kind, annotator, annotator])
+
+    # ------------------------------------------------------------ withdrawing labels
+    def retract_feedback(self, feedback_id: int, *, annotator: str = "local", own_only: bool = False,
+                         session_id: str | None = None, reason: str | None = None,
+                         idempotency_key: str | None = None) -> dict:
+        """Withdraw one label (a mislabel). The label stays in the history, marked `retracted`; whatever label it
+        had replaced is current again. `own_only`: refuse a label given by another annotator. Returns what
+        `undo_last_feedback` returns."""
+        fid = _int(feedback_id, "feedback id")
+        return self._retract(lambda cur: fid, annotator, own_only, session_id, reason, idempotency_key)
+
+    def undo_last_feedback(self, annotator: str = "local", session_id: str | None = None,
+                           idempotency_key: str | None = None) -> dict:
+        """Withdraw the newest label that `annotator` gave (in `session_id` only, when given) and has not
+        withdrawn yet. Returns {"retraction_id", "label": the withdrawn label (a feedback_history row as a
+        dict), "restored_id": the label current again in its place, or None}."""
+        who = _str(annotator, "annotator")
+        session = _str(session_id, "session id", optional=True)
+
+        def newest(cur):
+            rows = _rows(cur, "SELECT id FROM feedback_live WHERE annotator = ? AND source = 'human' "
+                              "AND (?::VARCHAR IS NULL OR session_id = ?) ORDER BY id DESC LIMIT 1",
+                         [who, session, session])
+            if not rows:
+                raise NotFound("Nothing to undo: you have no label left to withdraw"
+                               + (" in this session." if session else "."))
+            return rows[0][0]
+
+        return self._retract(newest, who, True, session, None, idempotency_key)
+
+    def _retract(self, pick, annotator, own_only, session_id, reason, idempotency_key) -> dict:
+        who = _str(annotator, "annotator")
+        session = _str(session_id, "session id", optional=True)
+        reason = " ".join(_str(reason, "reason").split()) if reason is not None and str(reason).strip() else None
+        key = _str(idempotency_key, "idempotency key", optional=True)
+
+        def fn(cur):
+            if key is not None:
+                hit = _rows(cur, "SELECT id, feedback_id FROM retractions WHERE idempotency_key = ?", [key])
+                if hit:
+                    return hit[0]
+            fid = pick(cur)
+            row = _rows(cur, "SELECT annotator, id IN (SELECT feedback_id FROM retractions) FROM feedback "
+                             "WHERE id = ?", [fid])
+            if not row:
+                raise NotFound(f"no label with id {fid}")
+            given_by, withdrawn = row[0]
+            if withdrawn:
+                raise InvalidInput(f"Label {fid} was already withdrawn.")
+            if own_only and given_by != who:
+                raise InvalidInput(f"Label {fid} was given by {given_by!r}; you can only withdraw your own labels.")
+            rid = cur.execute("INSERT INTO retractions (id, feedback_id, annotator, session_id, reason, "
+                              "idempotency_key) VALUES (nextval('retraction_id_seq'), ?, ?, ?, ?, ?) RETURNING id",
+                              [fid, who, session, reason, key]).fetchall()[0][0]
+            return rid, fid
+
+        rid, fid = self._write(fn, "the withdrawal of a label", lambda cur, res: _scalar(
+            cur, "SELECT count(*) FROM retractions WHERE id = ? AND feedback_id = ?", list(res)) == 1)
+        label = self._records(self._df("SELECT * FROM feedback_history WHERE id = ?", [fid]))[0]
+        restored = self._rows("SELECT id FROM feedback_current WHERE kind = ? AND criterion = ? AND annotator = ? "
+                              "AND target = ?", [label["kind"], label["criterion"], label["annotator"],
+                                                 label["target"]])
+        return {"retraction_id": int(rid), "label": label, "restored_id": int(restored[0][0]) if restored else None}
+
+    def retractions(self) -> pd.DataFrame:
+        """Every withdrawal: id, feedback_id, annotator (who withdrew it), session_id, reason, created_at."""
+        return self._df("SELECT id, feedback_id, annotator, session_id, reason, created_at FROM retractions "
+                         "ORDER BY id")
 
     # ------------------------------------------------------------ preference pairs
     @staticmethod
@@ -777,7 +845,8 @@ class Store:
         if df.empty:
             raise NotFound(f"no reward model version with id {vid}")
         rec = self._records(_parse_json_cols(df, ["config", "pair_ids", "metrics"]))[0]
-        rec["weights"] = bytes(rec["weights"])
+        # automatic fast refits keep their metrics but not always their weights (migration 2)
+        rec["weights"] = None if rec["weights"] is None else bytes(rec["weights"])
         return rec
 
     def reward_metrics(self) -> pd.DataFrame:

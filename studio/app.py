@@ -23,6 +23,7 @@ CSS = """
 # Keyboard shortcuts for fast rating. Ignored while typing in a text field.
 #   g generate · n next prompt · ←/→ or j/k select a completion · 1-5 stars for the selected one
 #   u / d thumbs up / down · a / b / t / x pairwise choice (A wins, B wins, tie, both bad) and save
+#   z undo my last label
 SHORTCUTS_JS = """
 <script>
 (() => {
@@ -44,6 +45,7 @@ SHORTCUTS_JS = """
     const click = (s) => { const el = q(s); if (el) { el.click(); e.preventDefault(); } };
     if (k === 'g') click('#generate-btn');
     else if (k === 'n') click('#next-prompt-btn');
+    else if (k === 'z') click('#undo-btn');
     else if (k === 'ArrowRight' || k === 'k') { sel = Math.min(sel + 1, cards.length - 1); mark(); }
     else if (k === 'ArrowLeft' || k === 'j') { sel = Math.max(sel - 1, 0); mark(); }
     else if ('12345'.includes(k) && k.length === 1) click(`#stars-${sel} input[value="${k}"]`);

@@ -129,7 +129,7 @@ class Studio:
             fid = self.store.add_feedback(**fields)
         except (InvalidInput, NotFound) as e:
             raise StudioError(_msg(e)) from None
-        self.reward.label_added()
+        self.reward.labels_changed()
         return fid
 
     def rate(self, completion_id: int, stars: int, criterion: str = "overall", *, annotator: str | None = None,
@@ -189,9 +189,37 @@ class Studio:
                                                   idempotency_key=idempotency_key and idempotency_key + ":r")
             except (InvalidInput, NotFound) as e:
                 raise StudioError(_msg(e)) from None
-            self.reward.label_added()
+            self.reward.labels_changed()
             self.reward.completions_added([cid])
             out.update(rewrite_id=fid, rewrite_completion_id=cid)
+        return out
+
+    def retract(self, feedback_id: int, reason: str | None = None, *, annotator: str | None = None,
+                session_id: str | None = None, own_only: bool = False, idempotency_key: str | None = None) -> dict:
+        """Withdraw a label given by mistake. It stays in `feedback(history=True)` marked `retracted`; the label
+        it had replaced, if any, is current again, and the reward model refits without it. Returns
+        {"retraction_id", "label" (the withdrawn label), "restored_id" (the label current again, or None)}."""
+        try:
+            out = self.store.retract_feedback(feedback_id, annotator=annotator or self.annotator, own_only=own_only,
+                                              session_id=session_id or self.session_id, reason=reason,
+                                              idempotency_key=idempotency_key)
+        except (InvalidInput, NotFound) as e:
+            raise StudioError(_msg(e)) from None
+        self.reward.labels_changed()
+        return out
+
+    def undo(self, *, annotator: str | None = None, session_id: str | None = None,
+             idempotency_key: str | None = None) -> dict:
+        """Withdraw the newest label this annotator gave (from any session: notebook or browser, unless
+        `session_id` names one) and has not withdrawn yet; call again to go further back. Imported labels are
+        not undone (withdraw them by id with `retract`). Returns what `retract` returns; StudioError when there is
+        nothing left to undo."""
+        try:
+            out = self.store.undo_last_feedback(annotator or self.annotator, session_id,
+                                                idempotency_key=idempotency_key)
+        except (InvalidInput, NotFound) as e:
+            raise StudioError(_msg(e)) from None
+        self.reward.labels_changed()
         return out
 
     def add_criterion(self, name: str, description: str = "") -> None:

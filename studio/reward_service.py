@@ -120,8 +120,9 @@ class RewardService:
     def pairs(self):
         return self.store.preference_pairs(self.settings.criterion)
 
-    def label_added(self) -> None:
-        """Refit the fast tier on every pair (well under a second), then maybe start a deep update."""
+    def labels_changed(self) -> None:
+        """A label was added or withdrawn: refit the fast tier on every pair (well under a second), then maybe
+        start a deep update."""
         try:
             self.refit_fast()
         except Exception as e:
@@ -139,7 +140,7 @@ class RewardService:
             pairs = self.pairs()
             t["pairs"] = time.perf_counter()
             if len(pairs) == 0:
-                return None
+                return self._too_few_pairs()
             chosen = pairs["chosen_id"].to_numpy(dtype=np.int64)
             rejected = pairs["rejected_id"].to_numpy(dtype=np.int64)
             X, ci, ri = self._feature_rows(chosen, rejected)
@@ -149,7 +150,7 @@ class RewardService:
             n_train = int(tr.sum())
             t["features"] = time.perf_counter()
             if n_train < MIN_TRAIN:
-                return None
+                return self._too_few_pairs()
             # Cross-validate L2 when the training set grew by a quarter; reuse it in between (fast refits).
             cv = self.fast_l2 is None or n_train >= 1.25 * max(self._l2_pairs, 1) or n_train < 40
             t0 = time.perf_counter()
@@ -172,6 +173,12 @@ class RewardService:
             self.last_refit = {b: t[b] - t[a] for a, b in zip(names, names[1:])}
             self.last_refit.update(total=t[names[-1]] - t["start"], stored_weights=bool(keep), cv=bool(cv))
             return vid
+
+    def _too_few_pairs(self) -> None:
+        """Too few pairs to fit (say, after labels were withdrawn): no fast model, rather than one fitted on
+        labels that no longer count."""
+        self.fast, self.fast_version = None, None
+        return None
 
     def _feature_rows(self, chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(X, ci, ri): a cached feature matrix X whose rows ci / ri hold the features of the chosen / rejected
@@ -219,13 +226,13 @@ class RewardService:
         with self._lock:
             pairs = self.pairs()
             if len(pairs) == 0:
-                return None
+                return self._too_few_pairs()
             feats = self.features(list(pairs["chosen_id"]) + list(pairs["rejected_id"]))
             pairs = pairs[pairs["chosen_id"].isin(feats.keys()) & pairs["rejected_id"].isin(feats.keys())]
             train = pairs[~pairs["heldout"]]
             test = pairs[pairs["heldout"]]
             if len(train) < MIN_TRAIN:
-                return None
+                return self._too_few_pairs()
             Xc = np.stack([feats[int(i)] for i in train["chosen_id"]])
             Xr = np.stack([feats[int(i)] for i in train["rejected_id"]])
             margin = bt_margins(train["margin"].to_numpy())
@@ -285,6 +292,8 @@ class RewardService:
     # -------------------------------------------------------------- scoring
     def _ensure_fast(self):
         if self.fast is None:
+            if int((~self.pairs()["heldout"]).sum()) < MIN_TRAIN:    # the newest version may predate withdrawals
+                return None
             self._load_latest("fast")
             if self.fast is None:
                 self.refit_fast()

@@ -31,6 +31,13 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         page.locator("#score-2").click()
         page.keyboard.press("3")
         _wait_status(page, "3 stars for C")
+        # a slip undone with `z`: the label is withdrawn and C's stars cleared; then C rated again
+        page.keyboard.press("z")
+        _wait_status(page, "withdrew label #2 (stars: 3 stars for #")
+        from playwright.sync_api import expect
+        expect(page.locator("#stars-2 input[value='3']")).not_to_be_checked()
+        page.locator("#stars-2 input[value='4']").click()
+        _wait_status(page, "4 stars for C")
         # 3. thumbs down with a reason tag, thumbs up
         page.locator("#tags-1 input[name='incorrect']").check()
         page.click("#down-1")
@@ -59,8 +66,15 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         # History tab shows the labels
         page.get_by_role("tab", name="History").click()
         page.click("#history-refresh")
-        from playwright.sync_api import expect
         expect(page.locator("#history-summary")).to_contain_text("8 labels shown", timeout=60_000)
+        # withdraw the thumbs up on D (label #5) there: one label fewer shown
+        page.get_by_text("Withdraw a label given by mistake").click()
+        page.locator("#withdraw-id input").fill("5")
+        page.locator("#withdraw-reason input").fill("meant B")
+        page.click("#withdraw-btn")
+        expect(page.locator("#withdraw-status")).to_contain_text("withdrew label #5 (thumbs: up for #",
+                                                                 timeout=60_000)
+        expect(page.locator("#history-summary")).to_contain_text("7 labels shown", timeout=60_000)
         page.get_by_role("tab", name="Generate & Rate").click()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "generate-and-rate.png"), full_page=True)
@@ -77,17 +91,21 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         fb = con.execute("SELECT kind, completion_id, other_completion_id, stars, up, winner, ranking, text, tags, "
                          "rewrite_completion_id, annotator FROM feedback ORDER BY id").fetchall()
         kinds = [f[0] for f in fb]
-        assert kinds == ["stars", "stars", "thumbs", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
+        assert kinds == ["stars", "stars", "stars", "thumbs", "thumbs", "pairwise", "ranking", "critique",
+                         "rewrite"]
         A, B, C, D = model_ids
         assert (fb[0][1], fb[0][3]) == (A, 5)
         assert (fb[1][1], fb[1][3]) == (C, 3)
-        assert (fb[2][1], fb[2][4], list(fb[2][8])) == (B, False, ["incorrect"])
-        assert (fb[3][1], fb[3][4]) == (D, True)
-        assert (fb[4][1], fb[4][2], fb[4][5]) == (A, B, "b")
-        assert list(fb[5][6]) == [B, A, D, C]
-        assert (fb[6][1], fb[6][7]) == (D, "Not a haiku: wrong syllable count.")
-        assert fb[7][1] == D and fb[7][9] == human[0]
+        assert (fb[2][1], fb[2][3]) == (C, 4)
+        assert (fb[3][1], fb[3][4], list(fb[3][8])) == (B, False, ["incorrect"])
+        assert (fb[4][1], fb[4][4]) == (D, True)
+        assert (fb[5][1], fb[5][2], fb[5][5]) == (A, B, "b")
+        assert list(fb[6][6]) == [B, A, D, C]
+        assert (fb[7][1], fb[7][7]) == (D, "Not a haiku: wrong syllable count.")
+        assert fb[8][1] == D and fb[8][9] == human[0]
         assert {f[10] for f in fb} == {"local"}
+        assert con.execute("SELECT feedback_id, reason FROM retractions ORDER BY id").fetchall() == [
+            (2, None), (5, "meant B")]
 
 
 def test_gradio_client_endpoints(tmp_path):

@@ -86,10 +86,22 @@ def test_roles_refusals_and_concurrent_labelling(shared_db):
             ARTIFACTS.mkdir(exist_ok=True)
             annot.screenshot(path=str(ARTIFACTS / "annotator-view.png"), full_page=True)
 
+        # An annotator undoes his own labels only, newest first, and cannot withdraw the owner's.
+        undone = [bo.predict("", api_name="/undo_label")[0] for _ in range(3)]
+        assert "withdrew label" in undone[0] and "pairwise" in undone[0], undone
+        assert "withdrew label" in undone[1] and "2 stars for" in undone[1], undone
+        assert "Nothing to undo" in undone[2], undone
+        refusals = " | ".join(bo.predict(i, "", api_name="/withdraw_label") for i in (1, 2))   # ana's, his
+        assert "already withdrawn" in refusals and "given by &#x27;ana&#x27;" in refusals, refusals
+
     with duckdb.connect(db, read_only=True) as con:
         rows = con.execute("SELECT annotator, completion_id, stars FROM feedback WHERE kind = 'stars' "
                            "ORDER BY annotator").fetchall()
         assert rows == [("ana", ids[0], 5), ("bo", ids[0], 2)]      # neither overwrote the other
+        assert con.execute("SELECT f.annotator, r.annotator, f.kind FROM retractions r JOIN feedback f "
+                           "ON f.id = r.feedback_id ORDER BY r.id").fetchall() == [("bo", "bo", "pairwise"),
+                                                                                  ("bo", "bo", "stars")]
+        assert con.execute("SELECT annotator FROM feedback_current").fetchall() == [("ana",)]
         assert con.execute("SELECT annotator FROM feedback WHERE kind = 'pairwise'").fetchall() == [("bo",)]
         assert con.execute("SELECT count(*) FROM prompts").fetchall()[0][0] == 1     # the refused add wrote nothing
         assert con.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 0

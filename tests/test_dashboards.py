@@ -104,19 +104,23 @@ def test_current_label_sql_agrees_with_feedback_current(fresh_store):
     st.add_feedback(kind="pairwise", completion_id=c[0], other_completion_id=c[1], winner="a", annotator="a")
     st.add_feedback(kind="pairwise", completion_id=c[1], other_completion_id=c[0], winner="tie", annotator="a")
     st.add_feedback(kind="pairwise", completion_id=c[2], other_completion_id=c[3], winner="b", annotator="a")
-    st.add_feedback(kind="pairwise", completion_id=c[3], other_completion_id=c[2], winner="a", annotator="b")
-    for crit in (None, "overall", "style"):
-        sql, params = q.current_stars_sql(crit)
-        mine = st.query(f"SELECT id, stars, source FROM ({sql}) ORDER BY id", params)
-        view = st.query("SELECT id, stars, source FROM feedback_current WHERE kind = 'stars' AND (? IS NULL OR "
-                        "criterion = ?) ORDER BY id", [crit, crit])
-        assert mine.values.tolist() == view.values.tolist()
-        sql, params = q.current_pairwise_sql(crit)
-        mine = st.query(f"SELECT id, winner, winner_id FROM ({sql}) ORDER BY id", params)
-        view = st.query("SELECT id, winner, CASE winner WHEN 'a' THEN completion_id WHEN 'b' THEN "
-                        "other_completion_id END AS winner_id FROM feedback_current WHERE kind = 'pairwise' "
-                        "AND (? IS NULL OR criterion = ?) ORDER BY id", [crit, crit])
-        assert mine.astype(str).values.tolist() == view.astype(str).values.tolist()
+    pw_b = st.add_feedback(kind="pairwise", completion_id=c[3], other_completion_id=c[2], winner="a", annotator="b")
+
+    def agree():
+        for crit in (None, "overall", "style"):
+            sql, params = q.current_stars_sql(crit)
+            mine = st.query(f"SELECT id, stars, source FROM ({sql}) ORDER BY id", params)
+            view = st.query("SELECT id, stars, source FROM feedback_current WHERE kind = 'stars' AND (? IS NULL "
+                            "OR criterion = ?) ORDER BY id", [crit, crit])
+            assert mine.values.tolist() == view.values.tolist()
+            sql, params = q.current_pairwise_sql(crit)
+            mine = st.query(f"SELECT id, winner, winner_id FROM ({sql}) ORDER BY id", params)
+            view = st.query("SELECT id, winner, CASE winner WHEN 'a' THEN completion_id WHEN 'b' THEN "
+                            "other_completion_id END AS winner_id FROM feedback_current WHERE kind = 'pairwise' "
+                            "AND (? IS NULL OR criterion = ?) ORDER BY id", [crit, crit])
+            assert mine.astype(str).values.tolist() == view.astype(str).values.tolist()
+        return len(st.query("SELECT * FROM feedback_current"))
+    n_current = agree()
     # the replaced pairwise 'a' is now a tie (a NULL winner_id must not fall back to the older label)
     sql, params = q.current_pairwise_sql("overall")
     assert st.query(f"SELECT winner FROM ({sql}) WHERE lo = ? AND hi = ? ", params + [c[0], c[1]])[
@@ -124,6 +128,15 @@ def test_current_label_sql_agrees_with_feedback_current(fresh_store):
     dist = q.star_distribution(st)
     assert dist.values.tolist() == [["overall", "human", 2, 1], ["overall", "human", 4, 1],
                                     ["overall", "imported", 3, 1], ["style", "human", 5, 1]]
+    # withdrawn labels leave both, and the labels they had replaced come back in both
+    st.retract_feedback(st.feedback(kind="stars", annotator="a").query("stars == 4")["id"].item())
+    st.retract_feedback(st.feedback(kind="pairwise", annotator="a").query("winner == 'tie'")["id"].item())
+    st.retract_feedback(pw_b, annotator="b")
+    assert agree() == n_current - 1
+    assert st.query(f"SELECT winner FROM ({sql}) WHERE lo = ? AND hi = ? ", params + [c[0], c[1]])[
+        "winner"].tolist() == ["a"]
+    assert q.star_distribution(st, "overall").values.tolist() == [
+        ["overall", "human", 1, 1], ["overall", "human", 2, 1], ["overall", "imported", 3, 1]]
 
 
 def test_coverage_counts_match_store_prompts(fresh_store):

@@ -662,3 +662,85 @@ def test_a_version_2_file_with_runs_migrates_and_runs_take_notes(tmp_path, monke
             st.add_run_note(run, "  ")
         with pytest.raises(NotFound):
             st.add_run_note(999, "x")
+
+
+# ------------------------------------------------------------------------------------------------ withdrawals
+def test_a_withdrawn_label_leaves_the_current_labels_and_pairs_and_its_predecessor_returns(fresh_store):
+    st = fresh_store
+    pid, (c1, c2, c3) = _prompt_with(st, "p", 3)
+    s2 = st.add_feedback(kind="stars", completion_id=c1, stars=2, session_id="s")
+    s5 = st.add_feedback(kind="stars", completion_id=c1, stars=5, session_id="s")    # replaces 2
+    low = st.add_feedback(kind="stars", completion_id=c2, stars=1, session_id="s")
+    pw = st.add_feedback(kind="pairwise", completion_id=c2, other_completion_id=c3, winner="a", session_id="t")
+    theirs = st.add_feedback(kind="stars", completion_id=c3, stars=4, annotator="other")
+    assert _pairs(st) == [(c1, c2, 4.0, "stars"), (c2, c3, 1.0, "pairwise")]
+
+    out = st.retract_feedback(s5, annotator="local", reason="  pressed\n5 by mistake ")
+    assert out["label"]["id"] == s5 and out["label"]["stars"] == 5 and out["restored_id"] == s2
+    assert st.feedback(kind="stars", annotator="local").set_index("completion_id")["stars"].to_dict() == \
+        {c1: 2, c2: 1}
+    assert _pairs(st) == [(c1, c2, 1.0, "stars"), (c2, c3, 1.0, "pairwise")]
+    hist = st.feedback(history=True).set_index("id")
+    assert hist.loc[[s2, s5, low], "superseded"].tolist() == [False, False, False]
+    assert hist.loc[[s2, s5, low], "retracted"].tolist() == [False, True, False]
+    assert st.retractions()[["feedback_id", "annotator", "reason"]].values.tolist() == \
+        [[s5, "local", "pressed 5 by mistake"]]
+    assert int(st.prompts().set_index("id").loc[pid, "n_labels"]) == 4
+
+    with pytest.raises(InvalidInput, match="already withdrawn"):
+        st.retract_feedback(s5)
+    with pytest.raises(NotFound):
+        st.retract_feedback(10_000)
+    with pytest.raises(InvalidInput, match="only withdraw your own"):
+        st.retract_feedback(theirs, annotator="local", own_only=True)
+    assert len(st.retractions()) == 1                      # refusals write nothing
+
+    # undo: newest first, per annotator (and session when given); imported labels are never undone
+    st.import_preference_pairs([{"prompt": "p", "chosen": "x", "rejected": "y"}], "hh")
+    assert st.undo_last_feedback("local", session_id="s")["label"]["id"] == low
+    assert st.undo_last_feedback("local")["label"]["id"] == pw
+    assert st.undo_last_feedback("local")["label"]["id"] == s2
+    with pytest.raises(NotFound, match="Nothing to undo"):
+        st.undo_last_feedback("local")
+    assert st.feedback(annotator="local").empty and len(st.feedback(annotator="import:hh")) == 1
+    assert _pairs(st)[0][2:] == (1.0, "pairwise") and len(_pairs(st)) == 1     # the imported pair only
+
+    # a retried withdrawal (same key) is stored once and answers the same
+    k = st.add_feedback(kind="thumbs", completion_id=c1, up=True)
+    a = st.retract_feedback(k, idempotency_key="w1")
+    b = st.retract_feedback(k, idempotency_key="w1")
+    assert a["retraction_id"] == b["retraction_id"] and len(st.retractions()) == 5
+
+
+def test_a_version_3_file_migrates_to_withdrawals_and_keeps_its_labels(tmp_path, monkeypatch):
+    import storage.migrations as migrations
+    path = tmp_path / "v3.duckdb"
+    monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
+    with Store(path) as st:
+        assert st.schema_version() == 3
+        _, (c1, c2) = _prompt_with(st, "p", 2)
+        first = st.add_feedback(kind="pairwise", completion_id=c1, other_completion_id=c2, winner="a")
+        second = st.add_feedback(kind="pairwise", completion_id=c2, other_completion_id=c1, winner="a")
+        assert "retracted" not in st.feedback(history=True).columns
+    monkeypatch.undo()
+    with Store(path) as st:
+        assert st.schema_version() == LATEST_VERSION >= 4
+        hist = st.feedback(history=True)
+        assert hist["superseded"].tolist() == [True, False] and not hist["retracted"].any()
+        assert _pairs(st) == [(c2, c1, 1.0, "pairwise")]
+        assert st.undo_last_feedback("local")["restored_id"] == first
+        assert _pairs(st) == [(c1, c2, 1.0, "pairwise")]
+        backup = st.backup(tmp_path / "copy.duckdb")
+    with Store(backup) as st:
+        assert st.retractions()["feedback_id"].tolist() == [second]
+
+
+def test_a_reward_version_kept_without_weights_reads_back(fresh_store):
+    """Automatic fast refits may keep their metrics only (migration 2): reading such a version by id gave a
+    TypeError instead of the row."""
+    st = fresh_store
+    with_w = st.add_reward_version("fast", "overall", {}, ["1>2"], 1, {"heldout_accuracy": 0.5}, b"w")
+    without = st.add_reward_version("fast", "overall", {}, [], 2, {"heldout_accuracy": 0.6}, None, parent_id=with_w)
+    assert st.reward_version(without)["weights"] is None and st.reward_version(with_w)["weights"] == b"w"
+    assert st.latest_reward_version("fast")["id"] == with_w
+    assert st.latest_reward_version("fast", with_weights=False)["id"] == without

@@ -184,3 +184,50 @@ def test_history_tab_reads_labels_in_words(studio):
                                    "corrects", "text"]
     rewrite = comps[comps["corrects"] == c.id]
     assert rewrite["text"].tolist() == ["Apple."] and (comps["policy"] == "base").all()
+
+
+def test_undo_and_withdraw_labels_refit_the_reward_model(studio):
+    """A mislabel can be taken back: `undo` withdraws this person's newest label (again and again), `retract` a
+    label by id; the label it had replaced is current again, and the fast reward tier refits without it."""
+    from studio.ui.history import describe_withdrawal
+    cs = studio.generate("Name a colour.", n=4, max_new_tokens=4, seed=0)
+    a, b = cs[:2]
+    for c, stars in zip(cs, (2, 5, 4, 3)):
+        studio.rate(c.id, stars)
+    studio.rate(a.id, 5)                                   # a slip: a should keep its 2
+    versions = studio.reward_versions()
+
+    def fitted_on_current_pairs() -> bool:     # the newest fast version saw exactly today's training pairs
+        from studio.reward_service import _digest
+        train = studio.store.preference_pairs().query("not heldout")
+        keys = [f"{c}>{r}" for c, r in zip(train["chosen_id"], train["rejected_id"])]
+        return studio.reward_versions()["config"].iloc[-1]["pairs_sha1"] == _digest(keys)
+    assert fitted_on_current_pairs() and a.id in set(studio.store.preference_pairs()["chosen_id"])
+
+    out = studio.undo()
+    assert out["label"]["stars"] == 5 and out["restored_id"] is not None
+    assert "2 stars" not in describe_withdrawal(out) and f"5 stars for #{a.id}" in describe_withdrawal(out)
+    assert f"(#{out['restored_id']}) is current again" in describe_withdrawal(out)
+    cur = studio.feedback().set_index("completion_id")["stars"].to_dict()
+    assert cur == {c.id: s for c, s in zip(cs, (2, 5, 4, 3))}
+    refit = studio.reward_versions()
+    assert len(refit) == len(versions) + 1 and refit["id"].iloc[-1] > versions["id"].max()
+    assert fitted_on_current_pairs() and a.id not in set(studio.store.preference_pairs()["chosen_id"])
+
+    # withdrawing all but one pair leaves no fast model, rather than one fitted on withdrawn labels
+    studio.undo(), studio.undo()
+    assert len(studio.store.preference_pairs()) == 1
+    with pytest.raises(StudioError, match="no reward model yet"):
+        studio.score(a.id)
+    studio.undo(), studio.undo()
+
+    someone = studio.rate(b.id, 1, annotator="someone")
+    with pytest.raises(StudioError, match="only withdraw your own"):
+        studio.retract(someone, own_only=True)
+    assert studio.retract(someone, "spam")["label"]["annotator"] == "someone"   # an owner may
+    with pytest.raises(StudioError, match="Nothing to undo"):
+        studio.undo()
+    with pytest.raises(StudioError, match="already withdrawn"):
+        studio.retract(someone)
+    hist = studio.feedback(history=True)
+    assert studio.feedback().empty and len(hist) == 6 and hist["retracted"].sum() == 6

@@ -12,6 +12,7 @@ from components.generation import MAX_N
 from ..facade import THUMBS_DOWN_TAGS, StudioError
 from ..auth import require_owner
 from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, owner_upload, session_of
+from .history import describe_withdrawal
 
 WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
 
@@ -53,6 +54,7 @@ def build(studio, role: str = "owner"):
         gen_btn = gr.Button("Generate (g)", variant="primary", elem_id="generate-btn")
         stop_btn = gr.Button("Stop", elem_id="stop-btn")
         criterion = gr.Dropdown(label="Criterion", choices=["overall"], value="overall", elem_id="criterion")
+        undo_btn = gr.Button("Undo my last label (z)", elem_id="undo-btn")
     rubric = gr.Markdown(elem_id="rubric")
     status = gr.Markdown(elem_id="status")
 
@@ -242,6 +244,23 @@ def build(studio, role: str = "owner"):
             return res + [gr.update(value=""), gr.update(value="")]
         return res + [gr.skip(), gr.skip()]   # keep the unsaved text on screen for a retry
 
+    def on_undo(ids, key, request: gr.Request):
+        """Withdraw this person's newest label; a star shown for it goes back to the label current again."""
+        done: dict = {}
+
+        def act():
+            done.update(studio.undo(annotator=annotator_of(request, studio.annotator),
+                                    idempotency_key=label_key_for(key, "undo")))
+            return describe_withdrawal(done)
+        res = label_result(ids, act)
+        star_updates = [gr.skip()] * MAX_N
+        lab = done.get("label")
+        if lab and lab["kind"] == "stars" and lab["completion_id"] in ids:
+            rid = done["restored_id"]
+            back = studio.store.query("SELECT stars FROM feedback WHERE id = ?", [rid])["stars"] if rid else []
+            star_updates[ids.index(lab["completion_id"])] = gr.update(value=str(int(back.iloc[0])) if len(back) else None)
+        return res + star_updates
+
     def on_next(request: gr.Request):
         p = studio.next_prompt(annotator=annotator_of(request, studio.annotator))
         if p is None:
@@ -325,6 +344,7 @@ def build(studio, role: str = "owner"):
     rank_btn.click(on_rank, [ids_state, ranking, criterion, label_key], label_outputs, api_name="rank")
     critique_btn.click(on_critique, [ids_state, target, critique, rewrite, label_key],
                        label_outputs + [critique, rewrite], api_name="critique")
+    undo_btn.click(on_undo, [ids_state, label_key], label_outputs + stars, api_name="undo_label")
     next_btn.click(on_next, None, [prompt, status], api_name="next_prompt")
     load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores, api_name="load_prompt")
     suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion], api_name="suggest_pair")

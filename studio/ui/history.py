@@ -4,6 +4,10 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from ..auth import role_of
+from ..errors import StudioError
+from .common import annotator_of, fail, ok, session_of
+
 KINDS = ["all", "stars", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
 _MAX_ROWS = 2000
 
@@ -47,13 +51,21 @@ def _label_text(r) -> str:
     return f"{kind} of #{r['completion_id']}" if _present(r.get("completion_id")) else kind
 
 
+def describe_withdrawal(out: dict) -> str:
+    """What `Studio.retract` / `Studio.undo` did, in words."""
+    lab = out["label"]
+    msg = f"withdrew label #{lab['id']} ({lab['kind']}: {_label_text(lab)})"
+    if out.get("restored_id") is not None:
+        msg += f"; the label it had replaced (#{out['restored_id']}) is current again"
+    return msg
+
+
 def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
     """The labels table a person reads: when, what kind, the prompt, the label in words, the note (critique
     text, reason tags), who and from where; ids for cross-reference. Internal columns (session, idempotency
     key) stay in the database and the exports."""
     cols = ["id", "when", "kind", "criterion", "prompt", "label", "note", "annotator", "source"]
-    if "superseded" in fb.columns:
-        cols.append("superseded")
+    cols += [c for c in ("superseded", "retracted") if c in fb.columns]
     if len(fb) == 0:
         return pd.DataFrame(columns=cols)
     texts = prompts.set_index("id")["text"] if len(prompts) else pd.Series(dtype=str)
@@ -87,9 +99,15 @@ def build(studio, role: str = "owner"):
         kind = gr.Dropdown(KINDS, value="all", label="Label kind", elem_id="history-kind")
         annotator = gr.Textbox(label="Annotator", elem_id="history-annotator")
         search = gr.Textbox(label="Text contains", elem_id="history-search")
-        replaced = gr.Checkbox(label="Include replaced labels (history)", elem_id="history-replaced")
+        replaced = gr.Checkbox(label="Include replaced and withdrawn labels (history)", elem_id="history-replaced")
         refresh = gr.Button("Refresh", elem_id="history-refresh")
     summary = gr.Markdown(elem_id="history-summary")
+    with gr.Accordion("Withdraw a label given by mistake", open=False):
+        with gr.Row():
+            withdraw_id = gr.Number(label="Label id (the id column)", precision=0, elem_id="withdraw-id")
+            withdraw_reason = gr.Textbox(label="Reason (optional)", elem_id="withdraw-reason", max_lines=1)
+            withdraw_btn = gr.Button("Withdraw", elem_id="withdraw-btn")
+        withdraw_status = gr.Markdown(elem_id="withdraw-status")
     with gr.Tab("Labels"):
         labels = gr.Dataframe(elem_id="history-labels", interactive=False, wrap=True)
     with gr.Tab("Completions"):
@@ -111,8 +129,22 @@ def build(studio, role: str = "owner"):
         return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], all_prompts),
                 readable_completions(cs.tail(_MAX_ROWS).iloc[::-1]), ps.tail(_MAX_ROWS).iloc[::-1])
 
+    def on_withdraw(label_id, reason, request: gr.Request):
+        """Owners may withdraw anyone's label (e.g. a spammer's), annotators only their own."""
+        if label_id is None:
+            return fail("type the id of the label to withdraw (the id column above)")
+        try:
+            out = studio.retract(int(label_id), reason or None, annotator=annotator_of(request, studio.annotator),
+                                 session_id=session_of(request), own_only=role_of(studio, request) != "owner",
+                                 idempotency_key=f"ui:withdraw:{session_of(request)}:{int(label_id)}")
+        except StudioError as e:
+            return fail(e)
+        return ok(describe_withdrawal(out))
+
     inputs = [kind, annotator, search, replaced]
     outputs = [summary, labels, completions, prompts]
+    withdraw_btn.click(on_withdraw, [withdraw_id, withdraw_reason], withdraw_status, api_name="withdraw_label").then(
+        load, inputs, outputs)
     refresh.click(load, inputs, outputs)
     for c in (kind, replaced):
         c.change(load, inputs, outputs)
