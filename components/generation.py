@@ -1,6 +1,7 @@
 """Batched, streamed, seeded sampling of N completions for one prompt."""
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,14 +29,21 @@ class SamplingParams:
     seed: int | None = None        # fixed seed -> identical completions on the same machine
 
     def validate(self) -> None:
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+        def whole(v) -> bool:      # bool is an int in Python, but n=True is a slip, not 1
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+        if not whole(self.n) or not 1 <= self.n <= MAX_N:
             raise GenerationError(f"n must be between 1 and {MAX_N} completions per prompt, got {self.n!r}")
-        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 4096:
+        if not whole(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 4096:
             raise GenerationError(f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens!r}")
-        if not 0 <= float(self.temperature) <= 5:
-            raise GenerationError(f"temperature must be between 0 and 5, got {self.temperature!r}")
-        if not 0 < float(self.top_p) <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not number(self.temperature) or not 0 <= float(self.temperature) <= 5:
+            raise GenerationError(f"temperature must be a number between 0 and 5, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < float(self.top_p) <= 1:
+            raise GenerationError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not whole(self.seed) or not -2 ** 63 <= self.seed < 2 ** 63):
+            raise GenerationError(f"seed must be a whole number that fits in 64 bits, or None, got {self.seed!r}")
 
     def as_dict(self) -> dict:
         return {"n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature),
@@ -47,7 +55,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str          # "eos" | "length" | "stopped"
+    finish_reason: str          # "eos" | "length" | "stop" (the user stopped it early)
     latency_s: float
     token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -143,7 +151,7 @@ def generate(lm: LoadedModel, prompt: str, params: SamplingParams | None = None,
                 break
             ids.append(tid)
         if reason == "length" and stopped and len(ids) < params.max_new_tokens:
-            reason = "stopped"
+            reason = "stop"
         text = lm.tokenizer.decode(ids, skip_special_tokens=True)
         results.append(Generation(text=text, prompt_tokens=len(prompt_ids), completion_tokens=len(ids),
                                   finish_reason=reason, latency_s=latency, token_ids=ids))

@@ -290,7 +290,8 @@ _CUR_PER_PROMPT = """
         GROUP BY prompt_id, kind, criterion, annotator,
                  CASE kind WHEN 'pairwise' THEN least(completion_id, other_completion_id)
                            WHEN 'ranking' THEN NULL ELSE completion_id END,
-                 CASE kind WHEN 'pairwise' THEN greatest(completion_id, other_completion_id) END
+                 CASE kind WHEN 'pairwise' THEN greatest(completion_id, other_completion_id) END,
+                 CASE kind WHEN 'ranking' THEN list_sort(ranking) END
     ) GROUP BY prompt_id"""
 
 

@@ -238,6 +238,8 @@ ALTER TABLE runs ADD COLUMN notes VARCHAR;
 # 4: a label can be withdrawn (undo, or a mislabel found later). Labels stay immutable: a withdrawal is a row of
 # its own, and the views below skip withdrawn labels, so the label the withdrawn one had replaced (if any) is
 # current again. `feedback_live` is every label not withdrawn; the dashboards' one-kind queries read it too.
+# And the target of a ranking is the set of completions it orders, no longer its prompt: ranking the 4 new
+# completions of a prompt generated again silently replaced the ranking of its first 4.
 _V4 = f"""
 CREATE SEQUENCE retraction_id_seq;
 CREATE TABLE retractions (
@@ -262,7 +264,7 @@ FROM (
            CASE f.kind
                WHEN 'pairwise' THEN 'pair:' || least(f.completion_id, f.other_completion_id)::VARCHAR
                                     || '-' || greatest(f.completion_id, f.other_completion_id)::VARCHAR
-               WHEN 'ranking' THEN 'prompt:' || f.prompt_id::VARCHAR
+               WHEN 'ranking' THEN 'ranking:' || list_sort(f.ranking)::VARCHAR
                ELSE 'completion:' || f.completion_id::VARCHAR
            END AS target,
            r.feedback_id IS NOT NULL AS retracted

@@ -91,6 +91,8 @@ def _int(v: Any, name: str, *, optional: bool = False, minimum: int | None = Non
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise InvalidInput(f"{name} must be an integer, got {v!r}.")
     v = int(v)
+    if not -2 ** 63 <= v < 2 ** 63:      # DuckDB's BIGINT; beyond it the query fails with an INT128 error
+        raise InvalidInput(f"{name} is out of range, got {v}.")
     if minimum is not None and v < minimum:
         raise InvalidInput(f"{name} must be at least {minimum}, got {v}.")
     return v
@@ -481,6 +483,25 @@ class Store:
                            "the completions" if len(values) > 1 else "the completion",
                            lambda cur, ids: _count_ids(cur, "completions", ids) == len(ids))
 
+    def add_generation(self, prompt: str, rows: Sequence[Mapping[str, Any]], source: str = "manual"
+                       ) -> tuple[int, list[int]]:
+        """A prompt (reused if present) and the completions generated for it, in ONE transaction: a refused
+        completion leaves no prompt behind without its completions. `rows` as for add_completions, without
+        prompt_id. Returns (prompt_id, completion ids)."""
+        text = _clean_prompt(prompt, "The prompt")
+        source = _str(source, "source").strip()
+        values = [self._completion_row({**r, "prompt_id": 0}, f"Completion {i}") if isinstance(r, Mapping)
+                  else self._completion_row(r, f"Completion {i}") for i, r in enumerate(rows, 1)]
+
+        def fn(cur):
+            pid = _prompt_ids(cur, [text], source)[0]
+            for v in values:
+                v[0] = pid
+            return pid, self._insert_completions(cur, values) if values else []
+
+        return self._write(fn, "the prompt and its completions", lambda cur, res: _count_ids(
+            cur, "prompts", [res[0]]) == 1 and _count_ids(cur, "completions", res[1]) == len(res[1]))
+
     def add_completion(self, **row: Any) -> int:
         return self.add_completions([row])[0]
 
@@ -535,8 +556,20 @@ class Store:
         def fn(cur):
             key = f["idempotency_key"]
             if key is not None:
-                hit = _rows(cur, "SELECT id, rewrite_completion_id FROM feedback WHERE idempotency_key = ?", [key])
+                same = ("kind", "criterion", "completion_id", "other_completion_id", "stars", "up", "winner",
+                        "ranking", "text", "tags", "annotator")
+                hit = _rows(cur, f"SELECT id, rewrite_completion_id, {', '.join(same)}, (SELECT text FROM "
+                                 "completions WHERE id = rewrite_completion_id) FROM feedback WHERE idempotency_key = ?",
+                            [key])
                 if hit:
+                    # a retry says the same again; the same key on another label would drop that label unseen
+                    stored = dict(zip(same + ("rewrite_text",), hit[0][2:]))
+                    asked = {c: f[c] for c in same} | {"rewrite_text": rewrite_text.strip() if rewrite_text else None}
+                    for c in ("ranking", "tags"):
+                        stored[c] = list(stored[c]) if stored[c] is not None else None
+                    if stored != asked:
+                        raise InvalidInput(f"The idempotency key {key!r} was already used for another label "
+                                           f"(#{hit[0][0]}); use a new key for a new label.")
                     return hit[0][0], hit[0][1], True
             if not _rows(cur, "SELECT 1 FROM criteria WHERE name = ?", [f["criterion"]]):
                 raise InvalidInput(f"Unknown criterion {f['criterion']!r}; add it first.")

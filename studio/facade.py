@@ -5,10 +5,13 @@ storage; neither of those two knows about the other.
 """
 from __future__ import annotations
 
+import numbers
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
 
 from components.generation import GenerationError, SamplingParams, generate as _generate
 from components.models import EMBEDDED, LoadedModel, ModelLoadError, load_model
@@ -93,6 +96,12 @@ class Studio:
         """Sample n completions of `prompt` in one batch and store prompt and completions."""
         params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         lm = self.lm
+        # everything that could refuse the result is checked before minutes of sampling, not after
+        if self.store.closed or self.store.read_only:
+            raise StudioError(f"the database {self.db_path} is {'closed' if self.store.closed else 'open read-only'}"
+                              "; nothing can be generated into it")
+        if not isinstance(prompt_source, str) or not prompt_source.strip():
+            raise StudioError(f"prompt_source must be a non-empty text, got {prompt_source!r}")
         adapter_id, adapter_name = self.jobs.activate_adapter(adapter)
         try:
             params.validate()
@@ -110,12 +119,11 @@ class Studio:
             raise StudioError(f"out of memory while generating {n} completions of up to {max_new_tokens} new "
                               "tokens: ask for fewer completions (n), lower max new tokens or shorten the "
                               "prompt") from None
-        pid = self.store.add_prompt(prompt, source=prompt_source)
-        rows = [dict(prompt_id=pid, text=g.text, source="model", model_id=lm.model_id, model_revision=lm.revision,
+        rows = [dict(text=g.text, source="model", model_id=lm.model_id, model_revision=lm.revision,
                      adapter_id=adapter_id, params=params.as_dict(), seed=seed, prompt_tokens=g.prompt_tokens,
                      completion_tokens=g.completion_tokens, finish_reason=g.finish_reason, latency_s=g.latency_s)
                 for g in outs]
-        ids = self.store.add_completions(rows)
+        pid, ids = self.store.add_generation(prompt, rows, source=prompt_source)
         cs = [Completion(id=i, prompt_id=pid, text=g.text, finish_reason=g.finish_reason,
                          completion_tokens=g.completion_tokens, adapter=adapter_name) for i, g in zip(ids, outs)]
         self.reward.completions_added(ids)
@@ -135,19 +143,26 @@ class Studio:
     def rate(self, completion_id: int, stars: int, criterion: str = "overall", *, annotator: str | None = None,
              session_id: str | None = None, idempotency_key: str | None = None) -> int:
         """Star rating 1..5 for one completion (per criterion). Returns the feedback id."""
-        if isinstance(stars, bool) or not isinstance(stars, int) or not 1 <= stars <= 5:
+        if isinstance(stars, bool) or not isinstance(stars, numbers.Integral) or not 1 <= stars <= 5:
             raise StudioError(f"stars must be a whole number from 1 to 5, got {stars!r}")
-        return self._label(kind="stars", completion_id=int(completion_id), stars=stars, criterion=criterion,
+        return self._label(kind="stars", completion_id=_id(completion_id), stars=int(stars), criterion=criterion,
                            annotator=annotator, session_id=session_id, idempotency_key=idempotency_key)
 
     def thumbs(self, completion_id: int, up: bool, tags: Iterable[str] | None = None, criterion: str = "overall",
                *, annotator: str | None = None, session_id: str | None = None,
                idempotency_key: str | None = None) -> int:
         """Thumbs up or down; a thumbs-down may carry reason tags (harmful, toxic, incorrect, off-topic...)."""
-        tags = [str(t).strip() for t in (tags or []) if str(t).strip()]
+        if not isinstance(up, (bool, np.bool_)):     # up="no" must not become a thumbs up
+            raise StudioError(f"up must be True (thumbs up) or False (thumbs down), got {up!r}")
+        if tags is not None and (isinstance(tags, (str, bytes, Mapping)) or not isinstance(tags, Iterable)):
+            raise StudioError(f"tags must be a list of reason tags, got {tags!r}")
+        tags = list(tags or [])
+        if any(not isinstance(t, str) for t in tags):
+            raise StudioError("each reason tag must be text")
+        tags = [t.strip() for t in tags if t.strip()]
         if up and tags:
             raise StudioError("reason tags go with a thumbs-down only")
-        return self._label(kind="thumbs", completion_id=int(completion_id), up=bool(up), tags=tags or None,
+        return self._label(kind="thumbs", completion_id=_id(completion_id), up=bool(up), tags=tags or None,
                            criterion=criterion, annotator=annotator, session_id=session_id,
                            idempotency_key=idempotency_key)
 
@@ -156,42 +171,48 @@ class Studio:
         """Pairwise choice between two completions of the same prompt: "a" | "b" | "tie" | "both_bad"."""
         if winner not in WINNERS:
             raise StudioError(f"winner must be one of {', '.join(WINNERS)}, got {winner!r}")
-        return self._label(kind="pairwise", completion_id=int(a), other_completion_id=int(b), winner=winner,
+        return self._label(kind="pairwise", completion_id=_id(a), other_completion_id=_id(b), winner=winner,
                            criterion=criterion, annotator=annotator, session_id=session_id,
                            idempotency_key=idempotency_key)
 
     def rank(self, completion_ids: list[int], criterion: str = "overall", *, annotator: str | None = None,
              session_id: str | None = None, idempotency_key: str | None = None) -> int:
-        """Ranking of all completions of one prompt, best first."""
-        ids = [int(i) for i in completion_ids]
+        """Ranking of completions of one prompt (all of them, or the ones shown), best first."""
+        if isinstance(completion_ids, (str, bytes, Mapping)) or not isinstance(completion_ids, Iterable):
+            raise StudioError(f"a ranking is a list of completion ids, best first, got {completion_ids!r}")
+        ids = [_id(i) for i in completion_ids]
         return self._label(kind="ranking", ranking=ids, criterion=criterion,
                            annotator=annotator, session_id=session_id, idempotency_key=idempotency_key)
 
-    def critique(self, completion_id: int, text: str | None = None, rewrite: str | None = None, *,
-                 annotator: str | None = None, session_id: str | None = None,
+    def critique(self, completion_id: int, text: str | None = None, rewrite: str | None = None,
+                 criterion: str = "overall", *, annotator: str | None = None, session_id: str | None = None,
                  idempotency_key: str | None = None) -> dict:
         """Free-text critique and/or a corrected rewrite (stored as a human completion linked to this one)."""
+        for name, v in (("critique", text), ("rewrite", rewrite)):
+            if v is not None and not isinstance(v, str):
+                raise StudioError(f"the {name} must be text, got {type(v).__name__}")
         text = (text or "").strip()
         rewrite = (rewrite or "").strip() if rewrite is not None else None
         if not text and not rewrite:
             raise StudioError("write a critique or a corrected rewrite first")
+        cid = _id(completion_id)
         out: dict = {}
         annotator = annotator or self.annotator
         session_id = session_id or self.session_id
         if text:
-            out["critique_id"] = self._label(kind="critique", completion_id=int(completion_id), text=text,
+            out["critique_id"] = self._label(kind="critique", completion_id=cid, text=text, criterion=criterion,
                                              annotator=annotator, session_id=session_id,
                                              idempotency_key=idempotency_key and idempotency_key + ":c")
         if rewrite:
             try:
-                fid, cid = self.store.add_rewrite(int(completion_id), rewrite, annotator=annotator,
-                                                  session_id=session_id,
-                                                  idempotency_key=idempotency_key and idempotency_key + ":r")
+                fid, new_cid = self.store.add_rewrite(cid, rewrite, criterion=criterion, annotator=annotator,
+                                                      session_id=session_id,
+                                                      idempotency_key=idempotency_key and idempotency_key + ":r")
             except (InvalidInput, NotFound) as e:
                 raise StudioError(_msg(e)) from None
             self.reward.labels_changed()
-            self.reward.completions_added([cid])
-            out.update(rewrite_id=fid, rewrite_completion_id=cid)
+            self.reward.completions_added([new_cid])
+            out.update(rewrite_id=fid, rewrite_completion_id=new_cid)
         return out
 
     def retract(self, feedback_id: int, reason: str | None = None, *, annotator: str | None = None,
@@ -235,7 +256,7 @@ class Studio:
     # ---------------------------------------------------------------- prompts
     def add_prompts(self, texts: Iterable[str], source: str = "manual") -> list[int]:
         try:
-            return self.store.add_prompts(list(texts), source=source)
+            return self.store.add_prompts(texts if isinstance(texts, str) else list(texts), source=source)
         except InvalidInput as e:
             raise StudioError(_msg(e)) from None
 
@@ -387,6 +408,15 @@ class Studio:
 
     def __repr__(self) -> str:
         return f"Studio(db={self.db_path!r}, model={self.model_id!r})"
+
+
+def _id(v) -> int:
+    """A row id given by a caller: a whole number (not True, not 1.9, not "1")."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise StudioError(f"an id must be a whole number, got {v!r}")
+    if not 0 < v < 2 ** 63:
+        raise StudioError(f"no completion with id {v}")
+    return int(v)
 
 
 def _msg(e: Exception) -> str:

@@ -78,6 +78,36 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         page.get_by_role("tab", name="Generate & Rate").click()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "generate-and-rate.png"), full_page=True)
+
+        # A new criterion: thumbs under it are stored under it; the stars shown are the chosen criterion's
+        page.get_by_text("Criteria annotators judge by").click()
+        page.locator("#new-criterion input").fill("helpfulness")
+        page.locator("#new-criterion-desc input").fill("Does it help?")
+        page.click("#add-criterion-btn")
+        _wait_status(page, "criterion 'helpfulness' saved")
+        page.locator("#criterion input").click()
+        page.get_by_role("option", name="helpfulness").click()
+        expect(page.locator("#stars-0 input[value='5']")).not_to_be_checked()     # A's 5 stars are "overall"
+        page.click("#up-0")
+        _wait_status(page, "up for A")
+        page.locator("#criterion input").click()
+        page.get_by_role("option", name="overall").click()
+        expect(page.locator("#stars-0 input[value='5']")).to_be_checked()
+        # a bad seed is refused and the cards stay as they were
+        page.locator("#seed input, #seed textarea").first.fill("abc")
+        page.click("#generate-btn")
+        _wait_status(page, "the seed must be a whole number")
+        expect(page.locator("#comp-0 textarea")).to_have_value(texts[0])
+        page.locator("#seed input, #seed textarea").first.fill("")
+        # "Next prompt" to a prompt without completions: no card of the previous prompt stays to be labelled
+        page.get_by_text("Add prompts to the library").click()
+        page.locator("#new-prompts textarea").fill("Name a bird.")
+        page.click("#add-prompts-btn")
+        _wait_status(page, "1 prompts in the library")
+        page.click("#next-prompt-btn")
+        _wait_status(page, "press Generate for completions")
+        expect(page.locator("#prompt textarea")).to_have_value("Name a bird.")
+        expect(page.locator("#comp-0")).to_be_hidden()
         assert not errors, errors
 
     # The app is stopped: every acknowledged label is in the file.
@@ -92,7 +122,10 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
                          "rewrite_completion_id, annotator FROM feedback ORDER BY id").fetchall()
         kinds = [f[0] for f in fb]
         assert kinds == ["stars", "stars", "stars", "thumbs", "thumbs", "pairwise", "ranking", "critique",
-                         "rewrite"]
+                         "rewrite", "thumbs"]
+        assert con.execute("SELECT criterion, up, completion_id FROM feedback ORDER BY id DESC LIMIT 1").fetchall() \
+            == [("helpfulness", True, model_ids[0])]
+        fb = fb[:-1]
         A, B, C, D = model_ids
         assert (fb[0][1], fb[0][3]) == (A, 5)
         assert (fb[1][1], fb[1][3]) == (C, 3)

@@ -51,7 +51,7 @@ def test_stop_cancels_generation(lm):
     out = generate(lm, "Tell me a long story about a dragon.", SamplingParams(n=2, max_new_tokens=200, seed=1),
                    stop=stop)
     assert all(g.completion_tokens < 200 for g in out)
-    assert all(g.finish_reason in ("stopped", "eos") for g in out)
+    assert all(g.finish_reason in ("stop", "eos") for g in out)
 
 
 @pytest.mark.parametrize("params, message", [

@@ -744,3 +744,36 @@ def test_a_reward_version_kept_without_weights_reads_back(fresh_store):
     assert st.reward_version(without)["weights"] is None and st.reward_version(with_w)["weights"] == b"w"
     assert st.latest_reward_version("fast")["id"] == with_w
     assert st.latest_reward_version("fast", with_weights=False)["id"] == without
+
+
+def test_a_ranking_replaces_only_a_ranking_of_the_same_completions(fresh_store):
+    """Ranking the completions of a prompt generated again must not replace the ranking of its first ones."""
+    st = fresh_store
+    _, (a, b, c, d) = _prompt_with(st, "p", 4)
+    st.add_feedback(kind="ranking", ranking=[a, b])
+    st.add_feedback(kind="ranking", ranking=[c, d])
+    assert _pairs(st) == [(a, b, 1.0, "ranking"), (c, d, 1.0, "ranking")]
+    st.add_feedback(kind="ranking", ranking=[b, a])              # the same two: a change of mind
+    assert _pairs(st) == [(b, a, 1.0, "ranking"), (c, d, 1.0, "ranking")]
+    assert st.feedback(history=True)["superseded"].tolist() == [True, False, False]
+
+
+def test_an_idempotency_key_used_again_for_another_label_is_refused(fresh_store):
+    """A retry (same key, same label) is stored once; the same key on a different label raised nothing and
+    stored nothing, so that label was lost without a word."""
+    st = fresh_store
+    _, (a, b) = _prompt_with(st, "p", 2)
+    first = st.add_feedback(kind="stars", completion_id=a, stars=5, idempotency_key="k1")
+    assert st.add_feedback(kind="stars", completion_id=a, stars=5, idempotency_key="k1") == first
+    for other in (dict(kind="stars", completion_id=a, stars=4), dict(kind="stars", completion_id=b, stars=5),
+                  dict(kind="stars", completion_id=a, stars=5, annotator="bob"),
+                  dict(kind="pairwise", completion_id=a, other_completion_id=b, winner="a")):
+        with pytest.raises(InvalidInput, match="already used for another label"):
+            st.add_feedback(**other, idempotency_key="k1")
+    fb, _ = st.add_rewrite(a, "better", idempotency_key="r1")
+    assert st.add_rewrite(a, " better ", idempotency_key="r1")[0] == fb
+    with pytest.raises(InvalidInput, match="already used"):
+        st.add_rewrite(a, "different", idempotency_key="r1")
+    assert len(st.feedback(history=True)) == 2
+    with pytest.raises(InvalidInput, match="out of range"):
+        st.add_feedback(kind="stars", completion_id=2 ** 70, stars=3)

@@ -82,7 +82,28 @@ def test_bad_inputs_write_nothing(studio):
         (lambda: studio.rank([cs[0].id, other[0].id]), "same prompt|one prompt"),
         (lambda: studio.thumbs(123456, up=True), "123456"),
         (lambda: studio.critique(cs[0].id, "  "), "critique"),
+        # checked before sampling: no prompt is left behind without its completions
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, seed=1.5), "seed"),
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, seed=True), "seed"),
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, seed=2 ** 70), "seed"),
+        (lambda: studio.generate("hi", n=True, max_new_tokens=4), "between 1 and 8"),
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, top_p=None), "top_p"),
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, prompt_source=""), "prompt_source"),
+        (lambda: studio.add_prompts("Hello"), "list of texts"),
+        # wrong types are refused, not turned into another label (up="no" was stored as a thumbs up)
+        (lambda: studio.thumbs(cs[0].id, up="no"), "True .thumbs up. or False"),
+        (lambda: studio.thumbs(cs[0].id, up=None), "True .thumbs up. or False"),
+        (lambda: studio.thumbs(cs[0].id, False, tags="harmful"), "list of reason tags"),
+        (lambda: studio.rate(float(cs[0].id) + 0.9, 5), "whole number"),
+        (lambda: studio.rate("abc", 5), "whole number"),
+        (lambda: studio.rate(2 ** 70, 5), "no completion"),
+        (lambda: studio.rank([str(cs[0].id), str(cs[1].id)]), "whole number"),
+        (lambda: studio.rank(None), "list of completion ids"),
+        (lambda: studio.critique(cs[0].id, 5), "must be text"),
+        (lambda: studio.compare(cs[1].id, cs[0].id, "b", idempotency_key="k"), "already used"),
     ]
+    studio.rate(cs[0].id, 3, idempotency_key="k")      # the key the last case reuses for another label
+    before = before[0] + 1, before[1], before[2]
     for fn, pattern in bad:
         with pytest.raises(StudioError, match=pattern):
             fn()
@@ -231,3 +252,20 @@ def test_undo_and_withdraw_labels_refit_the_reward_model(studio):
         studio.retract(someone)
     hist = studio.feedback(history=True)
     assert studio.feedback().empty and len(hist) == 6 and hist["retracted"].sum() == 6
+
+
+def test_a_generation_stopped_early_is_saved(studio):
+    """The Stop button: what was generated so far is kept, marked finish_reason "stop" (it was refused by the
+    store, which lost the completions and left their prompt behind without them)."""
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    cs = studio.generate("Tell me a long story about a dragon.", n=2, max_new_tokens=200, seed=1, stop=stop)
+    assert len(cs) == 2 and "stop" in {c.finish_reason for c in cs}
+    assert all(c.completion_tokens < 200 for c in cs)
+    stored = studio.completions(cs[0].prompt_id).sort_values("id")
+    assert stored["finish_reason"].tolist() == [c.finish_reason for c in cs]
+    assert stored["text"].tolist() == [c.text for c in cs]

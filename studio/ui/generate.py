@@ -43,6 +43,12 @@ def build(studio, role: str = "owner"):
             prompt_file = gr.File(label="or import .txt / .jsonl / .csv / .parquet", elem_id="prompt-file",
                                   file_types=[".txt", ".jsonl", ".csv", ".parquet"])
             import_btn = gr.Button("Import file", elem_id="import-prompts-btn")
+    with gr.Accordion("Criteria annotators judge by", open=False, visible=role == "owner") as criteria_box:
+        with gr.Row():
+            crit_name = gr.Textbox(label="Name (e.g. helpfulness)", elem_id="new-criterion", max_lines=1)
+            crit_desc = gr.Textbox(label="What it asks (shown as the rubric)", elem_id="new-criterion-desc",
+                                   max_lines=1, scale=3)
+            crit_btn = gr.Button("Add or redescribe", elem_id="add-criterion-btn")
     with gr.Row():
         n = gr.Slider(1, MAX_N, value=4, step=1, label="Completions (n)", elem_id="n")
         max_new = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", elem_id="max-new-tokens")
@@ -104,12 +110,25 @@ def build(studio, role: str = "owner"):
         return [gr.update(value=_score_md(s)) for s in studio.reward.visible_scores(ids)] + \
                [gr.update(value=_score_md(None))] * (MAX_N - len(ids))
 
-    def slot_updates(ids, texts_now):
+    def my_stars(ids, annotator, crit) -> dict:
+        """{completion id: stars} of this person's current star labels on `ids` for the criterion."""
+        if not ids:
+            return {}
+        df = studio.store.query("SELECT completion_id, stars FROM feedback_current WHERE kind = 'stars' AND "
+                                "annotator = ? AND criterion = ? AND completion_id IN (SELECT unnest(?::BIGINT[]))",
+                                [annotator, crit or "overall", [int(i) for i in ids]])
+        return {int(c): int(v) for c, v in zip(df["completion_id"], df["stars"])}
+
+    def star_values(ids, stars_now):
+        return [gr.update(value=str(stars_now[ids[i]]) if i < len(ids) and ids[i] in stars_now else None)
+                for i in range(MAX_N)]
+
+    def slot_updates(ids, texts_now, stars_now=None):
         k = len(ids)
         letters = list(LETTERS[:max(k, 1)])
         return ([gr.update(visible=i < k) for i in range(MAX_N)]
                 + [gr.update(value=texts_now[i] if i < len(texts_now) else "") for i in range(MAX_N)]
-                + [gr.update(value=None) for _ in range(MAX_N)]
+                + star_values(ids, stars_now or {})
                 + [gr.update(value=[]) for _ in range(MAX_N)]
                 + [gr.update(choices=letters, value=letters[0]), gr.update(choices=letters, value=letters[min(1, k - 1)] if k else "A"),
                    gr.update(choices=letters, value=letters[0])])
@@ -119,9 +138,9 @@ def build(studio, role: str = "owner"):
     def on_generate(prompt_text, n_, max_new_, temp_, top_p_, seed_, adapter_, request: gr.Request):
         n_ = int(n_)
         seed_ = (seed_ or "").strip()
-        if seed_ and not seed_.lstrip("-").isdigit():
-            yield [[], fail(f"the seed must be a whole number or empty, got {seed_!r}")] + \
-                slot_updates([], []) + scores_for([])
+        if seed_ and not seed_.lstrip("-").isdigit():     # refused before anything on screen changes
+            yield [gr.skip(), fail(f"the seed must be a whole number or empty, got {seed_!r}")] + \
+                [gr.skip()] * (len(slot_outputs) + MAX_N)
             return
         stop_event = threading.Event()
         updates: queue.Queue = queue.Queue()
@@ -158,7 +177,7 @@ def build(studio, role: str = "owner"):
         cs = result["cs"]
         ids = [c.id for c in cs]
         msg = f"{len(cs)} completions saved (ids {ids[0]}–{ids[-1]})"
-        if any(c.finish_reason == "stopped" for c in cs):
+        if any(c.finish_reason == "stop" for c in cs):
             msg += " — stopped early"
         yield [ids, ok(msg)] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids)
 
@@ -185,17 +204,18 @@ def build(studio, role: str = "owner"):
             return label_result(ids, lambda: _saved("rating", studio.rate(
                 ids[i], int(value), criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
                 session_id=session_of(request), idempotency_key=label_key_for(key, "stars", ids[i], value, crit)),
-                f"{value} stars for {LETTERS[i]}"))
+                f"{_stars_text(value)} for {LETTERS[i]}"))
         return handler
 
     def on_thumb(i, up):
-        def handler(ids, tag_values, key, request: gr.Request):
+        def handler(ids, tag_values, crit, key, request: gr.Request):
             if i >= len(ids):
                 return [fail("generate or load completions first")] + [gr.skip()] * (MAX_N + 1)
             tags_now = None if up else tag_values
             return label_result(ids, lambda: _saved("thumbs", studio.thumbs(
-                ids[i], up, tags=tags_now, annotator=annotator_of(request, studio.annotator),
-                session_id=session_of(request), idempotency_key=label_key_for(key, "thumbs", ids[i], up, tags_now)),
+                ids[i], up, tags=tags_now, criterion=crit or "overall",
+                annotator=annotator_of(request, studio.annotator), session_id=session_of(request),
+                idempotency_key=label_key_for(key, "thumbs", ids[i], up, tags_now, crit)),
                 f"{'up' if up else 'down'} for {LETTERS[i]}"))
         return handler
 
@@ -229,14 +249,14 @@ def build(studio, role: str = "owner"):
             return _saved("ranking", fid, " > ".join(LETTERS[i] for i in idx))
         return label_result(ids, act)
 
-    def on_critique(ids, t_, text, rw, key, request: gr.Request):
+    def on_critique(ids, t_, text, rw, crit, key, request: gr.Request):
         def act():
             if not ids:
                 raise StudioError("generate or load completions first")
             i = letters_to_index(t_, len(ids))[0]
-            out = studio.critique(ids[i], text, rewrite=rw or None, annotator=annotator_of(request, studio.annotator),
-                                  session_id=session_of(request),
-                                  idempotency_key=label_key_for(key, "critique", ids[i], text, rw))
+            out = studio.critique(ids[i], text, rewrite=rw or None, criterion=crit or "overall",
+                                  annotator=annotator_of(request, studio.annotator), session_id=session_of(request),
+                                  idempotency_key=label_key_for(key, "critique", ids[i], text, rw, crit))
             parts = (["critique"] if "critique_id" in out else []) + (["rewrite"] if "rewrite_id" in out else [])
             return f"{' and '.join(parts)} saved for {t_}"
         res = label_result(ids, act)
@@ -261,11 +281,23 @@ def build(studio, role: str = "owner"):
             star_updates[ids.index(lab["completion_id"])] = gr.update(value=str(int(back.iloc[0])) if len(back) else None)
         return res + star_updates
 
-    def on_next(request: gr.Request):
-        p = studio.next_prompt(annotator=annotator_of(request, studio.annotator))
+    def latest_completions(prompt_id):
+        df = studio.completions(int(prompt_id)).sort_values("id").tail(MAX_N)
+        return [int(x) for x in df["id"]], list(df["text"])
+
+    def on_next(crit, request: gr.Request):
+        """The prompt with the fewest labels, with its latest completions (or empty cards): the cards must never
+        show another prompt's completions, or labels land on the wrong prompt."""
+        who = annotator_of(request, studio.annotator)
+        p = studio.next_prompt(annotator=who)
         if p is None:
-            return [gr.skip(), fail("the prompt library is empty: type a prompt or import a file")]
-        return [gr.update(value=p["text"]), ok(f"prompt #{p['id']} has the fewest labels")]
+            return [gr.skip(), gr.skip(), fail("the prompt library is empty: type a prompt or import a file")] + \
+                [gr.skip()] * (len(slot_outputs) + MAX_N)
+        ids, texts_now = latest_completions(p["id"])
+        msg = f"prompt #{p['id']} has the fewest labels: " + (
+            f"its {len(ids)} latest completions loaded" if ids else "press Generate for completions")
+        return [ids, gr.update(value=p["text"]), ok(msg)] + slot_updates(ids, texts_now, my_stars(ids, who, crit)) + \
+            scores_for(ids)
 
     def library_choices():
         df = studio.prompts()
@@ -275,15 +307,27 @@ def build(studio, role: str = "owner"):
         df = df.sort_values([col, "id"] if col else ["id"])
         return gr.update(choices=[(_short(t), int(i)) for i, t in zip(df["id"], df["text"])][:500])
 
-    def on_load(prompt_id):
+    def on_load(prompt_id, crit, request: gr.Request):
         if prompt_id in (None, ""):
             return [[], gr.skip(), fail("choose a prompt from the library")] + slot_updates([], []) + scores_for([])
-        df = studio.completions(int(prompt_id))
-        df = df.sort_values("id").tail(MAX_N)
-        ids = [int(x) for x in df["id"]]
+        ids, texts_now = latest_completions(prompt_id)
         text = studio.prompts().set_index("id").loc[int(prompt_id), "text"]
+        stars_now = my_stars(ids, annotator_of(request, studio.annotator), crit)
         return [ids, gr.update(value=text), ok(f"{len(ids)} completions of prompt #{prompt_id} loaded")] + \
-            slot_updates(ids, list(df["text"])) + scores_for(ids)
+            slot_updates(ids, texts_now, stars_now) + scores_for(ids)
+
+    def on_criterion(ids, crit, request: gr.Request):
+        """Stars shown are this person's for the chosen criterion, not the last criterion's."""
+        return star_values(ids, my_stars(ids, annotator_of(request, studio.annotator), crit))
+
+    def on_add_criterion(name, desc, request: gr.Request):
+        try:
+            require_owner(studio, request, "add criteria")
+            studio.add_criterion(name or "", desc or "")
+        except StudioError as e:
+            return [fail(e), gr.skip(), gr.skip(), gr.skip()]
+        names, md = criteria_update()
+        return [ok(f"criterion {name.strip()!r} saved: choose it above to label by it"), names, md, gr.update(value="")]
 
     def criteria_update():
         df = studio.criteria()
@@ -335,18 +379,22 @@ def build(studio, role: str = "owner"):
     for i in range(MAX_N):
         stars[i].input(on_star(i), [ids_state, stars[i], criterion, label_key], label_outputs, concurrency_limit=8,
                        api_name=f"rate_{LETTERS[i].lower()}")
-        ups[i].click(on_thumb(i, True), [ids_state, tags[i], label_key], label_outputs, concurrency_limit=8,
-                     api_name=f"thumbs_up_{LETTERS[i].lower()}")
-        downs[i].click(on_thumb(i, False), [ids_state, tags[i], label_key], label_outputs, concurrency_limit=8,
-                       api_name=f"thumbs_down_{LETTERS[i].lower()}")
+        ups[i].click(on_thumb(i, True), [ids_state, tags[i], criterion, label_key], label_outputs,
+                     concurrency_limit=8, api_name=f"thumbs_up_{LETTERS[i].lower()}")
+        downs[i].click(on_thumb(i, False), [ids_state, tags[i], criterion, label_key], label_outputs,
+                       concurrency_limit=8, api_name=f"thumbs_down_{LETTERS[i].lower()}")
     compare_btn.click(on_compare, [ids_state, left, right, winner, criterion, label_key], label_outputs,
                       api_name="compare")
     rank_btn.click(on_rank, [ids_state, ranking, criterion, label_key], label_outputs, api_name="rank")
-    critique_btn.click(on_critique, [ids_state, target, critique, rewrite, label_key],
+    critique_btn.click(on_critique, [ids_state, target, critique, rewrite, criterion, label_key],
                        label_outputs + [critique, rewrite], api_name="critique")
     undo_btn.click(on_undo, [ids_state, label_key], label_outputs + stars, api_name="undo_label")
-    next_btn.click(on_next, None, [prompt, status], api_name="next_prompt")
-    load_btn.click(on_load, [library], [ids_state, prompt, status] + slot_outputs + scores, api_name="load_prompt")
+    shown_outputs = [ids_state, prompt, status] + slot_outputs + scores
+    next_btn.click(on_next, [criterion], shown_outputs, api_name="next_prompt")
+    load_btn.click(on_load, [library, criterion], shown_outputs, api_name="load_prompt")
+    criterion.input(on_criterion, [ids_state, criterion], stars, api_visibility="private")
+    crit_btn.click(on_add_criterion, [crit_name, crit_desc], [status, criterion, rubric, crit_name],
+                   api_name="add_criterion")
     suggest_btn.click(on_suggest, [ids_state], [left, right, suggestion], api_name="suggest_pair")
     add_btn.click(on_add, [new_prompts], [status, new_prompts], api_name="add_prompts").then(
         library_choices, None, library)
@@ -356,7 +404,7 @@ def build(studio, role: str = "owner"):
         return library_choices(), new_label_key()
 
     return dict(on_load=(page_load, [library, label_key]), criteria=(criteria_update, [criterion, rubric]),
-                adapter=adapter, owner_only=[prompts_box], blind_hidden=[adapter])
+                adapter=adapter, owner_only=[prompts_box, criteria_box], blind_hidden=[adapter])
 
 
 _GEN_STOPS: dict = {}
@@ -373,6 +421,10 @@ def label_key_for(key: str | None, *content) -> str | None:
         return None
     digest = hashlib.sha1(repr(content).encode()).hexdigest()[:16]
     return f"ui:{str(key)[:64]}:{digest}"
+
+
+def _stars_text(value) -> str:
+    return f"{value} star" + ("" if str(value) == "1" else "s")
 
 
 def _saved(what: str, fid: int, detail: str) -> str:

@@ -213,7 +213,11 @@ class Labeller:
         shown = await _wait_status(self.page, n, f"completions of prompt #{prompt_id} loaded", self.timeout_ms)
         if "Error:" in shown:
             self.s.problems.append(f"loading prompt #{prompt_id}: {shown}")
-        self.prompt_id, self.stars, self.pair, self.winner = prompt_id, [None] * SLOTS, ("A", "B"), None
+        # the cards show this annotator's current stars again: clicking the star already shown sends nothing
+        shown_stars = await self.page.evaluate(
+            "(n) => [...Array(n).keys()].map(i => { const r = document.querySelector(`#stars-${i} input:checked`);"
+            " return r ? parseInt(r.value) : null; })", SLOTS)
+        self.prompt_id, self.stars, self.pair, self.winner = prompt_id, shown_stars, ("A", "B"), None
         self.s.loads += 1
 
     async def _confirm(self, n: int, expect: str, kind: str, slots: tuple, value) -> None:
@@ -239,7 +243,7 @@ class Labeller:
             n = await _events(page)
             await page.locator(f"#stars-{i} input[value='{v}']").click()
             self.stars[i] = v
-            await self._confirm(n, f"rating saved: {v} stars for {LETTERS[i]}", "stars", (i,), v)
+            await self._confirm(n, f"rating saved: {v} star{'s' if v != 1 else ''} for {LETTERS[i]}", "stars", (i,), v)
         elif r < 0.75:                                # thumbs up or down
             i, up = rng.randrange(SLOTS), rng.random() < 0.5
             n = await _events(page)

@@ -74,9 +74,9 @@ def test_a_retried_api_request_is_stored_once(labelled_db):
         client = Client(url, verbose=False)
         out = client.predict("Name a bird.", 3, 8, 0.7, 0.9, "5", "base", api_name="/generate")
         assert "3 completions saved" in out[0], out[0]
-        a = client.predict([], "retry-key-1", api_name="/thumbs_down_b")
-        again = client.predict([], "retry-key-1", api_name="/thumbs_down_b")      # the same request, retried
-        other = client.predict([], "retry-key-2", api_name="/thumbs_down_b")      # a new request
+        a = client.predict([], "overall", "retry-key-1", api_name="/thumbs_down_b")
+        again = client.predict([], "overall", "retry-key-1", api_name="/thumbs_down_b")      # the same request, retried
+        other = client.predict([], "overall", "retry-key-2", api_name="/thumbs_down_b")      # a new request
         for res in (a, again, other):
             assert "thumbs saved: down for B" in res[0], res[0]
         assert _label_id(a[0]) == _label_id(again[0]) != _label_id(other[0])
