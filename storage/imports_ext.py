@@ -38,7 +38,7 @@ import duckdb
 from ._core import _short
 from .errors import InvalidInput
 from .store import (Store, _alloc_ids, _bulk_insert, _clean_prompt, _count_ids, _criterion_name, _import_source,
-                    _prompt_ids, _rows)
+                    _prompt_ids, _rows, _valid_unicode)
 
 SCALES = ("auto", "5", "10")
 _PROMPT_KEYS = ("prompt", "instruction")
@@ -148,6 +148,7 @@ def read_rated_file(path, scale: str = "auto") -> tuple[list[dict], str]:
                 raise InvalidInput(f"{name}, {where}: field '{fld}.{tk}' must be text, got {type(text).__name__}.")
             if not text.strip():
                 raise InvalidInput(f"{name}, {where}: field '{fld}.{tk}' is empty.")
+            _valid_unicode(text, f"{name}, {where}: field '{fld}.{tk}'")
             sk = next((k for k in _SCORE_KEYS if c.get(k) is not None), None)
             if sk is None:
                 raise InvalidInput(f"{name}, {where}: field '{fld}.score' is missing.")

@@ -189,12 +189,24 @@ def _count_ids(cur, table: str, ids: Sequence[int], col: str = "id") -> int:
     return _scalar(cur, f"SELECT count(*) FROM {table} WHERE {col} IN (SELECT unnest(?::BIGINT[]))", [list(ids)])
 
 
+def _valid_unicode(text: str, where: str) -> str:
+    """Text that can be stored and hashed: a lone UTF-16 surrogate (a "\\ud800" escape in scraped JSON) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"{where} contains a character that is not valid Unicode at position {e.start} "
+                           "(a lone surrogate); fix or drop that row.") from None
+    return text
+
+
 def _clean_prompt(text: Any, where: str) -> str:
     if not isinstance(text, str):
         raise InvalidInput(f"{where} must be text, got {type(text).__name__}.")
     if not text.strip():
         raise InvalidInput(f"{where} is empty.")
-    return text.strip()
+    if "\x00" in text:        # generation refuses it: a prompt that could never be answered
+        raise InvalidInput(f"{where} contains a NUL character.")
+    return _valid_unicode(text, where).strip()
 
 
 def _prompt_ids(cur, texts: Sequence[str], source: str) -> list[int]:
@@ -394,7 +406,10 @@ class Store:
         in the file (prompts already present are reused, not duplicated). source defaults to 'import:<name>'."""
         rows = importers.read_prompt_file(path)
         source = _str(source, "source").strip() if source is not None else f"import:{os.path.basename(os.fspath(path))}"
-        self._insert_prompts([t for _, t in rows], source, f"the prompts of {os.path.basename(os.fspath(path))}")
+        name = os.path.basename(os.fspath(path))
+        unit = "row" if name.lower().endswith(".parquet") else "line"
+        clean = [_clean_prompt(t, f"{name}, {unit} {n}: the prompt") for n, t in rows]
+        self._insert_prompts(clean, source, f"the prompts of {name}")
         return len(rows)
 
     def prompts(self) -> pd.DataFrame:
@@ -738,6 +753,8 @@ class Store:
                 if not isinstance(row.get(k), str):
                     raise InvalidInput(f"Pair {i}: {k} must be text, got {type(row.get(k)).__name__}.")
             p = _clean_prompt(row["prompt"], f"Pair {i}: the prompt")
+            for k in ("chosen", "rejected"):
+                _valid_unicode(row[k], f"Pair {i}: {k}")
             if row["chosen"] == row["rejected"]:
                 continue
             key = src + ":" + hashlib.sha256("\x1f".join((criterion, p, row["chosen"], row["rejected"]))

@@ -500,6 +500,15 @@ class RewardService:
         from .errors import StudioError
         if tier not in ("fast", "deep"):
             raise StudioError("tier must be 'fast' or 'deep'")
+        if tier == "fast" and config:       # silently ignoring them trained something else than asked
+            raise StudioError(f"the fast tier takes no settings (got {', '.join(sorted(config))}); "
+                              "the deep tier's are those of DeepRewardConfig")
+        if tier == "deep":
+            from components.reward.deep import DeepRewardConfig
+            try:
+                DeepRewardConfig.from_settings(config)
+            except (ValueError, TypeError) as e:
+                raise StudioError(str(e)) from None
         if len(self.pairs()) == 0:
             raise StudioError("no preference pairs yet: compare, rank or rate at least two completions of a prompt")
         if tier == "fast":
@@ -530,7 +539,7 @@ class RewardService:
         try:
             n = self.store.import_preference_pairs(rows, source=f"import:{format}:{os.path.basename(path)}")
         except InvalidInput as e:
-            raise StudioError(str(e)) from None
+            raise StudioError(f"{os.path.basename(path)}: {e} — nothing was imported") from None
         if compute_features:
             self.start_feature_job()
         return n

@@ -269,3 +269,18 @@ def test_a_generation_stopped_early_is_saved(studio):
     stored = studio.completions(cs[0].prompt_id).sort_values("id")
     assert stored["finish_reason"].tolist() == [c.finish_reason for c in cs]
     assert stored["text"].tolist() == [c.text for c in cs]
+
+
+def test_reward_training_refuses_settings_it_would_ignore(studio):
+    """Misspelt or out-of-range reward settings trained a model with the defaults, recorded as if asked."""
+    a, b, c = studio.generate("Name a fruit.", n=3, max_new_tokens=4, seed=0)
+    studio.rank([a.id, b.id, c.id])
+    versions = len(studio.reward_versions())
+    for tier, config, pattern in [("fast", {"criterion": "helpfulness"}, "fast tier takes no settings"),
+                                  ("deep", {"lerning_rate": 1e-3}, "unknown deep reward-model settings: lerning_rate"),
+                                  ("deep", {"lr": float("nan")}, "lr must be a number > 0"),
+                                  ("deep", {"epochs": -1}, "epochs must be a whole number >= 1"),
+                                  ("deep", {"lora_layers": 0}, "lora_layers must be")]:
+        with pytest.raises(StudioError, match=pattern):
+            studio.train_reward_model(tier=tier, **config)
+    assert len(studio.reward_versions()) == versions

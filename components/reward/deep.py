@@ -84,6 +84,48 @@ class DeepRewardConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_settings(cls, settings: dict) -> "DeepRewardConfig":
+        """A config from settings a user gave: unknown names and bad values raise ValueError saying which."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise ValueError(f"unknown deep reward-model settings: {', '.join(unknown)} (known: {', '.join(names)})")
+        cfg = cls(**settings)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def whole(name, low, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}{' or None' if optional else ''}, got {v!r}")
+
+        def real(name, low, high=math.inf, open_low=False):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (v > low if open_low else v >= low) and v <= high
+            if not ok:
+                bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+                raise ValueError(f"{name} must be a number {bound}, got {v!r}")
+        for name in ("lora_r", "epochs", "batch_size", "micro_batch_size"):
+            whole(name, 1)
+        whole("lora_layers", 1, optional=True)
+        whole("trunk_layer", 0, optional=True)
+        whole("max_tokens", 8)
+        whole("trunk_cache_mb", 0)
+        whole("seed", 0)
+        real("lora_alpha", 0, open_low=True)
+        real("lr", 0, open_low=True)
+        real("head_lr", 0, open_low=True)
+        real("lora_dropout", 0, 0.99)
+        for name in ("warmup_fraction", "min_lr_fraction", "probe_weight"):
+            real(name, 0, 1)
+        for name in ("weight_decay", "replay_ratio", "grad_clip"):
+            real(name, 0)
+
 
 class RewardHead(nn.Module):
     """score = ((f - mean) / std) @ weight + bias; mean/std are fixed buffers, weight/bias are trained."""
