@@ -426,6 +426,7 @@ class Store:
     def next_prompt(self, annotator: str | None = None) -> dict | None:
         """The prompt with the fewest current labels (ties by id); with an annotator, prompts that annotator
         has not labelled come first."""
+        annotator = _str(annotator, "annotator", optional=True)
         rows = self._rows("""
             SELECT p.id, p.text FROM prompts p
             LEFT JOIN (SELECT prompt_id, count(*) AS n, bool_or(annotator = ?) AS mine

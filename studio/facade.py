@@ -5,7 +5,10 @@ storage; neither of those two knows about the other.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -256,13 +259,15 @@ class Studio:
     # ---------------------------------------------------------------- prompts
     def add_prompts(self, texts: Iterable[str], source: str = "manual") -> list[int]:
         try:
+            if not isinstance(texts, Iterable):
+                raise StudioError(f"add_prompts expects a list of texts, got {texts!r}")
             return self.store.add_prompts(texts if isinstance(texts, str) else list(texts), source=source)
         except InvalidInput as e:
             raise StudioError(_msg(e)) from None
 
     def import_prompts(self, path: str) -> int:
         try:
-            return self.store.import_prompts(path)
+            return self.store.import_prompts(_path(path))
         except (InvalidInput, OSError) as e:
             raise StudioError(_msg(e)) from None
 
@@ -281,7 +286,7 @@ class Studio:
 
     # ------------------------------------------------------- reward (issue 3)
     def import_preferences(self, path: str, format: str = "hh") -> int:
-        return self.reward.import_preferences(path, format=format)
+        return self.reward.import_preferences(_path(path), format=format)
 
     def train_reward_model(self, tier: str = "deep", wait: bool = True, **config) -> int | None:
         return self.reward.train(tier=tier, wait=wait, **config)
@@ -315,7 +320,7 @@ class Studio:
         return self.store.adapters()
 
     def export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
-        return self.jobs.export_adapter(adapter_id, path, merged=merged)
+        return self.jobs.export_adapter(adapter_id, _path(path), merged=merged)
 
     def policy_winrates(self):
         """Blind-compare results per policy: wins, losses, ties and win rate (ties count half)."""
@@ -351,12 +356,16 @@ class Studio:
         """kind preference|unpaired|sft|raw; format parquet|jsonl|csv; options: conversational, criterion,
         split, metadata. Derived from the same SQL views the reward model trains from."""
         from . import exports
-        return exports.export(self.store, kind, path, format, **options)
+        unknown = sorted(set(options) - {"conversational", "criterion", "split", "metadata"})
+        if unknown:
+            raise StudioError(f"unknown export option(s) {', '.join(unknown)}: use conversational, criterion, "
+                              "split or metadata")
+        return exports.export(self.store, kind, _path(path), format, **options)
 
     def import_rated(self, path: str, criterion: str = "overall", scale: str = "auto") -> dict:
         """UltraFeedback-like rated completions (a prompt, several completions with scores) as star labels."""
         from . import exports
-        out = exports.import_rated(self.store, path, criterion=criterion, scale=scale)
+        out = exports.import_rated(self.store, _path(path), criterion=criterion, scale=scale)
         if out["completions"]:
             self.reward.start_feature_job()
         return out
@@ -368,7 +377,7 @@ class Studio:
 
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
-        self.store.backup(path)
+        self.store.backup(_path(path))
         return path
 
     def launch(self, share: bool = False, auth=None, host: str = "127.0.0.1", port: int | None = None,
@@ -410,6 +419,12 @@ class Studio:
         return f"Studio(db={self.db_path!r}, model={self.model_id!r})"
 
 
+def _path(p) -> str:
+    if not isinstance(p, (str, os.PathLike)) or not os.fspath(p):
+        raise StudioError(f"a file path is needed, got {p!r}")
+    return os.fspath(p)
+
+
 def _id(v) -> int:
     """A row id given by a caller: a whole number (not True, not 1.9, not "1")."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
@@ -424,3 +439,20 @@ def _msg(e: Exception) -> str:
     if isinstance(e, KeyError) and len(s) > 1 and s[0] == s[-1] and s[0] in "'\"":
         s = s[1:-1]
     return s
+
+
+def _user_errors(method):
+    """Bad input found by storage (InvalidInput, NotFound) reaches the caller as a StudioError, whichever public
+    method it came through; operational failures (disk full, a write conflict) stay StorageErrors."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (InvalidInput, NotFound) as e:
+            raise StudioError(_msg(e)) from None
+    return wrapper
+
+
+for _name, _member in list(vars(Studio).items()):
+    if not _name.startswith("_") and inspect.isfunction(_member):
+        setattr(Studio, _name, _user_errors(_member))

@@ -101,6 +101,15 @@ def test_bad_inputs_write_nothing(studio):
         (lambda: studio.rank(None), "list of completion ids"),
         (lambda: studio.critique(cs[0].id, 5), "must be text"),
         (lambda: studio.compare(cs[1].id, cs[0].id, "b", idempotency_key="k"), "already used"),
+        # whichever method storage's refusal comes through, it reaches the caller as a StudioError
+        (lambda: studio.add_prompts(5), "list of texts"),
+        (lambda: studio.next_prompt(5), "annotator must be text"),
+        (lambda: studio.completions("x"), "must be an integer"),
+        (lambda: studio.resume_ppo(9999), "no run with id 9999"),
+        (lambda: studio.generate("hi", n=1, max_new_tokens=4, adapter=999), "no adapter with id 999"),
+        (lambda: studio.import_prompts(None), "file path"),
+        (lambda: studio.export("preference", "x.parquet", foo=1), "unknown export option"),
+        (lambda: studio.backup(studio.db_path), "must differ"),
     ]
     studio.rate(cs[0].id, 3, idempotency_key="k")      # the key the last case reuses for another label
     before = before[0] + 1, before[1], before[2]
