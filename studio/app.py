@@ -42,11 +42,13 @@ SHORTCUTS_JS = """
     if (t && (t.tagName === 'TEXTAREA' || (t.tagName === 'INPUT' && t.type !== 'radio' && t.type !== 'checkbox') || t.isContentEditable)) return;
     const cards = shown();
     const k = e.key;
+    // fewer cards than before (n=4, card D picked, then n=2): the selection moves to the last card shown
+    if (cards.length && !cards.includes(sel)) { sel = Math.max(0, Math.min(sel, cards.length - 1)); mark(); }
     const click = (s) => { const el = q(s); if (el) { el.click(); e.preventDefault(); } };
     if (k === 'g') click('#generate-btn');
     else if (k === 'n') click('#next-prompt-btn');
     else if (k === 'z') click('#undo-btn');
-    else if (k === 'ArrowRight' || k === 'k') { sel = Math.min(sel + 1, cards.length - 1); mark(); }
+    else if (k === 'ArrowRight' || k === 'k') { sel = Math.max(0, Math.min(sel + 1, cards.length - 1)); mark(); }
     else if (k === 'ArrowLeft' || k === 'j') { sel = Math.max(sel - 1, 0); mark(); }
     else if ('12345'.includes(k) && k.length === 1) click(`#stars-${sel} input[value="${k}"]`);
     else if (k === 'u') click(`#up-${sel}`);
@@ -62,6 +64,12 @@ SHORTCUTS_JS = """
 """
 
 
+def hidden_value(block) -> bool | str:
+    """What hides `block` in an update: a Tab ignores visible=False ("hidden" hides it and its button), while a
+    Row in a tab not yet opened ignores "hidden" (the Reward tab's owner-only buttons stayed on screen)."""
+    return "hidden" if isinstance(block, gr.Tab) else False
+
+
 def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_QUEUE) -> gr.Blocks:
     """The Blocks app; max_queue bounds the waiting requests (None: unbounded, for tests of the layout only)."""
     with gr.Blocks(title="RLHF Studio") as demo:
@@ -71,15 +79,15 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
             import html
             gr.Markdown("\n\n".join("**Warning:** " + html.escape(w) for w in studio.store.warnings),
                         elem_id="storage-warnings")
-        with gr.Tab("Generate & Rate", id="generate"):
+        with gr.Tab("Generate & Rate", id="generate") as gen_tab_:
             gen = generate_tab.build(studio, role)
         with gr.Tab("Reward model", id="reward"):
             from .ui import reward as reward_tab
             rew = reward_tab.build(studio, role)
         with gr.Tab("Train (PPO)", id="train") as train_tab_:
             from .ui import train as train_tab
-            trn = train_tab.build(studio, role)
-        with gr.Tab("Blind compare", id="compare"):
+            trn = train_tab.build(studio, role, pinned=rew.get("pinned"))   # the Reward tab's pin, per session
+        with gr.Tab("Blind compare", id="compare") as cmp_tab_:
             from .ui import compare as compare_tab
             cmp = compare_tab.build(studio, role)
         with gr.Tab("History", id="history"):
@@ -98,6 +106,18 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
         if trn and "adapters" in trn:
             f, o = trn["adapters"]
             demo.load(f, None, [gen["adapter"]])
+            # a new adapter (a PPO run completed) joins the policy lists without a page reload: when the Train
+            # tab's refresh sees it, and on opening the Generate and Blind compare tabs
+            quiet = dict(show_progress="hidden", api_visibility="private")
+            gen_tab_.select(f, None, [gen["adapter"]], **quiet)
+            if "adapter_ids" in trn:
+                ev = trn["adapter_ids"].change(f, None, [gen["adapter"]], **quiet)
+                if "refresh" in cmp:
+                    fc, ic, oc = cmp["refresh"]
+                    ev.then(fc, ic, oc, **quiet)
+        if "refresh" in cmp:
+            fc, ic, oc = cmp["refresh"]
+            cmp_tab_.select(fc, ic, oc, show_progress="hidden", api_visibility="private")   # win rates too
         f, i, o = hist["on_load"]
         demo.load(f, i, o)
         f, i, o = dash["on_load"]
@@ -109,8 +129,7 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
 
         def apply_role(request: gr.Request):
             is_owner = role_of(studio, request) == "owner"
-            # A Tab ignores visible=False in an update; "hidden" hides it (and its button).
-            return [gr.update(visible=True if is_owner else "hidden")] * len(owner_only) + \
+            return [gr.update(visible=True if is_owner else hidden_value(c)) for c in owner_only] + \
                 [gr.update(visible=is_owner or not getattr(studio, "blind", False))] * len(blind_hidden)
         demo.load(apply_role, None, owner_only + blind_hidden, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=max_queue)

@@ -141,3 +141,76 @@ def test_reward_tab_shows_scores_of_a_reopened_database(tmp_path, lm):
         assert best["score"].iloc[0] == round(float(max(scores)), 3)
     finally:
         s.close()
+
+
+def _built(studio):
+    from studio.app import build_app
+    demo = build_app(studio, max_queue=None)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    return demo, by_id, [f for f in demo.fns.values() if f.fn is not None]
+
+
+def test_pinned_reward_version_belongs_to_the_session_and_can_be_dropped(studio):
+    """Selecting a row of the Reward tab's versions table used to set a process-wide studio.reward
+    .selected_version that silently overrode every session's tier choice for PPO, with no way back. Now the pin
+    is the browser session's State, the Train tab says which version a launch will use and can drop the pin, and
+    a launch from that session uses the pinned version."""
+    import gradio as gr
+    from studio.ui.reward import versions_table
+    from studio.ui.train import reward_choice_md
+    studio.add_prompts(["Name a fruit."])
+    # versions as the reward service writes them: an automatic refit keeps metrics only, another keeps weights
+    bare = studio.store.add_reward_version("fast", "overall", {}, [], 1, {}, None)
+    v = studio.store.add_reward_version("fast", "overall", {}, [], 2, {}, b"weights", parent_id=bare)
+    demo, by_id, fns = _built(studio)
+    select = next(f for f in fns if f.fn.__name__ == "on_select" and by_id["reward-versions"] in f.inputs)
+    pinned = select.outputs[0]
+    assert isinstance(pinned, gr.State) and select.outputs[1] is by_id["reward-pin"]
+    table = versions_table(studio.reward_versions())
+    assert table["id"].iloc[0] == v and table["for PPO"].iloc[0] == "yes"
+    pin, _ = select.fn(gr.SelectData(None, {"index": [0, 1], "value": "fast", "selected": True}), table, None)
+    assert pin == {"version": v, "tier": "fast"}
+    assert getattr(studio.reward, "selected_version", None) is None       # nothing process-wide
+    assert table["id"].iloc[1] == bare and table["for PPO"].iloc[1] == "no"
+    skip, msg = select.fn(gr.SelectData(None, {"index": [1, 0], "value": bare, "selected": True}), table, None)
+    assert "no weights" in msg and "version" not in skip                    # refused: PPO could not use it
+
+    # The Train tab reads the same per-session State: what a launch will use, and a button back to the latest.
+    choice = next(f for f in fns if f.fn.__name__ == "on_choice")
+    assert (pinned, "change") in {(demo.blocks.get(i), e) for i, e in choice.targets}
+    md, unpin_update = choice.fn("deep", pin)
+    assert f"pinned reward-model version {v}" in md and unpin_update["visible"] is True
+    assert "latest fast" in reward_choice_md(studio, "fast", None)
+    md, unpin_update = choice.fn("fast", None)
+    assert "latest fast" in md and unpin_update["visible"] is False
+    unpin = next(f for f in fns if f.outputs == [pinned] and by_id["ppo-unpin"] in
+                 {demo.blocks.get(i) for i, _ in f.targets})
+    assert unpin.fn() is None
+    # A launch uses this session's pin: a version that kept no weights is refused by name.
+    launch = next(f for f in fns if f.fn.__name__ == "on_launch")
+    assert pinned in launch.inputs
+    msg = launch.fn(2, 2, 4, 1, 1e-4, 0.05, 4, 1, 0, "fast", "off", {"version": bare, "tier": "fast"}, None)
+    assert f"version {bare} has no stored weights" in msg
+    assert len(studio.runs()) == 0
+
+
+def test_annotators_do_not_see_the_reward_tabs_owner_controls(studio):
+    """apply_role hid every owner-only block with visible="hidden", which a Row in a tab not yet opened ignores
+    (checked in Chromium): an annotator saw "Refit fast tier now", "Train deep tier now" and "Deep update every
+    K". Rows and other blocks get visible=False; only Tabs need "hidden"."""
+    import gradio as gr
+    from studio.auth import Account, Accounts
+    demo, by_id, fns = _built(studio)
+    studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),
+                                "bo": Account("bo", "pw-bo-456", "annotator")})
+    apply_role = next(f for f in fns if f.fn.__name__ == "apply_role")
+    owner_row = next(b for b in apply_role.outputs if isinstance(b, gr.Row) and by_id["refit-fast-btn"] in
+                     b.children)
+    for user, is_owner in (("bo", False), ("ana", True)):
+        ups = dict(zip(apply_role.outputs, apply_role.fn(gr.Request(username=user))))
+        assert ups[owner_row]["visible"] is is_owner
+        for block, up in ups.items():
+            if block is by_id["adapter"]:
+                continue                        # hidden in blind mode only, for everyone
+            expected = True if is_owner else "hidden" if isinstance(block, gr.Tab) else False
+            assert repr(up["visible"]) == repr(expected), (user, block, up)

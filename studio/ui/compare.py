@@ -10,6 +10,28 @@ from ..errors import StudioError
 from .common import annotator_of, fail, ok, session_of
 
 
+MAX_NEW_TOKENS = 4096   # components.generation.SamplingParams' bound
+
+
+def max_new_tokens(n) -> int:
+    """The "Max new tokens" field as a whole number of at least 1; StudioError otherwise (0 or an empty field
+    used to become 64 without a word)."""
+    if n is None or (isinstance(n, str) and not n.strip()):
+        raise StudioError("enter how many new tokens each policy may write (Max new tokens)")
+    try:
+        v = float(n)
+    except (TypeError, ValueError):
+        raise StudioError(f"Max new tokens must be a whole number, got {n!r}") from None
+    if isinstance(n, bool) or not v.is_integer() or not 1 <= v <= MAX_NEW_TOKENS:
+        raise StudioError(f"Max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {n!r}")
+    return int(v)
+
+
+def policy_names(studio) -> list[str]:
+    ad = studio.adapters()
+    return ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])
+
+
 def build(studio, role: str = "owner"):
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="blind-prompt", scale=3)
@@ -31,8 +53,9 @@ def build(studio, role: str = "owner"):
         if a == b:
             return [gr.skip(), gr.skip(), fail("pick two different policies"), None]
         try:
-            first = studio.generate(p, n=1, max_new_tokens=int(n or 64), adapter=a, prompt_source="blind")[0]
-            second = studio.generate(p, n=1, max_new_tokens=int(n or 64), adapter=b, prompt_source="blind")[0]
+            tokens = max_new_tokens(n)
+            first = studio.generate(p, n=1, max_new_tokens=tokens, adapter=a, prompt_source="blind")[0]
+            second = studio.generate(p, n=1, max_new_tokens=tokens, adapter=b, prompt_source="blind")[0]
         except StudioError as e:
             return [gr.skip(), gr.skip(), fail(e), None]
         pair = [(first, a), (second, b)]
@@ -55,11 +78,16 @@ def build(studio, role: str = "owner"):
         return handler
 
     def choices():
-        ad = studio.adapters()
-        names = ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])
+        names = policy_names(studio)
         return gr.update(choices=names), gr.update(choices=names, value=names[-1]), studio.policy_winrates()
+
+    def refresh():
+        """New adapters in both lists (the choices made stay) and the win rates as they are now: on opening the
+        tab and when a training run adds an adapter (app.py wires both)."""
+        names = policy_names(studio)
+        return gr.update(choices=names), gr.update(choices=names), studio.policy_winrates()
 
     go_btn.click(on_generate, [prompt, pol_a, pol_b, new_tokens], [left, right, reveal, secret])
     for btn, w in zip(votes, ["a", "b", "tie", "both_bad"]):
         btn.click(vote(w), [secret], [reveal, table, secret])
-    return dict(on_load=(choices, None, [pol_a, pol_b, table]))
+    return dict(on_load=(choices, None, [pol_a, pol_b, table]), refresh=(refresh, None, [pol_a, pol_b, table]))

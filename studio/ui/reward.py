@@ -60,6 +60,21 @@ def _likes(studio, k: int = 5):
     return df.sort_values("score", ascending=False).head(k), df.sort_values("score").head(k), vals
 
 
+PPO_COLUMN = "for PPO"
+
+
+def versions_table(vers):
+    """The versions table, newest first, with whether PPO can use a version (automatic fast refits keep their
+    metrics but store their weights only now and then)."""
+    if vers is None or not len(vers):
+        return vers
+    keep = [c for c in ["id", "tier", "parent_id", "labels_seen", "criterion", "created_at"] if c in vers.columns]
+    out = vers[keep].copy()
+    if "weights_bytes" in vers.columns:
+        out.insert(2, PPO_COLUMN, ["yes" if pd.notna(b) and b > 0 else "no" for b in vers["weights_bytes"]])
+    return out.iloc[::-1]
+
+
 def build(studio, role: str = "owner"):
     owner = role == "owner"
     status = gr.Markdown(elem_id="reward-status")
@@ -74,9 +89,11 @@ def build(studio, role: str = "owner"):
         calib = gr.Plot(label="Calibration", elem_id="reward-calibration")
     with gr.Row():
         hist = gr.Plot(label="Scores", elem_id="reward-hist")
-    versions = gr.Dataframe(label="Versions (select a row to use it for PPO)", interactive=False,
-                            elem_id="reward-versions")
-    use_version = gr.Markdown()
+    versions = gr.Dataframe(label="Versions (select a row to pin it for PPO launches from this browser tab)",
+                            interactive=False, elem_id="reward-versions")
+    use_version = gr.Markdown(elem_id="reward-pin")
+    # the version chosen for PPO belongs to this browser tab (the Train tab reads it, shows it and can drop it)
+    pinned = gr.State(None)
     with gr.Row():
         best = gr.Dataframe(label="Liked most", interactive=False, wrap=True)
         worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True)
@@ -98,11 +115,8 @@ def build(studio, role: str = "owner"):
                 last_bins = fast.iloc[-1]["bins"]
         liked = _likes(studio)
         vers = studio.reward_versions()
-        keep = [c for c in ["id", "tier", "parent_id", "labels_seen", "criterion", "created_at"] if c in vers.columns]
         return (_status_md(studio), plots.reward_curves(m), plots.reliability(last_bins),
-                plots.score_histogram(liked[2]),
-                vers[keep].iloc[::-1] if len(vers) else vers,
-                liked[0], liked[1])
+                plots.score_histogram(liked[2]), versions_table(vers), liked[0], liked[1])
 
     outputs = [status, curves, calib, hist, versions, best, worst]
 
@@ -139,21 +153,37 @@ def build(studio, role: str = "owner"):
         return ok(f"imported {n} pairs; reward features are being computed in the background")
 
     def on_select(evt: gr.SelectData, df, request: gr.Request):
+        """Pin the selected version for PPO launches from this browser tab (not the whole process: another
+        session, or the notebook API, keeps its own choice)."""
         try:
             require_owner(studio, request, "choose the reward model for training")
         except StudioError as e:
-            return fail(e)
+            return gr.skip(), fail(e)
         try:
-            vid = int(df.iloc[evt.index[0]]["id"])
+            row = df.iloc[evt.index[0]]
+            vid = int(row["id"])
         except Exception:
-            return gr.skip()
-        studio.reward.selected_version = vid
-        return ok(f"PPO will use reward-model version {vid}")
+            return gr.skip(), gr.skip()
+        if str(row.get(PPO_COLUMN, "yes")) != "yes":
+            return gr.skip(), fail(f"version {vid} kept its metrics only, no weights (automatic refits store them "
+                                   "now and then), so PPO cannot use it: pick a version marked 'yes', or press "
+                                   "'Refit fast tier now' for one")
+        return {"version": vid, "tier": str(row.get("tier", "")) or None}, gr.skip()
+
+    def pin_md(p):
+        from .train import pin_of
+        vid = pin_of(p)
+        if vid is None:
+            return "PPO uses the latest version of the tier chosen in the Train tab (select a row to pin one)."
+        return ok(f"PPO launches from this browser tab will use version {vid} (pinned; the Train tab's "
+                  "'Use the latest version instead' undoes it).")
 
     refit.click(on_refit, None, action, api_name="refit_fast").then(refresh, None, outputs)
     train_deep.click(on_deep, [every], action, api_name="train_deep")
     every.submit(on_every, [every], action, api_name="deep_every")
     import_btn.click(on_import, [upload, fmt], action, api_name="import_preferences").then(refresh, None, outputs)
-    versions.select(on_select, [versions], use_version)
-    timer.tick(refresh, None, outputs, api_visibility="private")
-    return dict(on_load=(refresh, None, outputs), owner_only=owner_only)
+    versions.select(on_select, [versions], [pinned, use_version])
+    pinned.change(pin_md, pinned, use_version, show_progress="hidden", api_visibility="private")
+    # timer-driven: no "processing" overlay over the status every 3 s
+    timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
+    return dict(on_load=(refresh, None, outputs), owner_only=owner_only, pinned=pinned)

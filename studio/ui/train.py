@@ -84,8 +84,64 @@ def _memory_md(studio, settings: dict) -> str:
     return line
 
 
-def build(studio, role: str = "owner"):
+SAMPLE_COLUMNS = ["step", "idx", "prompt", "response", "reward"]
+
+
+def empty_samples():
+    """The sample-rollouts table before any rollout: its real headers (an empty table otherwise reads "1 2 3")."""
+    import pandas as pd
+    return pd.DataFrame({c: [] for c in SAMPLE_COLUMNS})
+
+
+def pin_of(pinned) -> int | None:
+    """The reward-model version pinned in this browser session (the Reward tab's versions table), or None."""
+    if isinstance(pinned, dict):
+        pinned = pinned.get("version")
+    try:
+        return None if pinned in (None, "") else int(pinned)
+    except (TypeError, ValueError):
+        return None
+
+
+def reward_choice_md(studio, tier, pinned, deep_version: int | None | bool = None) -> str:
+    """Which reward model a launch from this browser session will use: "pinned version N", "latest deep" or
+    "latest fast". deep_version: the newest deep version if known; False where no deep tier exists."""
+    vid = pin_of(pinned)
+    if vid is not None:
+        ptier = pinned.get("tier") if isinstance(pinned, dict) else None
+        return (f"PPO will use the **pinned reward-model version {vid}**{f' ({ptier} tier)' if ptier else ''}, "
+                "chosen in the Reward tab's versions table for this browser tab; the reward-model choice above "
+                "does not apply until you go back to the latest version.")
+    if tier == "fast":
+        return ("PPO will use the **latest fast** reward model (a snapshot of the fast tier is stored at launch).")
+    if deep_version:
+        return f"PPO will use the **latest deep** reward model (version {int(deep_version)})."
+    return ("PPO would use the **latest deep** reward model, but none is trained yet: train the deep tier in the "
+            "Reward tab, or choose the fast tier.")
+
+
+def _parse_id(value, what: str) -> int:
+    """A run or adapter id from a dropdown (its value) or typed in ("3", "run 3", "adapter-3")."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a whole number")
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    text = str(value).strip().lower()
+    for prefix in ("run", "adapter-", "adapter", "#"):
+        text = text.removeprefix(prefix).strip()
+    if not text.isdigit():
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(text)
+
+
+def build(studio, role: str = "owner", pinned: gr.State | None = None):
+    """The Train tab. pinned: the per-session State holding the reward-model version chosen in the Reward tab (a
+    fresh one when the tab is built alone)."""
+    from storage import InvalidInput, NotFound
+
     owner = role == "owner"
+    if pinned is None:
+        pinned = gr.State(None)
     with gr.Row(visible=owner) as settings_row:
         steps = gr.Number(20, precision=0, label="Steps", elem_id="ppo-steps")
         batch = gr.Number(8, precision=0, label="Prompts per step", elem_id="ppo-batch")
@@ -98,6 +154,9 @@ def build(studio, role: str = "owner"):
         seed = gr.Number(0, precision=0, label="Seed", elem_id="ppo-seed")
     tier = gr.Radio([("Deep tier (if trained)", "deep"), ("Fast tier", "fast")], value="deep",
                     label="Reward model", visible=owner, elem_id="ppo-tier")
+    with gr.Row(visible=owner) as choice_row:
+        reward_choice = gr.Markdown(elem_id="ppo-reward-choice")
+        unpin = gr.Button("Use the latest version instead", size="sm", visible=False, elem_id="ppo-unpin")
     # PPOConfig.compile: worth it for long runs on a GPU (faster steps after a first one that compiles)
     compile_ = gr.Radio([("Eager", "off"), ("Compiled on a GPU (the first step compiles, 1-2 min)", "auto")],
                         value="off", label="Training passes", visible=owner, elem_id="ppo-compile")
@@ -105,21 +164,34 @@ def build(studio, role: str = "owner"):
     with gr.Row(visible=owner) as launch_row:
         launch = gr.Button("Launch PPO", variant="primary", elem_id="ppo-launch")
         cancel = gr.Button("Cancel", elem_id="ppo-cancel")
-        resume_id = gr.Number(None, precision=0, label="Run id to resume", elem_id="ppo-resume-id")
+        # a list of the runs that can resume (a number field showed "0" when empty, which looked like a run id)
+        resume_id = gr.Dropdown([], value=None, label="Run to resume", allow_custom_value=True,
+                                info="cancelled, failed or interrupted PPO runs", elem_id="ppo-resume-id")
         resume = gr.Button("Resume", elem_id="ppo-resume")
+    # Launch / Cancel / Resume answers: their own area, kept until the next action (#ppo-status is redrawn by
+    # the 2 s refresh and used to wipe them within a second or two)
+    action = gr.Markdown(elem_id="ppo-action")
     status = gr.Markdown(elem_id="ppo-status")
     progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False, elem_id="ppo-progress")
     curves = gr.Plot(elem_id="ppo-curves")
-    samples = gr.Dataframe(label="Sample rollouts (latest steps)", interactive=False, wrap=True,
+    samples = gr.Dataframe(empty_samples(), label="Sample rollouts (latest steps)", interactive=False, wrap=True,
                            elem_id="ppo-samples")
     runs = gr.Dataframe(label="Runs", interactive=False, elem_id="ppo-runs")
     adapters = gr.Dataframe(label="Adapters", interactive=False, elem_id="ppo-adapters")
     with gr.Row(visible=owner) as export_row:
-        export_id = gr.Number(None, precision=0, label="Adapter id", elem_id="export-id")
+        export_id = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True, elem_id="export-id")
         export_path = gr.Textbox(label="Export to folder", elem_id="export-path")
         merged = gr.Checkbox(label="Merged full model", elem_id="export-merged")
         export_btn = gr.Button("Export adapter", elem_id="export-btn")
     export_msg = gr.Markdown()
+    # what the dropdowns above were last sent (per session), so the 2 s refresh redraws them only on a change
+    known = gr.State(None)
+    # the adapter ids: changes when a run adds an adapter (app.py refreshes the other tabs' policy lists on it)
+    try:
+        now_ids = sorted(int(i) for i in studio.adapters()["id"])
+    except Exception:
+        now_ids = None
+    adapter_ids = gr.State(now_ids)     # as of start-up: a page load then fires no change unless one was added
     timer = gr.Timer(2.0)
     inputs = [steps, batch, new_tokens, epochs, lr, kl, lora_r, ckpt, seed]
 
@@ -135,11 +207,48 @@ def build(studio, role: str = "owner"):
         r = studio.runs()
         return r[r["kind"] == "ppo"] if len(r) else r
 
-    def refresh():
+    def choice_now(tier_, pinned_, load_deep: bool):
+        """The reward-choice line and the unpin button; load_deep: look the deep tier up in the database (on a
+        change), else only what is in memory (the 2 s refresh: None where that is unknown, to leave it as is)."""
+        rs = studio.reward
+        if pin_of(pinned_) is None and tier_ != "fast":
+            if load_deep:
+                deep = rs.deep_version if rs._has_deep() else False
+            elif rs.deep is not None:
+                deep = rs.deep_version
+            else:
+                return gr.skip(), gr.skip()
+        else:
+            deep = None
+        return reward_choice_md(studio, tier_, pinned_, deep), gr.update(visible=pin_of(pinned_) is not None)
+
+    def lists(raw_runs, raw_adapters, known_):
+        """Choices of the resume and export dropdowns (newest first), sent only when they changed."""
+        resumable = []
+        if len(raw_runs):
+            busy = studio.jobs.current.run_id if studio.jobs.busy() else None
+            for r in raw_runs.sort_values("id", ascending=False).itertuples():
+                if r.status not in ("completed", "running", "queued") and int(r.id) != busy:
+                    resumable.append((f"run {int(r.id)} ({r.status})", int(r.id)))
+        ads = []
+        if len(raw_adapters):
+            for a in raw_adapters.sort_values("id", ascending=False).itertuples():
+                ads.append((f"adapter-{int(a.id)} (run {_cell(a.run_id)}, step {_cell(a.step)})", int(a.id)))
+        now = {"resume": [list(c) for c in resumable], "export": [list(c) for c in ads]}
+        old = known_ or {}
+        up_resume = gr.skip() if old.get("resume") == now["resume"] else gr.update(
+            choices=resumable, info="cancelled, failed or interrupted PPO runs" if resumable else
+            "no cancelled, failed or interrupted PPO run to resume")
+        up_export = gr.skip() if old.get("export") == now["export"] else gr.update(choices=ads)
+        return up_resume, up_export, now, sorted(int(i) for i in raw_adapters["id"]) if len(raw_adapters) else []
+
+    def refresh(tier_="deep", pinned_=None, known_=None):
         rid = current_run_id()
-        rs, ad = display_tables(ppo_runs(), studio.adapters())
+        raw_runs, raw_ads = ppo_runs(), studio.adapters()
+        rs, ad = display_tables(raw_runs, raw_ads)
+        extra = [*lists(raw_runs, raw_ads, known_), *choice_now(tier_, pinned_, load_deep=False)]
         if rid is None:
-            return ("no run yet", 0, plots.ppo_curves(None), None, rs, ad)
+            return ["no run yet", 0, plots.ppo_curves(None), empty_samples(), rs, ad, *extra]
         run = studio.store.run(rid)
         m = studio.store.run_metrics(rid)
         total = int(run["config"].get("steps", 1))
@@ -155,22 +264,38 @@ def build(studio, role: str = "owner"):
         sm = studio.store.run_samples(rid)
         if len(sm):
             sm = sm.sort_values("step", ascending=False).head(12).round({"reward": 3})
-        return (md, pct, plots.ppo_curves(m), sm, rs.iloc[::-1] if len(rs) else rs,
-                ad.iloc[::-1] if len(ad) else ad)
+        else:
+            sm = empty_samples()
+        return [md, pct, plots.ppo_curves(m), sm, rs.iloc[::-1] if len(rs) else rs,
+                ad.iloc[::-1] if len(ad) else ad, *extra]
 
-    outputs = [status, progress, curves, samples, runs, adapters]
+    refresh_inputs = [tier, pinned, known]
+    outputs = [status, progress, curves, samples, runs, adapters, resume_id, export_id, known, adapter_ids,
+               reward_choice, unpin]
 
     def on_launch(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, tier_, compile_mode="off",
-                  request: gr.Request = None):
+                  pinned_=None, request: gr.Request = None):
+        vals = [steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_]
         try:
             require_owner(studio, request, "launch training")
-            settings = ppo_settings(steps_, batch_, new_, epochs_, lr_, kl_, r_, ckpt_, seed_, compile_mode)
-            version = getattr(studio.reward, "selected_version", None)
-            h = studio.train_ppo(wait=False, reward_tier=tier_ if version is None else None,
-                                 reward_version=version, **settings)
         except StudioError as e:
             return fail(e)
-        return ok(f"run {h.run_id} started in the background (closing this tab does not stop it)")
+        empty = [c.label for c, v in zip(inputs, vals) if v in (None, "")]
+        if empty:
+            return fail(f"invalid PPO settings: fill in {', '.join(empty)}")
+        try:
+            settings = ppo_settings(*vals, compile_mode)
+        except (TypeError, ValueError) as e:
+            return fail(f"invalid PPO settings: {e}")
+        # the version pinned in this browser session's Reward tab, else the latest of the chosen tier
+        version = pin_of(pinned_)
+        try:
+            h = studio.train_ppo(wait=False, reward_tier=tier_ if version is None else None,
+                                 reward_version=version, **settings)
+        except (StudioError, NotFound, InvalidInput) as e:
+            return fail(e)
+        used = f"pinned reward-model version {version}" if version is not None else f"the latest {tier_} tier"
+        return ok(f"run {h.run_id} started in the background with {used} (closing this tab does not stop it)")
 
     def on_cancel(request: gr.Request):
         try:
@@ -189,10 +314,13 @@ def build(studio, role: str = "owner"):
         except StudioError as e:
             return fail(e)
         if rid in (None, ""):
-            return fail("enter the id of an interrupted or cancelled run")
+            return fail("choose a cancelled, failed or interrupted run to resume")
         try:
-            h = studio.resume_ppo(int(rid))
-        except (StudioError, KeyError) as e:
+            run_id = _parse_id(rid, "the run id")
+            h = studio.resume_ppo(run_id)
+        except NotFound:
+            return fail(f"there is no run {run_id}: choose one of the runs listed")
+        except (StudioError, KeyError, InvalidInput, ValueError) as e:
             return fail(e)
         return ok(f"run {h.run_id} resumed")
 
@@ -202,29 +330,44 @@ def build(studio, role: str = "owner"):
         except StudioError as e:
             return fail(e)
         if aid in (None, "") or not path:
-            return fail("enter an adapter id and a folder")
+            return fail("choose an adapter and enter a folder")
         try:
-            p = studio.export_adapter(int(aid), path, merged=bool(merged_))
-        except StudioError as e:
+            adapter_id = _parse_id(aid, "the adapter id")
+            p = studio.export_adapter(adapter_id, path, merged=bool(merged_))
+        except NotFound:
+            return fail(f"there is no adapter {adapter_id}: choose one of the adapters listed")
+        except (StudioError, InvalidInput, ValueError) as e:
             return fail(e)
-        return ok(f"adapter {int(aid)} written to {p}")
+        return ok(f"adapter {adapter_id} written to {p}")
 
     def on_settings(*vals):
+        # vals: the settings fields, the compile mode, then the reward tier (a trigger only: same model size)
         try:
-            return _memory_md(studio, ppo_settings(*vals))
+            return _memory_md(studio, ppo_settings(*vals[:len(inputs) + 1]))
         except (TypeError, ValueError) as e:
             return fail(e)
 
-    launch.click(on_launch, inputs + [tier, compile_], status, api_name="launch_ppo")
-    cancel.click(on_cancel, None, status, api_name="cancel_ppo")
-    resume.click(on_resume, [resume_id], status, api_name="resume_ppo")
+    def on_choice(tier_, pinned_):
+        return choice_now(tier_, pinned_, load_deep=True)
+
+    quiet = dict(show_progress="hidden", api_visibility="private")
+    launch.click(on_launch, inputs + [tier, compile_, pinned], action, api_name="launch_ppo").then(
+        refresh, refresh_inputs, outputs, **quiet)
+    cancel.click(on_cancel, None, action, api_name="cancel_ppo").then(refresh, refresh_inputs, outputs, **quiet)
+    resume.click(on_resume, [resume_id], action, api_name="resume_ppo").then(refresh, refresh_inputs, outputs,
+                                                                             **quiet)
     export_btn.click(on_export, [export_id, export_path, merged], export_msg, api_name="export_adapter")
-    for c in inputs:
-        c.change(on_settings, inputs, memory, api_visibility="private")
-    timer.tick(refresh, None, outputs, api_visibility="private")
+    # the memory estimate: on page load and whenever a setting, the training passes or the reward tier change
+    gr.on(None, on_settings, inputs + [compile_, tier], memory, **quiet)
+    # which reward model a launch uses: on page load, on a tier change and when the pin changes (Reward tab)
+    gr.on(None, on_choice, [tier, pinned], [reward_choice, unpin], **quiet)
+    unpin.click(lambda: None, None, pinned, api_visibility="private")
+    # a timer-driven refresh shows no "processing" overlay over the status every 2 s
+    timer.tick(refresh, refresh_inputs, outputs, **quiet)
 
     def adapter_choices():
         ad = studio.adapters()
         return gr.update(choices=["base"] + [f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else ["base"])
-    return dict(on_load=(refresh, None, outputs), adapters=(adapter_choices, None),
-                owner_only=[settings_row, tier, compile_, launch_row, export_row])
+    return dict(on_load=(refresh, refresh_inputs, outputs), adapters=(adapter_choices, None),
+                adapter_ids=adapter_ids, pinned=pinned,
+                owner_only=[settings_row, tier, choice_row, compile_, launch_row, export_row])
