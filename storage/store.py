@@ -204,8 +204,6 @@ def _clean_prompt(text: Any, where: str) -> str:
         raise InvalidInput(f"{where} must be text, got {type(text).__name__}.")
     if not text.strip():
         raise InvalidInput(f"{where} is empty.")
-    if "\x00" in text:        # generation refuses it: a prompt that could never be answered
-        raise InvalidInput(f"{where} contains a NUL character.")
     return _valid_unicode(text, where).strip()
 
 

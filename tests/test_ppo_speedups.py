@@ -318,8 +318,8 @@ def test_sibling_layers_share_one_lora_a_matmul(policy):
     keep = rm.bool()
     assert torch.allclose(shared.logp[keep], apart.logp[keep], atol=1e-5)
     assert torch.allclose(shared.values[keep], apart.values[keep], atol=1e-5)
-    for a, b in zip(g_shared, g_apart):
-        assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(b) + 1e-8
+    for a, b in zip(g_shared, g_apart):    # fp32 sums in another order: ~1e-5 apart (seen on an AMD EPYC)
+        assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(b) + 1e-8
 
     attn = next(m for n, m in lm.model.named_modules() if n.endswith("layers.2.self_attn"))
     x, other = torch.randn(2, 3, 2, lm.model.config.hidden_size).unbind()

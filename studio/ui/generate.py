@@ -158,9 +158,12 @@ def build(studio, role: str = "owner"):
             except Exception as e:  # an unexpected failure must still reach the user
                 result["error"] = f"generation failed: {type(e).__name__}: {e}"
             finally:
+                if _GEN_STOPS.get(session) is stop_event:     # one entry per generation running, not per page ever
+                    del _GEN_STOPS[session]
                 updates.put(None)
 
-        _GEN_STOPS[session_of(request)] = stop_event
+        session = session_of(request)
+        _GEN_STOPS[session] = stop_event
         threading.Thread(target=work, daemon=True).start()
         blank = [""] * n_
         yield [[], "Generating…"] + slot_updates(list(range(n_)), blank) + scores_for([])
@@ -183,8 +186,9 @@ def build(studio, role: str = "owner"):
 
     def on_stop(request: gr.Request):
         ev = _GEN_STOPS.get(session_of(request))
-        if ev:
-            ev.set()
+        if ev is None:
+            return ok("nothing is generating in this tab")
+        ev.set()
         return "Stopping…"
 
     def label_result(ids, action):

@@ -82,11 +82,9 @@ def _cases(tmp):
         ("rated: truncated parquet", "import_rated",
          _truncate(_parquet(tmp / "q.parquet", "SELECT 'p' || i AS prompt, [{'text': 'a' || i, 'score': 3}] AS "
                                                "completions FROM range(2000) t(i)")), ["q.parquet", "parquet"]),
-        # a lone surrogate (a "\ud800" escape, seen in scraped JSON) or a NUL: a message, not a UnicodeEncodeError
+        # a lone surrogate (a "\ud800" escape, seen in scraped JSON): a message, not a UnicodeEncodeError
         ("prompts: lone surrogate", p, _jsonl(tmp / "r.jsonl", [{"prompt": "ok"}, '{"prompt": "x\\ud800"}']),
          ["r.jsonl", "line 2", "not valid Unicode"]),
-        ("prompts: NUL", p, _jsonl(tmp / "s.jsonl", [{"prompt": "ok"}, '{"prompt": "a\\u0000b"}']),
-         ["s.jsonl", "line 2", "NUL"]),
         ("trl: lone surrogate", (t, "trl"), _jsonl(tmp / "u.jsonl", [TRL_OK, '{"prompt": "p", "chosen": "c\\ud800", '
                                                                               '"rejected": "r"}']),
          ["u.jsonl", "Pair 2", "chosen", "not valid Unicode"]),
