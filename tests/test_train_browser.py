@@ -45,7 +45,7 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
         expect(page.locator("#status")).to_contain_text("5 stars for A", timeout=30_000)
         expect(page.locator("#card-0")).to_have_class(re.compile("rlhf-selected"))
 
-        # Pin a reward-model version in the Reward tab: the Train tab says so and can go back to the latest.
+        # Pin a reward-model version in the Reward tab (below, before the launch): the Train tab says so.
         page.get_by_role("tab", name="Reward model").click()
         pin_row = page.locator("#reward-versions").get_by_role("row", name=re.compile(rf"^{pinned} fast yes"))
 
@@ -56,31 +56,14 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
             page.get_by_role("tab", name="Train (PPO)").click()
             expect(page.locator("#ppo-reward-choice")).to_contain_text(f"pinned reward-model version {pinned}",
                                                                        timeout=30_000)
-        pin()
-        page.click("#ppo-unpin")
-        expect(page.locator("#ppo-reward-choice")).to_contain_text("latest deep", timeout=30_000)
-        expect(page.locator("#ppo-unpin")).to_be_hidden()
-        expect(page.locator("#reward-pin")).not_to_contain_text("will use version")
-        page.locator("#ppo-tier input[value='fast']").click()
-        expect(page.locator("#ppo-reward-choice")).to_contain_text("latest fast", timeout=30_000)
+        page.get_by_role("tab", name="Train (PPO)").click()
         expect(page.locator("#ppo-status")).to_contain_text(
             "Note: the compiled training passes failed (InductorError: <no compiler>); the run trains eagerly",
             timeout=30_000)                  # as text: the angle brackets are not swallowed as a tag
         # the memory estimate without editing a field; the empty sample table with its real headers
         expect(page.locator("#ppo-memory")).to_contain_text("Estimated memory", timeout=30_000)
         expect(page.locator("#ppo-samples")).to_contain_text("response")
-        # the answer to Launch stays (it was redrawn by the 2 s refresh as "Run 1: completed ..." at once)
-        page.locator("#ppo-steps input").fill("-3")
-        page.click("#ppo-launch")
-        expect(page.locator("#ppo-action")).to_contain_text("steps must be >= 1", timeout=30_000)
-        page.wait_for_timeout(2500)
-        expect(page.locator("#ppo-action")).to_contain_text("steps must be >= 1")
-        # no run to resume: an empty list, not "0"; an unknown run id is answered in words
-        expect(page.locator("#ppo-resume-id input")).to_have_value("")
-        page.locator("#ppo-resume-id input").fill("999")
-        page.locator("#ppo-resume-id input").press("Enter")
-        page.click("#ppo-resume")
-        expect(page.locator("#ppo-action")).to_contain_text(re.compile(r"Error: .*no run.* 999"), timeout=30_000)
+        # (the action messages that stay, unpinning and an unknown run id: test_train_tab_messages_... below)
 
         for elem, value in [("ppo-steps", "3"), ("ppo-batch", "2"), ("ppo-new-tokens", "6"), ("ppo-epochs", "1"),
                             ("ppo-ckpt", "1")]:

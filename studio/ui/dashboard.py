@@ -114,7 +114,7 @@ def build(studio, role: str = "owner"):
             empty = dash._empty("Dashboard", f"failed: {e}")
             return [fail(f"dashboards failed: {e}")] + [empty] * 6 + [None, None]
         n = st.stats()
-        md = (f"{n['prompts']:,} prompts · {n['completions']:,} completions · {n['feedback']:,} labels · "
+        md = (f"{n['prompts']:,} prompts · {n['completions']:,} completions · {n['feedback']:,} labels given (replaced and withdrawn ones too) · "
               f"stars α (ordinal) {_fmt(agg['stars_alpha_ordinal'])} · pairwise agreement "
               f"{_fmt(agg['pairwise_agreement'])} · built in {(time.perf_counter() - t0) * 1000:.0f} ms")
         show = table.round({"rating": 0, "ci_low": 0, "ci_high": 0, "theta": 3, "se": 3, "win_rate": 3})
