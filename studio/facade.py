@@ -136,10 +136,7 @@ class Studio:
     def _label(self, **fields) -> int:
         fields["annotator"] = fields.get("annotator") or self.annotator
         fields["session_id"] = fields.get("session_id") or self.session_id
-        try:
-            fid = self.store.add_feedback(**fields)
-        except (InvalidInput, NotFound) as e:
-            raise StudioError(_msg(e)) from None
+        fid = self.store.add_feedback(**fields)
         self.reward.labels_changed()
         return fid
 
@@ -207,12 +204,9 @@ class Studio:
                                              annotator=annotator, session_id=session_id,
                                              idempotency_key=idempotency_key and idempotency_key + ":c")
         if rewrite:
-            try:
-                fid, new_cid = self.store.add_rewrite(cid, rewrite, criterion=criterion, annotator=annotator,
-                                                      session_id=session_id,
-                                                      idempotency_key=idempotency_key and idempotency_key + ":r")
-            except (InvalidInput, NotFound) as e:
-                raise StudioError(_msg(e)) from None
+            fid, new_cid = self.store.add_rewrite(cid, rewrite, criterion=criterion, annotator=annotator,
+                                                  session_id=session_id,
+                                                  idempotency_key=idempotency_key and idempotency_key + ":r")
             self.reward.labels_changed()
             self.reward.completions_added([new_cid])
             out.update(rewrite_id=fid, rewrite_completion_id=new_cid)
@@ -223,12 +217,9 @@ class Studio:
         """Withdraw a label given by mistake. It stays in `feedback(history=True)` marked `retracted`; the label
         it had replaced, if any, is current again, and the reward model refits without it. Returns
         {"retraction_id", "label" (the withdrawn label), "restored_id" (the label current again, or None)}."""
-        try:
-            out = self.store.retract_feedback(feedback_id, annotator=annotator or self.annotator, own_only=own_only,
-                                              session_id=session_id or self.session_id, reason=reason,
-                                              idempotency_key=idempotency_key)
-        except (InvalidInput, NotFound) as e:
-            raise StudioError(_msg(e)) from None
+        out = self.store.retract_feedback(feedback_id, annotator=annotator or self.annotator, own_only=own_only,
+                                          session_id=session_id or self.session_id, reason=reason,
+                                          idempotency_key=idempotency_key)
         self.reward.labels_changed()
         return out
 
@@ -238,37 +229,27 @@ class Studio:
         `session_id` names one) and has not withdrawn yet; call again to go further back. Imported labels are
         not undone (withdraw them by id with `retract`). Returns what `retract` returns; StudioError when there is
         nothing left to undo."""
-        try:
-            out = self.store.undo_last_feedback(annotator or self.annotator, session_id,
-                                                idempotency_key=idempotency_key)
-        except (InvalidInput, NotFound) as e:
-            raise StudioError(_msg(e)) from None
+        out = self.store.undo_last_feedback(annotator or self.annotator, session_id, idempotency_key=idempotency_key)
         self.reward.labels_changed()
         return out
 
     def add_criterion(self, name: str, description: str = "") -> None:
         """Add (or redescribe) a named criterion that annotators judge against."""
-        try:
-            self.store.add_criterion(name, description)
-        except InvalidInput as e:
-            raise StudioError(_msg(e)) from None
+        self.store.add_criterion(name, description)
 
     def criteria(self):
         return self.store.criteria()
 
     # ---------------------------------------------------------------- prompts
     def add_prompts(self, texts: Iterable[str], source: str = "manual") -> list[int]:
-        try:
-            if not isinstance(texts, Iterable):
-                raise StudioError(f"add_prompts expects a list of texts, got {texts!r}")
-            return self.store.add_prompts(texts if isinstance(texts, str) else list(texts), source=source)
-        except InvalidInput as e:
-            raise StudioError(_msg(e)) from None
+        if not isinstance(texts, Iterable):
+            raise StudioError(f"add_prompts expects a list of texts, got {texts!r}")
+        return self.store.add_prompts(texts if isinstance(texts, str) else list(texts), source=source)
 
     def import_prompts(self, path: str) -> int:
         try:
             return self.store.import_prompts(_path(path))
-        except (InvalidInput, OSError) as e:
+        except OSError as e:         # storage's own refusals become StudioError in _user_errors
             raise StudioError(_msg(e)) from None
 
     def next_prompt(self, annotator: str | None = None) -> dict | None:

@@ -280,9 +280,9 @@ def build(studio, role: str = "owner"):
         star_updates = [gr.skip()] * MAX_N
         lab = done.get("label")
         if lab and lab["kind"] == "stars" and lab["completion_id"] in ids:
-            rid = done["restored_id"]
-            back = studio.store.query("SELECT stars FROM feedback WHERE id = ?", [rid])["stars"] if rid else []
-            star_updates[ids.index(lab["completion_id"])] = gr.update(value=str(int(back.iloc[0])) if len(back) else None)
+            cid = lab["completion_id"]
+            now = my_stars([cid], lab["annotator"], lab["criterion"])
+            star_updates[ids.index(cid)] = gr.update(value=str(now[cid]) if cid in now else None)
         return res + star_updates
 
     def latest_completions(prompt_id):
