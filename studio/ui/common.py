@@ -49,3 +49,9 @@ def letters_to_index(text: str, n: int) -> list[int]:
             raise ValueError(f"'{ch}' is not one of the completions shown ({', '.join(LETTERS[:n])})")
         idx.append(i)
     return idx
+
+
+def policy_names(studio) -> list[str]:
+    """The policies one can generate with: "base" and each stored adapter, oldest first."""
+    ad = studio.adapters()
+    return ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])

@@ -7,7 +7,7 @@ import random
 import gradio as gr
 
 from ..errors import StudioError
-from .common import annotator_of, fail, ok, session_of
+from .common import annotator_of, fail, ok, policy_names, session_of
 
 
 MAX_NEW_TOKENS = 4096   # components.generation.SamplingParams' bound
@@ -25,11 +25,6 @@ def max_new_tokens(n) -> int:
     if isinstance(n, bool) or not v.is_integer() or not 1 <= v <= MAX_NEW_TOKENS:
         raise StudioError(f"Max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {n!r}")
     return int(v)
-
-
-def policy_names(studio) -> list[str]:
-    ad = studio.adapters()
-    return ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])
 
 
 def build(studio, role: str = "owner"):

@@ -9,7 +9,7 @@ import gradio as gr
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner
-from .common import fail, ok
+from .common import fail, ok, policy_names
 
 
 def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lora_r, checkpoint_every, seed,
@@ -366,8 +366,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     timer.tick(refresh, refresh_inputs, outputs, **quiet)
 
     def adapter_choices():
-        ad = studio.adapters()
-        return gr.update(choices=["base"] + [f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else ["base"])
+        return gr.update(choices=policy_names(studio))
     return dict(on_load=(refresh, refresh_inputs, outputs), adapters=(adapter_choices, None),
                 adapter_ids=adapter_ids, pinned=pinned,
                 owner_only=[settings_row, tier, choice_row, compile_, launch_row, export_row])
