@@ -3,9 +3,11 @@ it gets a snapshot of what it needs (config, prompts, reward-model weights, chec
 checkpoints and the final adapter back through a pipe; the app writes them. One training job at a time."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 from .errors import StudioError, is_out_of_memory
@@ -388,15 +390,17 @@ class JobManager:
                 raise StudioError(f"unknown adapter {adapter!r}: use 'base' or an adapter id from s.adapters()")
             adapter = int(digits)
         aid = int(adapter)
-        if aid in self._loaded_adapters:
+        lm = self.studio.lm
+        if self._loaded_adapters.get(aid) in getattr(lm.model, "peft_config", {}):
             return aid, self._loaded_adapters[aid]
         try:
             row = self.store.adapter(aid)
         except KeyError:
             raise StudioError(f"no adapter with id {aid}") from None
         from components.adapters import AdapterFormatError, load_adapter_blob
-        lm = self.studio.lm
-        name = f"adapter-{aid}"
+        # The content's digest in the name: a model shared by two Studios (a notebook's `model=s.lm`) may hold
+        # another database's adapter of the same id, which must not stand in for this one.
+        name = f"adapter-{aid}-{hashlib.sha256(row['weights'] or b'').hexdigest()[:12]}"
         try:
             with lm.lock:
                 lm.model = load_adapter_blob(lm.model, row["weights"], name)
@@ -415,7 +419,9 @@ class JobManager:
         with lm.lock:
             if name in getattr(lm.model, "peft_config", {}):
                 try:
-                    lm.model.delete_adapter(name)
+                    with warnings.catch_warnings():      # peft warns when the deleted one was active
+                        warnings.simplefilter("ignore")
+                        lm.model.delete_adapter(name)
                 except Exception as e:  # noqa: BLE001 - the model still works; the adapter just stays inactive
                     log.warning("could not remove adapter %s: %s", name, e)
 
