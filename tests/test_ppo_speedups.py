@@ -38,12 +38,18 @@ def test_shared_prefix_length_on_hand_made_rows():
     assert shared_prefix_length(right, (right != pad).long()) == 0   # right padding: not assumed
 
 
-def _policy_batch(dtype: str):
-    """The embedded model in `dtype` with a policy LoRA whose B is non-zero, and one sampled batch."""
+def _policy_batch(dtype: str, layers: int | None = None):
+    """The embedded model in `dtype` with a policy LoRA whose B is non-zero, and one sampled batch. `layers`
+    keeps only the first decoder layers (real weights): what these tests compare is per-layer math, and a bf16
+    matmul is ~30x slower than fp32 on a CPU without bf16 instructions (a full bf16 pass took a minute in CI)."""
     from components.models import load_model
     from components.ppo import PPOConfig
-    from components.ppo.trainer import attach_policy_adapter
+    from components.ppo.trainer import attach_policy_adapter, causal_lm_of
     lm = load_model("embedded", dtype=dtype)
+    if layers is not None:
+        decoder = causal_lm_of(lm.model).get_decoder()
+        decoder.layers = decoder.layers[:layers]
+        lm.model.config.num_hidden_layers = layers
     attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():
@@ -457,7 +463,7 @@ def _one_lora_layer(model):
 @pytest.fixture(scope="module")
 def policy_bf16():
     """bf16 embedded model with a policy LoRA (peft keeps the adapter in fp32: the GPU case) and one batch."""
-    batch = _policy_batch("bf16")
+    batch = _policy_batch("bf16", layers=4)
     assert all(p.dtype == torch.float32 for n, p in batch[0].model.named_parameters() if "lora_" in n)
     return batch
 
