@@ -466,6 +466,7 @@ class FastGenerator:
         self.max_graphs = max(1, int(max_graphs))
         self.length_bucket = max(1, int(length_bucket))
         self.sync_every = max(1, int(sync_every))
+        self.capture_failure: str | None = None     # the first failed CUDA-graph capture, for the run's notes
         self._states: OrderedDict = OrderedDict()
 
     def reset(self) -> None:
@@ -611,8 +612,9 @@ class FastGenerator:
             except Exception as e:  # capture is best effort: the eager step computes the same thing
                 st.graph_failed = True
                 st.graph = None
-                log.warning("fast generation: CUDA graph capture failed (%s: %s); decoding eagerly",
-                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+                self.capture_failure = self.capture_failure or why
+                log.warning("fast generation: CUDA graph capture failed (%s); decoding eagerly", why)
                 torch.cuda.synchronize()
         use_graph = graph and st.graph is not None
         if use_graph:
@@ -646,6 +648,12 @@ def get_fast_generator(model, **kwargs) -> FastGenerator:
         g = FastGenerator(model, **kwargs)
         _GENERATORS[model] = g
     return g
+
+
+def graph_capture_failure(model) -> str | None:
+    """Why a CUDA-graph capture for `model` failed (its decoding then runs eagerly, slower), or None."""
+    g = _GENERATORS.get(model)
+    return g.capture_failure if g is not None else None
 
 
 def release_fast_generators(model=None) -> None:

@@ -379,10 +379,21 @@ def test_graph_capture_failure_falls_back_to_eager(lm32, batch, base_ref, simula
             raise RuntimeError("operation not permitted when stream is capturing")
 
     simulated_cuda_graphs.monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
-    out = FastGenerator(lm32.model).generate(x, m, N_NEW, temperature=0, eos_token_id=lm32.eos_token_id,
-                                             pad_token_id=lm32.pad_token_id)
+    gen = FastGenerator(lm32.model)
+    assert gen.capture_failure is None
+    out = gen.generate(x, m, N_NEW, temperature=0, eos_token_id=lm32.eos_token_id, pad_token_id=lm32.pad_token_id)
     assert out.info["path"] == "eager"
     assert torch.equal(out.sequences, base_ref)
+    assert gen.capture_failure == "RuntimeError: operation not permitted when stream is capturing"   # for notes
+    from components.fastgen import get_fast_generator, graph_capture_failure, release_fast_generators
+    try:                                       # the cached generator of a model, as PPO's notes read it
+        assert graph_capture_failure(lm32.model) is None
+        fast_generate(lm32.model, x, m, N_NEW, temperature=0, eos_token_id=lm32.eos_token_id,
+                      pad_token_id=lm32.pad_token_id)
+        assert graph_capture_failure(lm32.model) == gen.capture_failure
+    finally:
+        release_fast_generators(lm32.model)
+    assert graph_capture_failure(lm32.model) is None and get_fast_generator(lm32.model).capture_failure is None
 
 
 def test_quantized_base_decodes_eagerly_unless_graphs_are_asked_for(lm32, batch, base_ref, simulated_cuda_graphs):

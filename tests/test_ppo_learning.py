@@ -499,6 +499,17 @@ def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm32):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def test_a_failed_cuda_graph_capture_is_in_the_notes(lm32, monkeypatch):
+    """The fast sampler then decodes eagerly (tests/test_fastgen.py); the run's notes say so, and why."""
+    import components.ppo.trainer as trainer_module
+    tr = small_trainer(lm32, steps=1)
+    assert tr.notes == []
+    monkeypatch.setattr(trainer_module, "graph_capture_failure",
+                        lambda model: "RuntimeError: capture broke" if model is tr.model else None)
+    assert tr.notes == ["rollouts decode without CUDA graphs, slower: capturing one failed (RuntimeError: capture "
+                        "broke)"]
+
+
 def test_a_model_the_fast_sampler_refuses_trains_sampling_with_generate(lm32, tmp_path, monkeypatch):
     """A local model folder with sliding-window attention shorter than the sequence (a Mistral-style decoder,
     random weights, the embedded tokenizer): the fast sampler refuses it. PPO then samples with `model.generate`,

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from ..attention import avoid_cudnn_attention, packing_supported, varlen_available
-from ..fastgen import quantized_base
+from ..fastgen import graph_capture_failure, quantized_base
 from ..fused_lora import fused_lora
 from . import core
 from .config import PPOConfig
@@ -316,6 +316,9 @@ class PPOTrainer:
         if why:
             notes.append(f"rollouts sample with model.generate, slower: the fast sampler does not support this "
                          f"model ({why})")
+        failed = graph_capture_failure(self.model)
+        if failed:
+            notes.append(f"rollouts decode without CUDA graphs, slower: capturing one failed ({failed})")
         return notes
 
     @property
