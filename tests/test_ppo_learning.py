@@ -68,7 +68,7 @@ def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
     return feats, length
 
 
-def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
+def fit_length_reward(lm, prompts, n_per_prompt=2, max_new_tokens=32, seed=0):
     """FastRewardModel on pairs (shorter chosen) of the base model's samples -> its PPO reward function."""
     from components.reward.fast import FastRewardModel
     from components.reward.ppo_reward import reward_fn_for_ppo
@@ -90,7 +90,7 @@ def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
     return reward, X, L
 
 
-def heldout_score(trainer, prompts, use_base, seed, repeats=2):
+def heldout_score(trainer, prompts, use_base, seed, repeats=1):
     """Mean raw reward-model score (and KL-free stats) of fresh samples on held-out prompts."""
     torch.manual_seed(seed)
     rows = []
@@ -113,7 +113,8 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
     assert corr > 0.5, corr
 
-    cfg = PPOConfig(steps=8, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+    # 6 steps: the held-out score rose by 2.5 score deviations on a 2-core CPU (8 steps: 2.8), 5x the bar below
+    cfg = PPOConfig(steps=6, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
                     lr=6e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
