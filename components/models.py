@@ -175,9 +175,15 @@ def _cached_embedded_dir(gguf: Path) -> tuple[Path, str]:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         (tmp / "complete.json").write_text(json.dumps({"gguf_sha256": digest, "source": str(gguf)}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)   # readers see either nothing or the whole folder
+        # Another process may have converted it meanwhile (two first starts at once, parallel tests) and be
+        # reading it now: a complete folder stays as it is, ours is dropped.
+        if target.exists() and not (target / "complete.json").exists():
+            shutil.rmtree(target)     # something left that is not a finished conversion
+        try:
+            os.replace(tmp, target)   # readers see either nothing or the whole folder
+        except OSError:
+            if not (target / "complete.json").exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

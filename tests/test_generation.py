@@ -103,3 +103,25 @@ def test_auto_dtype_on_cuda_follows_the_gpus_bf16_support(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert pick_dtype(torch.device("cuda"), "auto") == getattr(torch, want)
     assert pick_dtype(torch.device("cuda"), "bf16") == torch.bfloat16      # an explicit choice is kept
+
+
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two first starts at once (parallel test workers, two apps) both convert the embedded GGUF. The one that
+    finishes second used to delete the first one's folder while that process was loading from it; now it keeps
+    the finished folder and drops its own copy."""
+    import components.models as models
+    import safetensors.torch
+    monkeypatch.setenv("RLHF_STUDIO_CACHE", str(tmp_path))
+    gguf = models.embedded_gguf_path()
+    target = tmp_path / "models" / f"smollm2-135m-instruct-{models._sha256(gguf)[:16]}"
+    real_save = safetensors.torch.save_model
+
+    def save_while_another_process_finishes(model, path, *args, **kwargs):
+        real_save(model, path, *args, **kwargs)
+        target.mkdir(parents=True)                   # the other process's finished conversion, being read
+        (target / "complete.json").write_text("{}")
+        (target / "the-other-process-reads-this").write_text("")
+    monkeypatch.setattr(safetensors.torch, "save_model", save_while_another_process_finishes)
+    folder, _ = models._cached_embedded_dir(gguf)
+    assert folder == target and (target / "the-other-process-reads-this").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]     # our copy is gone
