@@ -68,7 +68,7 @@ def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
     return feats, length
 
 
-def fit_length_reward(lm, prompts, n_per_prompt=2, max_new_tokens=32, seed=0):
+def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
     """FastRewardModel on pairs (shorter chosen) of the base model's samples -> its PPO reward function."""
     from components.reward.fast import FastRewardModel
     from components.reward.ppo_reward import reward_fn_for_ppo
@@ -90,7 +90,7 @@ def fit_length_reward(lm, prompts, n_per_prompt=2, max_new_tokens=32, seed=0):
     return reward, X, L
 
 
-def heldout_score(trainer, prompts, use_base, seed, repeats=1):
+def heldout_score(trainer, prompts, use_base, seed, repeats=2):
     """Mean raw reward-model score (and KL-free stats) of fresh samples on held-out prompts."""
     torch.manual_seed(seed)
     rows = []
@@ -104,7 +104,18 @@ def heldout_score(trainer, prompts, use_base, seed, repeats=1):
 # It learns
 # ------------------------------------------------------------------------------------------------------------
 
-def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
+@pytest.fixture
+def two_threads():
+    """The run this test checks, whatever the worker's thread count: PPO's trajectory depends on the order of
+    floating-point sums, and with one thread (make test's workers) the same seed learned about half as fast
+    (held-out score 2.1 against 8.5 here, the bar being 1.4)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_ppo_raises_heldout_reward_with_bounded_kl(lm32, two_threads):
     from components.ppo.config import PPOConfig
     from components.ppo.trainer import PPOTrainer
     reward, X, L = fit_length_reward(lm32, TRAIN_PROMPTS)
@@ -113,8 +124,7 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
     assert corr > 0.5, corr
 
-    # 6 steps: the held-out score rose by 2.5 score deviations on a 2-core CPU (8 steps: 2.8), 5x the bar below
-    cfg = PPOConfig(steps=6, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+    cfg = PPOConfig(steps=8, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
                     lr=6e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
