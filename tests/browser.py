@@ -69,6 +69,16 @@ def browser():
             b.close()
 
 
+def open_app(page, url: str, timeout_ms: float = 180_000) -> None:
+    """Go to the app and wait for its page-load events: until they finish, Gradio's progress overlays cover the
+    components and take the clicks (on a loaded CI machine that lasted past Playwright's 30 s default)."""
+    page.goto(url)
+    page.wait_for_function(
+        "() => document.querySelector('#library') !== null && ![...document.querySelectorAll("
+        "'[data-testid=status-tracker]')].some(t => !t.classList.contains('hide') && t.offsetParent !== null)",
+        timeout=timeout_ms)
+
+
 def generate_in_page(page, prompt: str, max_new_tokens: int, seed: int) -> None:
     """Type a prompt into the Generate & Rate tab, set max new tokens and the seed, press Generate."""
     page.locator("#prompt textarea").fill(prompt)

@@ -3,7 +3,7 @@ feedback, then the DuckDB file checked row by row; and gradio_client against the
 import duckdb
 import pytest
 
-from tests.browser import ARTIFACTS, browser, generate_in_page, running_app
+from tests.browser import ARTIFACTS, browser, generate_in_page, open_app, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -19,7 +19,7 @@ def test_generate_and_every_feedback_kind_in_the_browser(tmp_path):
         page = b.new_page(viewport={"width": 1500, "height": 1300})
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
+        open_app(page, url)
         generate_in_page(page, "Write a haiku about rain", max_new_tokens=16, seed=7)
         _wait_status(page, "4 completions saved")
         texts = [page.locator(f"#comp-{i} textarea").input_value() for i in range(4)]

@@ -5,7 +5,7 @@ import duckdb
 import pytest
 
 from studio import Studio
-from tests.browser import ARTIFACTS, browser, generate_in_page, running_app
+from tests.browser import ARTIFACTS, browser, generate_in_page, open_app, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -27,7 +27,7 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
     from playwright.sync_api import expect
     with running_app(db) as (url, _), browser() as b:
         page = b.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
+        open_app(page, url)
 
         # Shortcuts after fewer cards: card B picked among 2, then 1 card shown; "5" stars the card shown
         # (the selection stayed on the hidden B and the key did nothing)

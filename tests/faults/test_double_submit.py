@@ -5,7 +5,7 @@ import re
 import duckdb
 import pytest
 
-from tests.browser import browser, running_app
+from tests.browser import browser, open_app, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -39,7 +39,7 @@ def test_double_clicks_store_one_label_each(labelled_db):
     db, prompt_id, ids = labelled_db
     with running_app(db) as (url, _), browser() as b:
         page = b.new_page(viewport={"width": 1500, "height": 1300})
-        page.goto(url)
+        open_app(page, url)
         page.locator("#library input").click()
         page.get_by_role("option").first.click()
         page.click("#load-prompt-btn")

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.browser import ARTIFACTS, browser, running_app
+from tests.browser import ARTIFACTS, browser, open_app, running_app
 from tests.faults.helpers import db_rows
 from tests.faults.load_sessions import (check_db, run_label_load, seed_database, stop_gracefully,
                                         summary, write_json)
@@ -146,7 +146,7 @@ def test_a_full_queue_answers_busy_at_once_and_serves_afterwards(seeded, tmp_pat
         page = b.new_page(viewport={"width": 1500, "height": 1300})
         page_errors = []
         page.on("pageerror", lambda e: page_errors.append(str(e)))
-        page.goto(url)
+        open_app(page, url)
         page.locator("#library input").click()
         page.get_by_role("option").filter(has_text=prompt_text).first.click()
         page.click("#load-prompt-btn")
