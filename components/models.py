@@ -175,19 +175,26 @@ def _cached_embedded_dir(gguf: Path) -> tuple[Path, str]:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         (tmp / "complete.json").write_text(json.dumps({"gguf_sha256": digest, "source": str(gguf)}))
-        # Another process may have converted it meanwhile (two first starts at once, parallel tests) and be
-        # reading it now: a complete folder stays as it is, ours is dropped.
-        if target.exists() and not (target / "complete.json").exists():
-            shutil.rmtree(target)     # something left that is not a finished conversion
-        try:
-            os.replace(tmp, target)   # readers see either nothing or the whole folder
-        except OSError:
-            if not (target / "complete.json").exists():
-                raise
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target, digest
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place. Another process may have converted it meanwhile (two first starts
+    at once, parallel tests) and be reading it now: a complete folder stays as it is, and `tmp` is left for the
+    caller to drop."""
+    if (target / "complete.json").exists():
+        return
+    if target.exists():
+        shutil.rmtree(target)         # something left that is not a finished conversion
+    try:
+        os.replace(tmp, target)       # readers see either nothing or the whole folder
+    except OSError:
+        if not (target / "complete.json").exists():
+            raise
 
 
 def resolve(model_id: str) -> tuple[str, str, dict]:

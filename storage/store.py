@@ -537,6 +537,9 @@ class Store:
             df = self._df(self._COMPLETION_SELECT + " WHERE prompt_id = ? ORDER BY id", [_int(prompt_id, "prompt_id")])
         return _parse_json_cols(df, ["params"])
 
+    def completion_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM completions")[0][0])
+
     @staticmethod
     def _records(df: pd.DataFrame) -> list[dict]:
         out = []

@@ -105,23 +105,29 @@ def test_auto_dtype_on_cuda_follows_the_gpus_bf16_support(monkeypatch, capabilit
     assert pick_dtype(torch.device("cuda"), "bf16") == torch.bfloat16      # an explicit choice is kept
 
 
-def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path):
     """Two first starts at once (parallel test workers, two apps) both convert the embedded GGUF. The one that
     finishes second used to delete the first one's folder while that process was loading from it; now it keeps
-    the finished folder and drops its own copy."""
-    import components.models as models
-    import safetensors.torch
-    monkeypatch.setenv("RLHF_STUDIO_CACHE", str(tmp_path))
-    gguf = models.embedded_gguf_path()
-    target = tmp_path / "models" / f"smollm2-135m-instruct-{models._sha256(gguf)[:16]}"
-    real_save = safetensors.torch.save_model
+    the finished folder (its own copy is dropped by the caller). A folder left unfinished is replaced."""
+    from components.models import _publish
 
-    def save_while_another_process_finishes(model, path, *args, **kwargs):
-        real_save(model, path, *args, **kwargs)
-        target.mkdir(parents=True)                   # the other process's finished conversion, being read
-        (target / "complete.json").write_text("{}")
-        (target / "the-other-process-reads-this").write_text("")
-    monkeypatch.setattr(safetensors.torch, "save_model", save_while_another_process_finishes)
-    folder, _ = models._cached_embedded_dir(gguf)
-    assert folder == target and (target / "the-other-process-reads-this").exists()
-    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]     # our copy is gone
+    def converted(name, marker):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "complete.json").write_text("{}")
+        (d / marker).write_text("")
+        return d
+
+    target = tmp_path / "models" / "smollm2"
+    target.parent.mkdir()
+    _publish(converted(".tmp-1", "first"), target)                  # nothing there yet: moved into place
+    assert (target / "first").exists() and not (tmp_path / ".tmp-1").exists()
+    ours = converted(".tmp-2", "second")
+    _publish(ours, target)                                          # the other process's folder, being read
+    assert (target / "first").exists() and not (target / "second").exists() and ours.exists()
+
+    junk = tmp_path / "models" / "leftover"
+    junk.mkdir()
+    (junk / "model.safetensors").write_text("half written")          # no complete.json: not a finished one
+    _publish(converted(".tmp-3", "third"), junk)
+    assert sorted(p.name for p in junk.iterdir()) == ["complete.json", "third"]

@@ -197,3 +197,55 @@ def test_blind_compare_refuses_bad_max_new_tokens(studio):
         out = gen("Say hi", "base", "adapter-9", bad)
         assert "Error" in out[2] and "Max new tokens" in out[2], (bad, out)
     assert len(studio.completions()) == 0
+
+
+def test_timer_refreshes_send_only_what_changed(studio):
+    """The Train (2 s) and Reward (3 s) tabs' timer refreshes rebuild and send an output only when its data
+    changed since that browser tab's last refresh (per-session state): every tick used to redraw the curves and
+    tables, and the Reward tab rescored every completion."""
+    import gradio as gr
+    demo, by_id, fns = _app(studio)
+    skip = gr.skip()
+
+    def ticks(name, status_id, args):
+        f = _handler(fns, name, by_id[status_id])
+        state = next(o for o in f.outputs if isinstance(o, gr.State) and o in f.inputs)
+
+        def tick(sent):
+            out = dict(zip(f.outputs, f.fn(*args, sent)))
+            return out, out[state]
+        return tick
+
+    def sent_again(out, *elem_ids):
+        return [e for e in elem_ids if not (isinstance(out[by_id[e]], dict) and out[by_id[e]] == skip)]
+
+    train = ticks("refresh", "ppo-status", ["deep", None])
+    first, known = train(None)
+    assert first[by_id["ppo-status"]] == "no run yet"
+    again, known = train(known)
+    assert sent_again(again, "ppo-status", "ppo-progress", "ppo-curves", "ppo-samples", "ppo-runs",
+                      "ppo-adapters") == []
+    rid = studio.store.create_run("ppo", {"steps": 3}, {})
+    studio.store.set_run_status(rid, "running")
+    studio.store.add_run_metrics(rid, 1, {"reward_mean": 0.5, "kl": 0.1})
+    changed, known = train(known)
+    assert sent_again(changed, "ppo-status", "ppo-progress", "ppo-curves", "ppo-samples", "ppo-runs") == [
+        "ppo-status", "ppo-progress", "ppo-curves", "ppo-samples", "ppo-runs"]
+    assert "step 1/3" in changed[by_id["ppo-status"]]
+    assert sent_again(train(known)[0], "ppo-status", "ppo-curves", "ppo-runs") == []
+    assert sent_again(train(None)[0], "ppo-curves", "ppo-adapters") == ["ppo-curves", "ppo-adapters"]  # new tab
+
+    reward = ticks("refresh", "reward-status", [])
+    first, sent = reward(None)
+    assert "no version yet" in first[by_id["reward-status"]]
+    again, sent = reward(sent)
+    assert sent_again(again, "reward-status", "reward-curves", "reward-calibration", "reward-hist",
+                      "reward-versions") == []
+    cs = studio.generate("Name a fruit.", n=3, max_new_tokens=4, seed=0)
+    studio.rank([c.id for c in cs])
+    studio.train_reward_model(tier="fast")
+    changed, sent = reward(sent)
+    assert sent_again(changed, "reward-status", "reward-curves", "reward-calibration", "reward-hist",
+                      "reward-versions") == ["reward-status", "reward-curves", "reward-calibration", "reward-hist",
+                                             "reward-versions"]
+    assert sent_again(reward(sent)[0], "reward-status", "reward-curves", "reward-hist", "reward-versions") == []

@@ -55,3 +55,14 @@ def policy_names(studio) -> list[str]:
     """The policies one can generate with: "base" and each stored adapter, oldest first."""
     ad = studio.adapters()
     return ["base"] + ([f"adapter-{int(i)}" for i in ad["id"]] if len(ad) else [])
+
+
+def unless_sent(sent: dict, now: dict, name: str, key, make=None) -> list:
+    """[an output's value], or [gr.skip()] where this browser tab was last sent the same thing (per `key`), for
+    refreshes on a timer. Records the key in `now`, the state that goes back to the tab. make(key) builds the
+    value; without it the key is the value (a DataFrame is compared by its JSON)."""
+    k = key.to_json(date_format="iso") if hasattr(key, "to_json") else key
+    now[name] = k
+    if name in sent and sent[name] == k:
+        return [gr.skip()]
+    return [make(key) if make else key]

@@ -10,13 +10,13 @@ import pandas as pd
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner
-from .common import fail, ok, owner_upload
+from .common import fail, ok, owner_upload, unless_sent
 
 
-def _status_md(studio) -> str:
+def _status_md(studio, m: pd.DataFrame | None = None) -> str:
     rs = studio.reward
     parts = []
-    m = studio.reward_metrics()
+    m = studio.reward_metrics() if m is None else m
     for tier in ("fast", "deep"):
         rows = m[m["tier"] == tier] if len(m) else m
         if len(rows) == 0:
@@ -103,22 +103,40 @@ def build(studio, role: str = "owner"):
                          elem_id="pref-file")
         fmt = gr.Radio([("HH-RLHF", "hh"), ("TRL", "trl")], value="hh", label="Format")
         import_btn = gr.Button("Import", elem_id="pref-import-btn")
+    # Gradio ticks it only while this tab is open; `sent`: what this browser tab was last sent, so that a tick
+    # rebuilds and sends only what changed (it rescored every completion and redrew four plots every 3 s)
     timer = gr.Timer(3.0)
+    sent = gr.State(None)
     owner_only = [owner_row, import_box]
 
-    def refresh():
+    def refresh(sent_=None):
+        sent_, now = sent_ or {}, {}
         m = studio.reward_metrics()
-        last_bins = None
-        if len(m):
-            fast = m[m["tier"] == "fast"].sort_values("version")
-            if len(fast) and "bins" in fast:
-                last_bins = fast.iloc[-1]["bins"]
-        liked = _likes(studio)
         vers = studio.reward_versions()
-        return (_status_md(studio), plots.reward_curves(m), plots.reliability(last_bins),
-                plots.score_histogram(liked[2]), versions_table(vers), liked[0], liked[1])
 
-    outputs = [status, curves, calib, hist, versions, best, worst]
+        def curves_(_):
+            last_bins = None
+            if len(m):
+                fast = m[m["tier"] == "fast"].sort_values("version")
+                if len(fast) and "bins" in fast:
+                    last_bins = fast.iloc[-1]["bins"]
+            return plots.reward_curves(m), plots.reliability(last_bins)
+        # the scores: by the fast tier's version (_likes may load it from the database: the key after that)
+        liked = [gr.skip()] * 3
+        likes_key = (studio.store.completion_count(), studio.reward.fast_version)
+        if sent_.get("likes") != likes_key:
+            best_, worst_, scores = _likes(studio)
+            liked = [plots.score_histogram(scores), best_, worst_]
+            likes_key = (likes_key[0], studio.reward.fast_version)
+        now["likes"] = likes_key
+        two = unless_sent(sent_, now, "curves", (len(m), int(m["version"].max()) if len(m) else None), curves_)[0]
+        return [*unless_sent(sent_, now, "status", _status_md(studio, m)),
+                *(two if isinstance(two, tuple) else (two, two)), liked[0],
+                *unless_sent(sent_, now, "versions", (len(vers), int(vers["id"].max()) if len(vers) else None),
+                             lambda _: versions_table(vers)),
+                liked[1], liked[2], now]
+
+    outputs = [status, curves, calib, hist, versions, best, worst, sent]
 
     def on_refit(request: gr.Request):
         try:
@@ -178,12 +196,12 @@ def build(studio, role: str = "owner"):
         return ok(f"PPO launches from this browser tab will use version {vid} (pinned; the Train tab's "
                   "'Use the latest version instead' undoes it).")
 
-    refit.click(on_refit, None, action, api_name="refit_fast").then(refresh, None, outputs)
+    refit.click(on_refit, None, action, api_name="refit_fast").then(refresh, sent, outputs)
     train_deep.click(on_deep, [every], action, api_name="train_deep")
     every.submit(on_every, [every], action, api_name="deep_every")
-    import_btn.click(on_import, [upload, fmt], action, api_name="import_preferences").then(refresh, None, outputs)
+    import_btn.click(on_import, [upload, fmt], action, api_name="import_preferences").then(refresh, sent, outputs)
     versions.select(on_select, [versions], [pinned, use_version])
     pinned.change(pin_md, pinned, use_version, show_progress="hidden", api_visibility="private")
     # timer-driven: no "processing" overlay over the status every 3 s
-    timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
-    return dict(on_load=(refresh, None, outputs), owner_only=owner_only, pinned=pinned)
+    timer.tick(refresh, sent, outputs, api_visibility="private", show_progress="hidden")
+    return dict(on_load=(refresh, sent, outputs), owner_only=owner_only, pinned=pinned)

@@ -9,7 +9,7 @@ import gradio as gr
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner
-from .common import fail, ok, policy_names
+from .common import fail, ok, policy_names, unless_sent
 
 
 def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lora_r, checkpoint_every, seed,
@@ -192,7 +192,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     except Exception:
         now_ids = None
     adapter_ids = gr.State(now_ids)     # as of start-up: a page load then fires no change unless one was added
-    timer = gr.Timer(2.0)
+    timer = gr.Timer(2.0)                     # Gradio ticks it only while this tab is open
     inputs = [steps, batch, new_tokens, epochs, lr, kl, lora_r, ckpt, seed]
 
     def current_run_id():
@@ -243,12 +243,20 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         return up_resume, up_export, now, sorted(int(i) for i in raw_adapters["id"]) if len(raw_adapters) else []
 
     def refresh(tier_="deep", pinned_=None, known_=None):
+        """Every 2 s while the tab is open. Sends only what changed since this browser tab's last refresh
+        (`known_`): redrawing the curves and tables every tick kept the browser busy while nothing happened."""
         rid = current_run_id()
         raw_runs, raw_ads = ppo_runs(), studio.adapters()
         rs, ad = display_tables(raw_runs, raw_ads)
-        extra = [*lists(raw_runs, raw_ads, known_), *choice_now(tier_, pinned_, load_deep=False)]
+        up_resume, up_export, known, ids = lists(raw_runs, raw_ads, known_)
+        old = known_ or {}
+        out = [*unless_sent(old, known, "runs", rs.iloc[::-1] if rid is not None and len(rs) else rs),
+               *unless_sent(old, known, "adapters", ad.iloc[::-1] if rid is not None and len(ad) else ad),
+               up_resume, up_export, known, ids, *choice_now(tier_, pinned_, load_deep=False)]
         if rid is None:
-            return ["no run yet", 0, plots.ppo_curves(None), empty_samples(), rs, ad, *extra]
+            return [*unless_sent(old, known, "status", "no run yet"), *unless_sent(old, known, "progress", 0),
+                    *unless_sent(old, known, "curves", None, plots.ppo_curves),
+                    *unless_sent(old, known, "samples", None, lambda _: empty_samples()), *out]
         run = studio.store.run(rid)
         m = studio.store.run_metrics(rid)
         total = int(run["config"].get("steps", 1))
@@ -261,13 +269,14 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         err = f" — {html.escape(run['error'])}" if run.get("error") else ""
         notes = "".join(f"\n\nNote: {html.escape(n)}" for n in (run.get("notes") or "").splitlines())
         md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}{notes}"
-        sm = studio.store.run_samples(rid)
-        if len(sm):
-            sm = sm.sort_values("step", ascending=False).head(12).round({"reward": 3})
-        else:
-            sm = empty_samples()
-        return [md, pct, plots.ppo_curves(m), sm, rs.iloc[::-1] if len(rs) else rs,
-                ad.iloc[::-1] if len(ad) else ad, *extra]
+
+        def newest_samples(_):
+            sm = studio.store.run_samples(rid)
+            return sm.sort_values("step", ascending=False).head(12).round({"reward": 3}) if len(sm) else \
+                empty_samples()
+        return [*unless_sent(old, known, "status", md), *unless_sent(old, known, "progress", pct),
+                *unless_sent(old, known, "curves", (rid, len(m)), lambda _: plots.ppo_curves(m)),
+                *unless_sent(old, known, "samples", (rid, done), newest_samples), *out]
 
     refresh_inputs = [tier, pinned, known]
     outputs = [status, progress, curves, samples, runs, adapters, resume_id, export_id, known, adapter_ids,
