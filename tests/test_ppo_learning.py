@@ -104,18 +104,7 @@ def heldout_score(trainer, prompts, use_base, seed, repeats=2):
 # It learns
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def two_threads():
-    """The run this test checks, whatever the worker's thread count: PPO's trajectory depends on the order of
-    floating-point sums, and with one thread (make test's workers) the same seed learned about half as fast
-    (held-out score 2.1 against 8.5 here, the bar being 1.4)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
-def test_ppo_raises_heldout_reward_with_bounded_kl(lm32, two_threads):
+def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     from components.ppo.config import PPOConfig
     from components.ppo.trainer import PPOTrainer
     reward, X, L = fit_length_reward(lm32, TRAIN_PROMPTS)
@@ -124,8 +113,11 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32, two_threads):
     corr = torch.corrcoef(torch.stack([sc, -L]))[0, 1].item()
     assert corr > 0.5, corr
 
+    # PPO's trajectory depends on the order of floating-point sums (the thread count): at lr 6e-4 one thread
+    # learned about a quarter as much as two with the same seed (held-out margin 0.65 score deviations against
+    # 2.3, the bar being 0.5). At 2e-3, on one thread, seeds 0, 2 and 3 gave 2.4, 1.9 and 3.3 (KL at most 14.5); seed 0 on two gave 3.4 (KL 17.7).
     cfg = PPOConfig(steps=8, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
-                    lr=6e-4, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
+                    lr=2e-3, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
     base_score, base_len, base_eos = heldout_score(trainer, HELDOUT_PROMPTS, use_base=True, seed=123)
