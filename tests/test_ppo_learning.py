@@ -4,7 +4,8 @@ The reward model is a linear Bradley-Terry head (components.reward.fast.FastRewa
 components.reward.ppo_reward) fitted on pooled base features of the base model's own samples, labelled by a synthetic preference: the shorter of two responses is
 preferred (a response cut at the token limit counts as longest). PPO must raise the reward of held-out prompts
 clearly above the base policy's with a bounded KL. Also: a state_bytes checkpoint resumes identically, and
-save_adapter folders load with peft / transformers and generate.
+save_adapter folders load with peft / transformers and generate. The training-mechanics tests (resume, stop,
+compiled and packed passes, non-finite gradients, seeds) run on the model's first 6 decoder layers.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import re
 
 import pytest
 import torch
+
+from tests.layers import keep_first_layers
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,17 @@ def lm32():
     """A private fp32 copy of the embedded model: PPO wraps lm.model in a PeftModel, so no sharing."""
     from components.models import load_model
     return load_model("embedded", dtype="fp32")
+
+
+SHORT_LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def lm_short():
+    """Another private fp32 copy, cut to its first decoder layers (tests.layers.keep_first_layers), for the
+    training mechanics below: resuming, stopping, compiled and packed passes, non-finite gradients, seeds."""
+    from components.models import load_model
+    return keep_first_layers(load_model("embedded", dtype="fp32"), SHORT_LAYERS)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -153,9 +167,9 @@ def small_trainer(lm, **kw):
     return PPOTrainer(lm, reward, cfg, TRAIN_PROMPTS)
 
 
-def test_state_bytes_resume_is_identical(lm32):
+def test_state_bytes_resume_is_identical(lm_short):
     from components.ppo.trainer import safetensors_metadata
-    a = small_trainer(lm32)
+    a = small_trainer(lm_short)
     a.step()
     blob = a.state_bytes()
     assert isinstance(blob, bytes) and "ppo_state" in safetensors_metadata(blob)
@@ -170,7 +184,7 @@ def test_state_bytes_resume_is_identical(lm32):
         g["fused"] = True
     cuda_blob = save(load(blob), metadata={"format": "pt", "ppo_state": json.dumps(meta_json)})
 
-    b = small_trainer(lm32, seed=99)          # a fresh adapter, another seed: everything must come from the blob
+    b = small_trainer(lm_short, seed=99)          # a fresh adapter, another seed: everything must come from the blob
     meta = b.load_state_bytes(cuda_blob)
     assert meta["step"] == 1 and b.step_count == 1
     assert not any(g.get("fused") for g in b.optimizer.param_groups)
@@ -191,8 +205,8 @@ def test_state_bytes_resume_is_identical(lm32):
         b.load_state_bytes(b"definitely not a checkpoint")
 
 
-def test_train_loop_stop_and_checkpoint_callback(lm32):
-    tr = small_trainer(lm32, steps=3, checkpoint_every=1, ppo_epochs=1)
+def test_train_loop_stop_and_checkpoint_callback(lm_short):
+    tr = small_trainer(lm_short, steps=3, checkpoint_every=1, ppo_epochs=1)
     seen, blobs = [], []
     hist = tr.train(callback=seen.append, stop=lambda: len(seen) >= 2,
                     on_checkpoint=lambda b, s: blobs.append(s))
@@ -263,13 +277,13 @@ def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
 
 
 @pytest.mark.parametrize("optimizer", ["plain", "fused"])
-def test_non_finite_gradient_stops_before_the_update(lm32, optimizer):
+def test_non_finite_gradient_stops_before_the_update(lm_short, optimizer):
     """A NaN gradient (cuDNN attention's backward gave them on an H200) must not reach the adapter's weights.
     "fused": the CUDA trainer's fused AdamW (here its CPU kernel), which skips the step on the device instead of
     reading each norm back; the NaN comes in the second of four optimizer steps, and the finite ones after it are
     skipped too, so the adapter and AdamW's state stay as the first step left them."""
     from safetensors.torch import load
-    tr = small_trainer(lm32, ppo_epochs=2)
+    tr = small_trainer(lm_short, ppo_epochs=2)
     if optimizer == "fused":
         tr.optimizer = torch.optim.AdamW(tr._params, lr=tr.config.lr, eps=tr.config.adam_eps,
                                          weight_decay=tr.config.weight_decay, fused=True)
@@ -314,7 +328,7 @@ def test_cudnn_attention_is_turned_off_only_for_cuda_training():
 
 
 @pytest.mark.parametrize("stack", [False, True])
-def test_compiled_training_passes_match_eager(lm32, stack):
+def test_compiled_training_passes_match_eager(lm_short, stack):
     """compile="on": the training passes run through torch.compile'd decoder layers (counted by a recording
     backend that runs the captured graphs): one graph for all layers, no new one for the second step's
     micro-batch lengths (dynamic shapes), and the same update as the eager passes; the model's own layers are
@@ -330,10 +344,10 @@ def test_compiled_training_passes_match_eager(lm32, stack):
 
     backend = f"studio_test_recording_{'stacked' if stack else 'apart'}"      # one registration per name
     torch._dynamo.register_backend(recording_backend, name=backend)
-    eager = small_trainer(lm32, ppo_epochs=1)
+    eager = small_trainer(lm_short, ppo_epochs=1)
     want = eager.step()
     want_adapter = {k: v.clone() for k, v in eager._adapter_state().items()}
-    compiled = small_trainer(lm32, ppo_epochs=1, compile="on", compile_backend=backend,
+    compiled = small_trainer(lm_short, ppo_epochs=1, compile="on", compile_backend=backend,
                              stack_sibling_bases=stack)
     assert compiled.compiled
     # off CUDA the packed rows' attention reads row starts to the host, which a graph cannot: padded rows
@@ -358,7 +372,7 @@ def test_compiled_training_passes_match_eager(lm32, stack):
     for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):
         assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-5), k
     from components.ppo.trainer import decoder_layer_list
-    layers = decoder_layer_list(lm32.model.get_base_model().get_decoder())
+    layers = decoder_layer_list(lm_short.model.get_base_model().get_decoder())
     assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in layers)
     # Adam moves near-zero gradients by a full lr step, so compare each tensor's update as a whole
     for k, v in want_adapter.items():
@@ -366,7 +380,7 @@ def test_compiled_training_passes_match_eager(lm32, stack):
         assert torch.linalg.vector_norm(got_update - want_update) <= 0.01 * torch.linalg.vector_norm(want_update), k
 
 
-def test_packed_rows_train_as_padded_rows(lm32):
+def test_packed_rows_train_as_padded_rows(lm_short):
     """PPOConfig.pack_rows: the policy and training passes run the rows packed without padding (no shared prefix
     here; the reference pass keeps the padded layout, as this reward reads its hidden states). Two steps give the
     padded trainer's samples, losses, KL and adapter update; packed attention really ran, in both kinds of pass."""
@@ -378,10 +392,10 @@ def test_packed_rows_train_as_padded_rows(lm32):
         calls.append(torch.is_grad_enabled())
         return real(module, query, *args, **kwargs)
     kw = dict(ppo_epochs=1, share_prompt_prefix=False, old_logprobs="forward")
-    padded = small_trainer(lm32, pack_rows=False, **kw)
+    padded = small_trainer(lm_short, pack_rows=False, **kw)
     want = [padded.step() for _ in range(2)]
     want_adapter = {k: v.clone() for k, v in padded._adapter_state().items()}
-    packed = small_trainer(lm32, **kw)
+    packed = small_trainer(lm_short, **kw)
     assert packed.pack_rows and not padded.pack_rows
     init = packed._adapter_state()
     from transformers import AttentionInterface
@@ -401,12 +415,12 @@ def test_packed_rows_train_as_padded_rows(lm32):
     finally:
         AttentionInterface.register(attention.PACKED, real)
         rollout._packed = real_packed
-    n_layers = lm32.model.config.num_hidden_layers
+    n_layers = lm_short.model.config.num_hidden_layers
     # per step: the policy pass (no gradient), then 2 training micro-batches of 2 rows
     assert calls.count(False) == 2 * n_layers and calls.count(True) == 2 * 2 * n_layers, len(calls)
     # the update's micro-batches pass their prompt lengths from the host: packing reads nothing back there
     assert packed_with_host_lengths == [True] * 2 * 2, packed_with_host_lengths
-    assert lm32.model.config._attn_implementation == "sdpa"
+    assert lm_short.model.config._attn_implementation == "sdpa"
     for g, w in zip(got, want):
         assert [s["response"] for s in g["samples"]] == [s["response"] for s in w["samples"]]
         for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):
@@ -432,7 +446,7 @@ def eager_first_step(lm):
 
 
 @pytest.mark.parametrize("failure", ["compiler", "detach", "zero"])
-def test_compiled_passes_that_fail_fall_back_to_eager_training(lm32, failure):
+def test_compiled_passes_that_fail_fall_back_to_eager_training(lm_short, failure):
     """Where the compiled passes fail, the run trains eagerly instead of failing, and says why.
     compiler: the backend cannot compile (as inductor without a working C++ compiler or Triton).
     detach / zero: an H100 run once compiled layers whose graph skipped attention's backward pass (the q/k/v
@@ -452,11 +466,11 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm32, failure):
     name = f"studio_test_fallback_{failure}"
     if name not in list_backends(exclude_tags=()):
         torch._dynamo.register_backend(no_compiler if failure == "compiler" else plain, name=name)
-    init, want, want_update = eager_first_step(lm32)
+    init, want, want_update = eager_first_step(lm_short)
 
-    trainer = small_trainer(lm32, ppo_epochs=1, compile="on", compile_backend=name)
+    trainer = small_trainer(lm_short, ppo_epochs=1, compile="on", compile_backend=name)
     assert trainer.compiled and trainer.compile_fallback is None
-    layers = decoder_layer_list(lm32.model.get_base_model().get_decoder())
+    layers = decoder_layer_list(lm_short.model.get_base_model().get_decoder())
     def cut_attention_when_compiled(module, args):
         if torch.compiler.is_compiling():
             return (args[0].detach(),) if failure == "detach" else (args[0] * 0,)
@@ -486,11 +500,11 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm32, failure):
     assert math.isfinite(again["policy_loss"])
 
 
-def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm32):
+def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm_short):
     """A fresh peft wrap and a re-attached adapter once drew different LoRA inits (and left the sampling RNG
     elsewhere): the second run of the same config in one process differed from the first."""
     from components.models import load_model
-    fresh = load_model("embedded", dtype="fp32")
+    fresh = keep_first_layers(load_model("embedded", dtype="fp32"), SHORT_LAYERS)
     first = small_trainer(fresh)                   # wraps the model in a PeftModel
     a = first.step()
     again = small_trainer(fresh)                   # re-initialises the existing adapter

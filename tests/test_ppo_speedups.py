@@ -17,6 +17,7 @@ import torch
 from components.fused_lora import fused_lora
 from components.ppo.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
                                     shared_prefix_length)
+from tests.layers import keep_first_layers
 
 PROMPTS = ["Give me one tip for writing a clear email.", "Explain photosynthesis to a child.",
            "Write a haiku about autumn.", "What is a good name for a cat?", "Why is the sky blue?",
@@ -44,12 +45,10 @@ def _policy_batch(dtype: str, layers: int | None = None):
     matmul is ~30x slower than fp32 on a CPU without bf16 instructions (a full bf16 pass took a minute in CI)."""
     from components.models import load_model
     from components.ppo import PPOConfig
-    from components.ppo.trainer import attach_policy_adapter, causal_lm_of
+    from components.ppo.trainer import attach_policy_adapter
     lm = load_model("embedded", dtype=dtype)
     if layers is not None:
-        decoder = causal_lm_of(lm.model).get_decoder()
-        decoder.layers = decoder.layers[:layers]
-        lm.model.config.num_hidden_layers = layers
+        keep_first_layers(lm, layers)
     attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():
@@ -69,8 +68,9 @@ def _policy_batch(dtype: str, layers: int | None = None):
 
 @pytest.fixture(scope="module")
 def policy():
-    """fp32 embedded model with a policy LoRA whose B is non-zero, and one sampled batch."""
-    return _policy_batch("fp32")
+    """fp32 embedded model (its first 6 decoder layers: these equalities hold layer by layer) with a policy LoRA
+    whose B is non-zero, and one sampled batch."""
+    return _policy_batch("fp32", layers=6)
 
 
 def _lora_mode(model, mode: str):
