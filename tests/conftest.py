@@ -4,8 +4,9 @@ import sys
 import pytest
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`: a file's tests stay together,
-# sharing its fixtures). These files are the longest (on a 2-core CPU, in seconds); they go first, so that the
-# two workers finish together instead of one running a long file alone at the end.
+# sharing its fixtures). These files are the longest (on a 2-core CPU); they go first, so that the two workers
+# finish together instead of one running a long file alone at the end (`--no-loadscope-reorder`: else xdist
+# orders the files by their number of tests).
 LONGEST_FIRST = ["tests/test_ppo_learning.py", "tests/faults/test_load.py", "tests/test_ppo_studio.py",
                  "tests/test_train_browser.py", "tests/test_ppo_speedups.py", "tests/test_reward_studio.py",
                  "tests/test_fastgen.py", "tests/test_app_browser.py", "tests/faults/test_crash.py"]
