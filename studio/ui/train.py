@@ -243,8 +243,8 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         return up_resume, up_export, now, sorted(int(i) for i in raw_adapters["id"]) if len(raw_adapters) else []
 
     def refresh(tier_="deep", pinned_=None, known_=None):
-        """Every 2 s while the tab is open. Sends only what changed since this browser tab's last refresh
-        (`known_`): redrawing the curves and tables every tick kept the browser busy while nothing happened."""
+        """Every 2 s while the tab is open. Builds and sends only what changed since this browser tab's last
+        refresh (`known_`): rebuilding the curves and tables every tick cost the app ~0.8 s a tick for nothing."""
         rid = current_run_id()
         raw_runs, raw_ads = ppo_runs(), studio.adapters()
         rs, ad = display_tables(raw_runs, raw_ads)
