@@ -51,9 +51,6 @@ def lm():
 def studio(tmp_path, lm):
     """A Studio on a fresh DuckDB file, sharing the session's loaded model. Background deep-tier training off
     unless a test turns it on."""
-    from studio import Studio
-
-    s = Studio(str(tmp_path / "studio.duckdb"), model=lm)
-    s.reward.settings.deep_every = 0
-    yield s
-    s.close()
+    from tests.studios import open_studio
+    with open_studio(tmp_path / "studio.duckdb", lm) as s:
+        yield s

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from studio import StudioError
+from tests.studios import open_studio
 
 pytestmark = pytest.mark.slow
 
@@ -17,31 +18,23 @@ TINY = dict(batch_size=2, mini_batch_size=2, max_new_tokens=6, ppo_epochs=1, che
 @pytest.fixture(scope="module")
 def trained_db(tmp_path_factory, lm):
     """A closed DuckDB file with prompts and a fast-tier reward model fitted on real rankings (made once)."""
-    from studio import Studio
     path = str(tmp_path_factory.mktemp("ppo") / "trained.duckdb")
-    s = Studio(path, model=lm)
-    s.reward.settings.deep_every = 0
-    try:
+    with open_studio(path, lm) as s:
         for p in ["Name a fruit.", "Say hello.", "Name a colour.", "Describe the sea.", "Tell a joke."]:
             cs = s.generate(p, n=3, max_new_tokens=6, seed=0)
             s.rank([c.id for c in cs])
         assert s.train_reward_model(tier="fast") is not None
-    finally:
-        s.close()
     return path
 
 
 @pytest.fixture
 def trained(trained_db, tmp_path, lm):
     """A studio on this test's own copy of trained_db."""
-    from studio import Studio
     db = str(tmp_path / "studio.duckdb")
     shutil.copy(trained_db, db)
-    s = Studio(db, model=lm)
-    s.reward.settings.deep_every = 0
-    assert not s.reward_versions().empty
-    yield s
-    s.close()
+    with open_studio(db, lm) as s:
+        assert not s.reward_versions().empty
+        yield s
 
 
 def _wait_for(cond, timeout=600, every=0.5):

@@ -114,13 +114,9 @@ def build(studio, role: str = "owner"):
         m = studio.reward_metrics()
         vers = studio.reward_versions()
 
-        def curves_(_):
-            last_bins = None
-            if len(m):
-                fast = m[m["tier"] == "fast"].sort_values("version")
-                if len(fast) and "bins" in fast:
-                    last_bins = fast.iloc[-1]["bins"]
-            return plots.reward_curves(m), plots.reliability(last_bins)
+        def calibration(_):
+            fast = m[m["tier"] == "fast"].sort_values("version") if len(m) else m
+            return plots.reliability(fast.iloc[-1]["bins"] if len(fast) and "bins" in fast else None)
         # the scores: by the fast tier's version (_likes may load it from the database: the key after that)
         liked = [gr.skip()] * 3
         likes_key = (studio.store.completion_count(), studio.reward.fast_version)
@@ -129,9 +125,10 @@ def build(studio, role: str = "owner"):
             liked = [plots.score_histogram(scores), best_, worst_]
             likes_key = (likes_key[0], studio.reward.fast_version)
         now["likes"] = likes_key
-        two = unless_sent(sent_, now, "curves", (len(m), int(m["version"].max()) if len(m) else None), curves_)[0]
+        metrics_key = (len(m), int(m["version"].max()) if len(m) else None)
         return [*unless_sent(sent_, now, "status", _status_md(studio, m)),
-                *(two if isinstance(two, tuple) else (two, two)), liked[0],
+                *unless_sent(sent_, now, "curves", metrics_key, lambda _: plots.reward_curves(m)),
+                *unless_sent(sent_, now, "calibration", metrics_key, calibration), liked[0],
                 *unless_sent(sent_, now, "versions", (len(vers), int(vers["id"].max()) if len(vers) else None),
                              lambda _: versions_table(vers)),
                 liked[1], liked[2], now]

@@ -13,6 +13,7 @@ import pytest
 
 from components.models import cache_dir
 from tests.browser import browser, running_app
+from tests.studios import open_studio
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -31,19 +32,14 @@ PLAIN = ["A plain prompt about rain", "<svg onload=window.__xss=9>svg prompt</sv
 
 @pytest.fixture(scope="module")
 def hostile_db(tmp_path_factory, lm):
-    from studio import Studio
     path = str(tmp_path_factory.mktemp("hostile") / "hostile.duckdb")
-    s = Studio(path, model=lm)
-    s.reward.settings.deep_every = 0
-    try:
+    with open_studio(path, lm) as s:
         cs = s.generate(HOSTILE_PROMPT, n=2, max_new_tokens=4, seed=0)
         s.rate(cs[0].id, 5)
         s.thumbs(cs[1].id, up=False, tags=["harmful"])
         out = s.critique(cs[1].id, HOSTILE_CRITIQUE, rewrite=HOSTILE_REWRITE)
         s.add_prompts(PLAIN)
         s.reward.wait_idle(60)
-    finally:
-        s.close()
     return path, cs[0].prompt_id, out["rewrite_completion_id"]
 
 

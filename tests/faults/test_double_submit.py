@@ -6,20 +6,16 @@ import duckdb
 import pytest
 
 from tests.browser import browser, open_app, running_app
+from tests.studios import open_studio
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")
 def labelled_db(tmp_path_factory, lm):
-    from studio import Studio
     path = str(tmp_path_factory.mktemp("double") / "double.duckdb")
-    s = Studio(path, model=lm)
-    s.reward.settings.deep_every = 0
-    try:
+    with open_studio(path, lm) as s:
         cs = s.generate("Name a musical instrument.", n=4, max_new_tokens=6, seed=0)
-    finally:
-        s.close()
     return path, cs[0].prompt_id, [c.id for c in cs]
 
 
