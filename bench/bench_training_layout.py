@@ -7,10 +7,8 @@ what passes that need the batch's own hidden states still run (peft's LoRA forwa
 read one input (q/k/v, gate/up) against one matmul per layer; training layout.
 --compare packing: the rows packed into one sequence without padding (`forward_response(pack=True)`) against the
 rows from column 0, padded to the longest prompt; fused LoRA forward.
---compare stacking: compiled decoder layers (inductor, as PPOConfig.compile="on"), with q/k/v and gate/up each
-sharing one base matmul over stacked weights (`fused_lora(base=True)`) against one base matmul per layer.
 
-    python bench/bench_training_layout.py [--compare layout|siblings|packing|stacking] [--rows 16] [--new-tokens 64]
+    python bench/bench_training_layout.py [--compare layout|siblings|packing] [--rows 16] [--new-tokens 64]
                                           [--reps 3]
 """
 from __future__ import annotations
@@ -31,15 +29,15 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--compare", choices=["layout", "siblings", "packing", "stacking"], default="layout")
+    ap.add_argument("--compare", choices=["layout", "siblings", "packing"], default="layout")
     args = ap.parse_args(argv)
-    from contextlib import contextmanager, nullcontext
+    from contextlib import nullcontext
 
     from components.fused_lora import fused_lora
     from components.models import load_model
     from components.ppo import PPOConfig
     from components.ppo.rollout import forward_response, left_pad
-    from components.ppo.trainer import (attach_policy_adapter, causal_lm_of, compile_layers, swapped_layers)
+    from components.ppo.trainer import attach_policy_adapter
     torch.manual_seed(0)
     lm = load_model("embedded", dtype="fp32")
     attach_policy_adapter(lm, PPOConfig(lora_r=16, lora_alpha=32))
@@ -56,17 +54,7 @@ def main(argv=None):
                              "one for q/k/v and gate/up": (False, False, lambda: fused_lora(lm.model, siblings=True))},
                 "packing": {"rows from column 0, padded": (False, False, lambda: fused_lora(lm.model)),
                             "rows packed, no padding": (False, True, lambda: fused_lora(lm.model))},
-                "stacking": {"compiled, one base matmul a layer": (False, False, lambda: compiled(False)),
-                             "compiled, q/k/v and gate/up stacked": (False, False, lambda: compiled(True))},
                 }[args.compare]
-    decoder = causal_lm_of(lm.model).get_decoder()
-    layers = compile_layers(decoder, "inductor") if args.compare == "stacking" else None
-
-    @contextmanager
-    def compiled(stack: bool):
-        with fused_lora(lm.model, base=stack), swapped_layers(decoder, layers):
-            yield
-
     def one(name: str) -> float:
         masked, pack, lora = variants[name]
         t0 = time.perf_counter()

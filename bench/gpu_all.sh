@@ -5,8 +5,8 @@
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 7 compiled against eager gradients, and packed rows against padded ones (~2 minutes;
 # run first: a compiled or packed figure counts only where they agree), 1 fast rollouts + training step, 2 PPO vs
-# TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed (runs 10-11's best), the same with stacked
-# q/k/v and gate/up base matmuls, eager (no argument: 7 1 2 4); on request:
+# TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed (runs 10-13's best), eager
+# (no argument: 7 1 2 4); on request:
 # 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
 # compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
@@ -56,23 +56,22 @@ grep -E "^\||Error|error" "$OUT/gpu_ppo.log" | tail -16
 
 section_4() {
 stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 epochs"
-# (compile, LoRA precision, mini-batch, packed rows, LoRA siblings, stacked sibling bases): compiled with one
-# 64-row micro-batch, packed rows and shared LoRA A matmuls (runs 10-11's best, 34.7% MFU) as the baseline in this
-# run; the same with q/k/v and gate/up as one base matmul each (PPOConfig.stack_sibling_bases, untimed); the eager
-# default. "on auto 64 off off off" is run 9's best; run 7 timed fp32 against bf16 LoRA matmuls: "off fp32 32 on on".
-IFS=';' read -ra variants <<< "${VARIANTS:-on auto 64 on on off;on auto 64 on on on;off auto 32 on on off}"
+# (compile, LoRA precision, mini-batch, packed rows, LoRA siblings): compiled with one 64-row micro-batch, packed
+# rows and shared LoRA A matmuls (runs 12-13: 38.5-38.9% MFU), then the eager default. "on auto 64 off off" is
+# run 9's best; run 7 timed fp32 against bf16 LoRA matmuls: "off fp32 32 on on".
+IFS=';' read -ra variants <<< "${VARIANTS:-on auto 64 on on;off auto 32 on on}"
 for v in "${variants[@]}"; do set -- $v
-tag="compile_$1_lora_$2_mb$3_pack_${4:-on}_siblings_${5:-on}_stack_${6:-off}"
+tag="compile_$1_lora_$2_mb$3_pack_${4:-on}_siblings_${5:-on}"
 timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
     --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
-    --pack-rows ${4:-on} --lora-siblings ${5:-on} --stack-bases ${6:-off} --json "$OUT/ours_1.7b_$tag.json" > "$OUT/ours_1.7b_$tag.log" 2>&1
+    --pack-rows ${4:-on} --lora-siblings ${5:-on} --json "$OUT/ours_1.7b_$tag.json" > "$OUT/ours_1.7b_$tag.log" 2>&1
 grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_$tag.log" | tail -3 | cut -c1-600
 stamp "$tag done"
 done
 }
 
 section_5() {
-# mini-batch 64 compiled is the fastest configuration timed (runs 10-11); PROFILE_ARGS="--stack-bases on" adds that
+# mini-batch 64 compiled is the fastest configuration timed (runs 10-13)
 stamp "5. profile of the trainer's training phase, 1.7B shape, batch 64, mini-batch 64, compiled then eager"
 for c in ${PROFILE_COMPILE:-on off}; do
 timeout 200 python3 bench/gpu_profile_ppo.py --shape 1.7b --mini-batch 64 --compile $c ${PROFILE_ARGS:-} \

@@ -34,8 +34,6 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--lora-precision", choices=["auto", "fp32", "half"], default="auto")
     ap.add_argument("--cpu-dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--stack-bases", choices=["on", "off"], default="on",
-                    help="the compiled passes with PPOConfig.stack_sibling_bases (one base matmul for q/k/v, gate/up)")
     args = ap.parse_args(argv)
     from components.ppo.rollout import forward_response, rollout
     from components.ppo.trainer import causal_lm_of, swapped_layers
@@ -44,8 +42,7 @@ def main(argv=None):
     trainer, prompts = random_trainer(args.shape, device, dtype, args.rows, batch_size=args.rows,
                                       mini_batch_size=args.rows, max_new_tokens=args.new_tokens,
                                       max_prompt_tokens=64, seed=0, value_head_init="zeros", compile="on",
-                                      missing_eos_penalty=0.0, lora_precision=args.lora_precision,
-                                      stack_sibling_bases=args.stack_bases == "on")
+                                      missing_eos_penalty=0.0, lora_precision=args.lora_precision)
     lm = trainer.lm
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():      # non-zero B, so every A gets a gradient too
@@ -67,7 +64,7 @@ def main(argv=None):
         for p in trainer._params:
             p.grad = None
         layers = swapped_layers(decoder, trainer._compiled_layers) if compiled else nullcontext()
-        with trainer._fused(update=compiled), layers:     # as the update runs them
+        with trainer._fused(), layers:     # as the update runs them
             fo = forward_response(trainer.model, ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
                                   1.0, value_head=trainer.value_head, share_prefix=False, **layouts[layout],
                                   logprobs_fn=trainer._logprobs_fn if compiled else None)
@@ -80,8 +77,7 @@ def main(argv=None):
                 for n in want if want[n] is not None and got[n] is not None]
 
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {args.shape}, {args.rows} rows, "
-          f"{len(trainer._params)} trainable tensors, LoRA matmuls in {'bf16' if trainer.half_lora else 'fp32'}, "
-          f"compiled q/k/v and gate/up {'stacked' if trainer.config.stack_sibling_bases else 'apart'}")
+          f"{len(trainer._params)} trainable tensors, LoRA matmuls in {'bf16' if trainer.half_lora else 'fp32'}")
     print("| layout | tensors without gradient (compiled / eager) | q_proj tensors without | median rel. error "
           "| max rel. error |")
     print("|---|---|---|---|---|")

@@ -186,7 +186,7 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
                     max_prompt_tokens=64, temperature=1.0, lr=args.lr, kl_coef=0.01, missing_eos_penalty=0.0,
                     lora_r=16, lora_alpha=32, seed=0, value_head_init="zeros", compile=args.compile,
                     merge_for_generation=args.merge, lora_precision=args.lora_precision,
-                    pack_rows=args.pack_rows == "on", stack_sibling_bases=args.stack_bases == "on")
+                    pack_rows=args.pack_rows == "on")
     est = estimate_memory(lm.model.config, cfg, quantization=None if quant == "none" else quant,
                           dtype="bf16" if dtype == torch.bfloat16 else "fp32", device=device.type)
     res["estimate_gib"] = est["gib"]
@@ -209,7 +209,6 @@ def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) ->
             break
     # after training: where compiling failed, the trainer went on eagerly (and these say so)
     res["compiled"], res["compile_fallback"] = trainer.compiled, trainer.compile_fallback
-    res["stacked_bases"] = cfg.stack_sibling_bases and trainer.compiled and args.lora_siblings == "on"
     if device.type == "cuda":
         torch.cuda.synchronize()
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -278,8 +277,6 @@ def main():
     ap.add_argument("--pack-rows", choices=["on", "off"], default="on", help="PPOConfig.pack_rows")
     ap.add_argument("--lora-siblings", choices=["on", "off"], default="on",
                     help="one x A^T matmul for q/k/v and gate/up (components.fused_lora.SHARE_SIBLING_INPUTS)")
-    ap.add_argument("--stack-bases", choices=["on", "off"], default="off",
-                    help="PPOConfig.stack_sibling_bases: compiled passes run q/k/v and gate/up as one base matmul each")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     import components.fused_lora
@@ -333,8 +330,8 @@ def main():
           f"LoRA r=16; total {total:.0f}s\n")
     print("| shape | base | s/step | samples/s | generate | policy fwd | ref fwd | train | gen tok/s | train tok/s |"
           " train MFU % | peak GiB | est. GiB | finite | score first -> last | rises | merged rollout | compiled |"
-          " half LoRA | packed rows | LoRA siblings | stacked bases | 1st step s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " half LoRA | packed rows | LoRA siblings | 1st step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['shape']} | {r['quant']} | ERROR: {r['error'][:80]} |")
@@ -345,7 +342,7 @@ def main():
               f"{ph['t_train']} | {r['generate_tok_s']} | {r['train_tok_s']} | {r.get('train_mfu_pct', '-')} | "
               f"{r.get('peak_gib', '-')} | {r['estimate_gib']} | {r['finite']} | "
               f"{r['score_first']} -> {r['score_last']} | {r['rises']} | {r['merged_rollout']} | {r['compiled']} | "
-              f"{r['half_lora']} | {r['packed_rows']} | {r['lora_siblings']} | {r.get('stacked_bases', False)} | "
+              f"{r['half_lora']} | {r['packed_rows']} | {r['lora_siblings']} | "
               f"{r['first_step_s']} |")
     dest = write_json(args, info, results, total)
     if dest:

@@ -40,7 +40,6 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", choices=["off", "on"], default="off")
-    ap.add_argument("--stack-bases", choices=["on", "off"], default="off", help="PPOConfig.stack_sibling_bases")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--logit-std", type=float, default=3.0)
     args = ap.parse_args(argv)
@@ -52,7 +51,7 @@ def main(argv=None):
                                 batch_size=args.batch, mini_batch_size=args.mini_batch, ppo_epochs=args.epochs,
                                 max_new_tokens=args.new_tokens, max_prompt_tokens=64, temperature=1.0, lr=1e-5,
                                 kl_coef=0.01, missing_eos_penalty=0.0, seed=0, value_head_init="zeros",
-                                compile=args.compile, stack_sibling_bases=args.stack_bases == "on")
+                                compile=args.compile)
     for i in range(args.warmup):
         m = trainer.step()
         print(f"warm-up step {i + 1}: {m['t_step']:.2f} s", flush=True)

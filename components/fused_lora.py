@@ -35,18 +35,9 @@ change (docs/GPU.md, run 9): inductor still fuses most of these adds back into a
 Sibling layers that read one input (q/k/v, gate/up: `SIBLING_SETS`) share one x A^T matmul (`_Siblings`): one
 skinny GEMM instead of three or two, forward and backward. fused_lora(siblings=False) keeps one per layer.
 
-Inside a compiled graph they can share the base matmul too (`fused_lora(base=True)`): the siblings' frozen base
-weights, stacked once on entering the block, give all their outputs in one GEMM, x [N, in] @ [W_q; W_k; W_v]^T,
-and one for x's gradient. At the 1.7B shape q/k/v are 2048 x 2048 products, which an H100 ran at 529 TFLOP/s
-against 694-759 for the MLP's wider ones (docs/GPU.md, run 8's ceilings); stacked they are 2048 x 6144. Only
-under compilation: in eager mode the slices of the stacked output would each need their own add (the in-place
-one on a slice makes autograd copy the whole gradient), and eager training passes are bound by the host anyway.
-The stack is a copy of the base weights (at 1.7B, 2.2 GiB for q/k/v and gate/up), held only inside the block, so
-the base must not change inside it (it does not: PPO merges the adapter for sampling, outside). The LoRA terms
-of the stacked output are one product too, over the B matrices set block-diagonally, so that one add covers it.
-Off by default (`PPOConfig.stack_sibling_bases`) until timed on a GPU: on a 2-thread CPU (SmolLM2-135M, inductor,
-`bench/bench_training_layout.py --compare stacking`) a pass ran 0.76x as fast, 0.95x with the stack kept between
-passes; the CPU's matmuls gain nothing from the wider shape and its allocator pays for the fresh copy.
+The siblings' base matmuls were once stacked too (one x [W_q; W_k; W_v]^T product inside compiled graphs): on an
+H200 at the 1.7B shape that trained 0.96x as fast as three narrow products, on a 2-thread CPU 0.76x, and held a
+2.2 GiB copy of the weights, so it was dropped (docs/GPU.md, run 12).
 """
 from __future__ import annotations
 
@@ -125,11 +116,6 @@ def _fused_forward(self, x: torch.Tensor, *args, half: bool = False, **kwargs) -
     x2 = x.reshape(-1, x.shape[-1])
     a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     group, index = self.__dict__.get(_SIBLINGS, (None, 0))
-    if group is not None and group.enabled and group.base_w is not None and torch.compiler.is_compiling() \
-            and (a.dtype == x.dtype or half):
-        out = group.output(index, x, x2, name)                          # [N, out], or None: not all siblings join
-        if out is not None:
-            return out.view(*x.shape[:-1], out.shape[-1])
     out = nn.functional.linear(x2, base.weight, base.bias)            # [N, out]: a fresh tensor
     if a.dtype != x.dtype and not half:                                # fp32 adapter math on a half base
         out = _AdapterTerm.apply(x2, a, b, out, s)
@@ -166,47 +152,8 @@ class _Siblings:
     def __init__(self, layers: list):
         self.layers = layers
         self.enabled = True
-        self.x = None            # the input the held products (or outputs) belong to
+        self.x = None            # the input the held products belong to
         self.held = []           # [N, r_i] products not yet taken, None where taken or not computed
-        self.held_out = []       # [N, out_i] whole outputs not yet taken (the stacked-base path)
-        self.base_w = None       # [sum out_i, in] the base weights stacked, inside fused_lora(base=True)
-        self.base_b = None       # [sum out_i] their biases stacked, or None where they have none
-
-    def stack_bases(self) -> None:
-        """Stack the siblings' base weights (and biases) for `output`, where they are alike: plain frozen
-        nn.Linear layers of one dtype, device and input size, all with a bias or none."""
-        self.base_w = self.base_b = None
-        bases = [m.base_layer for m in self.layers]
-        if any(type(b) is not nn.Linear or b.weight.requires_grad
-               or (b.bias is not None and b.bias.requires_grad) for b in bases):
-            return
-        if len({(b.weight.dtype, b.weight.device, b.in_features, b.bias is None) for b in bases}) != 1:
-            return
-        with torch.no_grad():
-            self.base_w = torch.cat([b.weight for b in bases])
-            if bases[0].bias is not None:
-                self.base_b = torch.cat([b.bias for b in bases])
-
-    def output(self, i: int, x: torch.Tensor, x2: torch.Tensor, name: str) -> torch.Tensor | None:
-        """Layer i's whole output, base + s (x A^T) B^T, [N, out_i], from one base matmul and one x A^T matmul
-        for all siblings; None when not every sibling would take the fused path with this input."""
-        if self.x is x and self.held_out and self.held_out[i] is not None:
-            out, self.held_out[i] = self.held_out[i], None
-            if all(h is None for h in self.held_out):
-                self.x, self.held_out = None, []
-            return out
-        a_dtype = self.layers[i].lora_A[name].weight.dtype
-        if not all(_fusable(m, x, (), {}) == name and m.lora_A[name].weight.dtype == a_dtype for m in self.layers):
-            return None
-        # one product for every sibling's LoRA term: [N, sum r] @ blockdiag(s_i B_i)^T, zeros between the blocks
-        # (3x the LoRA B flops, ~1% of the base product's), so the add covers the stacked output in one pass
-        a = torch.cat([m.lora_A[name].weight for m in self.layers]).to(x.dtype)
-        b = torch.block_diag(*[m.lora_B[name].weight * float(m.scaling[name]) for m in self.layers]).to(x.dtype)
-        y = nn.functional.linear(x2, self.base_w, self.base_b) + (x2 @ a.t()) @ b.t()
-        outs = list(y.split([m.base_layer.out_features for m in self.layers], dim=1))
-        out, outs[i] = outs[i], None
-        self.x, self.held_out = x, outs
-        return out
 
     def a_product(self, i: int, x: torch.Tensor, x2: torch.Tensor, name: str) -> torch.Tensor:
         """Layer i's x A^T, [N, r]: taken from the held products when they belong to this x, else computed."""
@@ -257,19 +204,15 @@ def _fused_forward_half(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def fused_lora(model: nn.Module, half: bool = False, siblings: bool | None = None, base: bool = False):
+def fused_lora(model: nn.Module, half: bool = False, siblings: bool | None = None):
     """Within the block, peft LoRA Linear layers of `model` use the fused forward (see module docs). half: fp32
     adapters on a half-precision base run their matmuls in the base's dtype instead of fp32. siblings: layers
-    that read one input share one x A^T matmul (`_Siblings`; default `SHARE_SIBLING_INPUTS`). base: inside
-    compiled graphs they share one base matmul too, from weights stacked on entry (the block then holds a copy
-    of those base weights)."""
+    that read one input share one x A^T matmul (`_Siblings`; default `SHARE_SIBLING_INPUTS`)."""
     linear = _lora_linear_type()
     layers = [m for m in model.modules() if isinstance(m, linear)]
     groups = _siblings_of(model, linear)
     for group in groups:
         group.enabled = SHARE_SIBLING_INPUTS if siblings is None else siblings
-        if base and group.enabled:
-            group.stack_bases()
     forward = _fused_forward_half if half else _fused_forward
     for m in layers:
         m.forward = types.MethodType(forward, m)
@@ -279,5 +222,4 @@ def fused_lora(model: nn.Module, half: bool = False, siblings: bool | None = Non
         for m in layers:
             m.__dict__.pop("forward", None)
         for group in groups:                      # an exception mid-pass may leave products held
-            group.x, group.held, group.held_out = None, [], []
-            group.base_w = group.base_b = None
+            group.x, group.held = None, []

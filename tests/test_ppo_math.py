@@ -245,6 +245,8 @@ def test_config_roundtrip_and_validation():
         PPOConfig(batch_size=6, mini_batch_size=4)
     with pytest.raises(ValueError):
         PPOConfig.from_dict({"stepz": 3})
+    # a run stored before a field was retired still loads (and resumes) without it
+    assert PPOConfig.from_dict({**d, "stack_sibling_bases": True}) == c
     with pytest.raises(ValueError):
         PPOConfig(value_head_init="random")
 

@@ -1,7 +1,8 @@
 """PPOConfig: every knob of one PPO run, documented field by field.
 
 The config is stored with the run, so it must round-trip through JSON: `to_dict()` gives plain Python values and
-`from_dict()` rebuilds it (unknown keys are rejected so that a typo does not silently fall back to a default).
+`from_dict()` rebuilds it (unknown keys are rejected so that a typo does not silently fall back to a default;
+keys of retired fields, which runs stored before their removal hold, are dropped).
 The defaults follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) where they apply,
 scaled down to what a laptop can run.
 """
@@ -11,6 +12,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+
+
+# Fields removed from PPOConfig that configs stored with earlier runs (and their checkpoints) still hold; none
+# changed the math, so a stored run resumes without them. stack_sibling_bases: one base matmul for q/k/v and
+# gate/up in compiled passes, slower on a GPU and a CPU alike (docs/GPU.md, run 12).
+RETIRED_KEYS = frozenset({"stack_sibling_bases"})
 
 
 @dataclass
@@ -100,9 +107,10 @@ class PPOConfig:
     peak (the GPU bench's compiled step: 2.3x the eager one at 1.7B). The first
     training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
     Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
-    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. On an H100 at the 1.7B shape
-    (batch 64, mini-batch 32): training 0.76 -> 0.57 s a step, after a first step of 45-60 s that compiles (a cold
-    cache), hence "off" by default: it pays off after a few hundred steps (docs/GPU.md, run 9). The first update
+    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. On an H200 at the 1.7B shape
+    (batch 64, mini-batch 64, packed rows): training 0.82 s a step eager (mini-batch 32) -> 0.38 s compiled, 38.9%
+    of the bf16 peak, after a first step of 46-59 s that compiles (a cold cache), hence "off" by default: it pays
+    off after ~100-130 steps there, later for smaller models and batches (docs/GPU.md, runs 12-13). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
     pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
     the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
@@ -116,12 +124,6 @@ class PPOConfig:
     it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
     the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
     padded rows."""
-    stack_sibling_bases: bool = False
-    """With `compile`: in the compiled training passes, q/k/v and the MLP's gate/up each run one base matmul over
-    their weights stacked for the update (components/fused_lora.py), a wider product than three or two narrow
-    ones, plus one LoRA product over block-diagonal B matrices. Same math; the update then holds a copy of those
-    base weights (2.2 GiB at the 1.7B shape). Off until timed on a GPU: on this project's 2-thread CPU it trained
-    0.76x as fast (stacking anew for each update costs more than the wider product gains there)."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
     kernels; the tests register a recording backend)."""
@@ -253,6 +255,7 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PPOConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown PPO config keys: {', '.join(unknown)}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import fused_lora as fl
 from .config import PPOConfig
 
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -135,11 +134,6 @@ def estimate_memory(model_config, config: PPOConfig, quantization: str | None = 
         acts = m * T * L * per_tok_layer
     logits = m * R * V * (act + 4 + 4 + 4)
     train = acts + logits + m * T * H * act * 4
-    # compiled passes: q/k/v and gate/up base weights stacked for one matmul each (components/fused_lora.py)
-    if config.compiles(device, quantized) and config.stack_sibling_bases and config.fused_lora \
-            and fl.SHARE_SIBLING_INPUTS and not quantized:
-        train += L * act * sum(shapes[t][0] * shapes[t][1] for names in fl.SIBLING_SETS for t in names
-                               if all(n in targets for n in names))
 
     # ---- runtime ----------------------------------------------------------------------------------------------
     overhead = (0.6 * GIB if device == "cuda" else 0.3 * GIB)

@@ -500,17 +500,14 @@ class PPOTrainer:
         # the shared prefix's cache does not go through the compiled layers
         return self.config.share_prompt_prefix and self._compiled_layers is None
 
-    def _fused(self, update: bool = False):
+    def _fused(self):
         """The LoRA forward of the policy and training passes: the fused one (same math, fewer passes; its LoRA
-        matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off.
-        update: for the update's passes, whose compiled layers share one base matmul between sibling layers where
-        `PPOConfig.stack_sibling_bases` says so (weights stacked for the block)."""
-        base = update and self._compiled_layers is not None and self.config.stack_sibling_bases
-        return fused_lora(self.model, half=self.half_lora, base=base) if self.config.fused_lora else nullcontext()
+        matmuls in the base's half dtype where `PPOConfig.lora_precision` says so), or peft's when turned off."""
+        return fused_lora(self.model, half=self.half_lora) if self.config.fused_lora else nullcontext()
 
     def _enter_update_passes(self, stack: ExitStack) -> None:
         """The update's forward: the fused LoRA layers, through the compiled decoder layers where they are on."""
-        stack.enter_context(self._fused(update=True))
+        stack.enter_context(self._fused())
         if self._compiled_layers:
             stack.enter_context(swapped_layers(causal_lm_of(self.model).get_decoder(), self._compiled_layers))
 
@@ -560,7 +557,7 @@ class PPOTrainer:
                                 raise
                             # the compiled passes failed (compiling, or losing a gradient) before this mini-batch's
                             # step: redo it eagerly, its gradients and statistics so far dropped
-                            passes.close()          # out of the compiled layers and their stacked bases
+                            passes.close()          # out of the compiled layers
                             self._fall_back_to_eager(e)
                             self._enter_update_passes(passes)
                             sums.update(sums_before)

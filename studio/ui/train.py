@@ -157,8 +157,10 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     with gr.Row(visible=owner) as choice_row:
         reward_choice = gr.Markdown(elem_id="ppo-reward-choice")
         unpin = gr.Button("Use the latest version instead", size="sm", visible=False, elem_id="ppo-unpin")
-    # PPOConfig.compile: worth it for long runs on a GPU (faster steps after a first one that compiles)
-    compile_ = gr.Radio([("Eager", "off"), ("Compiled on a GPU (the first step compiles, 1-2 min)", "auto")],
+    # PPOConfig.compile: worth it for long runs on a GPU (an H200 at 1.7B: 2.1x faster training phases, paid back
+    # after ~100-130 steps; docs/GPU.md)
+    compile_ = gr.Radio([("Eager", "off"),
+                         ("Compiled on a GPU (faster steps for long runs; the first step compiles, ~1 min)", "auto")],
                         value="off", label="Training passes", visible=owner, elem_id="ppo-compile")
     memory = gr.Markdown(elem_id="ppo-memory")
     with gr.Row(visible=owner) as launch_row:
