@@ -4,14 +4,14 @@
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
 # .gpu/peers). Sections: 7 compiled against eager gradients, and packed rows against padded ones (~2 minutes;
-# run first: a compiled or packed figure counts only where they agree), 1 fast rollouts + training step, 2 PPO vs
+# run it first on new code: a compiled or packed figure counts only where they agree), 1 fast rollouts + training step, 2 PPO vs
 # TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed (runs 10-13's best), eager
-# (no argument: 7 1 2 4); on request:
+# (no argument: the issue's benchmarks, 1 2 4; "7 1 2 4" checks first); on request:
 # 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
 # compiled and eager, with how busy the GPU was (~4 minutes).
 # Sections run in the order given.
 set -u
-SECTIONS="${*:-7 1 2 4}"
+SECTIONS="${*:-1 2 4}"
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 # The wheels go to a folder named site-packages: dill (datasets' hasher) pickles modules that live elsewhere

@@ -82,7 +82,7 @@ def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
     return feats, length
 
 
-def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
+def fit_length_reward(lm, prompts, n_per_prompt=2, max_new_tokens=32, seed=0):
     """FastRewardModel on pairs (shorter chosen) of the base model's samples -> its PPO reward function."""
     from components.reward.fast import FastRewardModel
     from components.reward.ppo_reward import reward_fn_for_ppo
@@ -104,7 +104,7 @@ def fit_length_reward(lm, prompts, n_per_prompt=3, max_new_tokens=32, seed=0):
     return reward, X, L
 
 
-def heldout_score(trainer, prompts, use_base, seed, repeats=2):
+def heldout_score(trainer, prompts, use_base, seed, repeats=1):
     """Mean raw reward-model score (and KL-free stats) of fresh samples on held-out prompts."""
     torch.manual_seed(seed)
     rows = []
@@ -129,8 +129,12 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
 
     # PPO's trajectory depends on the order of floating-point sums (the thread count): at lr 6e-4 one thread
     # learned about a quarter as much as two with the same seed (held-out margin 0.65 score deviations against
-    # 2.3, the bar being 0.5). At 2e-3, on one thread, seeds 0, 2 and 3 gave 2.4, 1.9 and 3.3 (KL at most 14.5); seed 0 on two gave 3.4 (KL 17.7).
-    cfg = PPOConfig(steps=8, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+    # 2.3, the bar being 0.5). At 2e-3, on one thread, 8 steps, 3 samples a prompt for the reward and 2 held-out
+    # rounds: seeds 0, 2 and 3 gave 2.4, 1.9 and 3.3 (KL at most 14.5); seed 0 on two threads 3.4 (KL 17.7).
+    # As here (6 steps, 2 samples a prompt, 1 round; a third less time), one thread: seeds 0-3 gave 3.0, 2.1, 1.9
+    # and 2.6 (KL at most 11.6); seed 0 on two threads 2.65 (KL 14.8). One held-out round of 16 samples is noisier (the difference of two 16-sample
+    # means has a standard error of ~0.35 score deviations), so the bar is 1 score deviation, not 0.5.
+    cfg = PPOConfig(steps=6, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
                     lr=2e-3, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)
     assert trainer.value_head_source == "reward"
@@ -145,7 +149,7 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     print(f"\nheld-out score base {base_score:.3f} (len {base_len:.1f}, eos {base_eos:.2f}) -> "
           f"PPO {ppo_score:.3f} (len {ppo_len:.1f}, eos {ppo_eos:.2f}); score std {spread:.3f}; "
           f"train reward {[round(m['reward_mean'], 2) for m in history]}; kl {[round(m['kl'], 2) for m in history]}")
-    assert ppo_score > base_score + 0.5 * spread, (base_score, ppo_score, spread)
+    assert ppo_score > base_score + 1.0 * spread, (base_score, ppo_score, spread)
     assert max(m["kl"] for m in history) < 25.0
     assert history[-1]["kl"] < 25.0
 
