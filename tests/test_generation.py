@@ -85,6 +85,15 @@ def test_unknown_model_ids_are_refused_clearly(tmp_path):
         resolve("nobody-here/definitely-not-a-model-xyz")   # no hub reachable, or no such repo
 
 
+def test_quantization_is_refused_clearly_where_it_cannot_run():
+    """4/8-bit bases run with bitsandbytes on CUDA only; elsewhere the load says so before reading a weight."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    for q in ("4bit", "8bit"):
+        with pytest.raises(ModelLoadError, match=f"{q} quantization needs a CUDA GPU"):
+            load_model("embedded", quantization=q)
+
+
 def test_local_folder_loads(lm, tmp_path):
     """Any local folder written by save_pretrained works (here: the embedded model's cached conversion)."""
     other = load_model(lm.source_path, dtype="fp32")
