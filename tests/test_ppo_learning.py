@@ -132,8 +132,9 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(lm32):
     # 2.3, the bar being 0.5). At 2e-3, on one thread, 8 steps, 3 samples a prompt for the reward and 2 held-out
     # rounds: seeds 0, 2 and 3 gave 2.4, 1.9 and 3.3 (KL at most 14.5); seed 0 on two threads 3.4 (KL 17.7).
     # As here (6 steps, 2 samples a prompt, 1 round; a third less time), one thread: seeds 0-3 gave 3.0, 2.1, 1.9
-    # and 2.6 (KL at most 11.6); seed 0 on two threads 2.65 (KL 14.8). One held-out round of 16 samples is noisier (the difference of two 16-sample
-    # means has a standard error of ~0.35 score deviations), so the bar is 1 score deviation, not 0.5.
+    # and 2.6 (KL at most 11.6); seed 0 on two threads 2.65 (KL 14.8). One held-out round of 16 samples is
+    # noisier (the difference of two 16-sample means has a standard error of ~0.35 score deviations), so the bar
+    # is 1 score deviation, not 0.5.
     cfg = PPOConfig(steps=6, batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
                     lr=2e-3, kl_coef=0.02, missing_eos_penalty=1.0, seed=0)
     trainer = PPOTrainer(lm32, reward, cfg, TRAIN_PROMPTS)

@@ -394,7 +394,8 @@ def _one_lora_layer(model):
 def policy_bf16():
     """bf16 embedded model with a policy LoRA (peft keeps the adapter in fp32: the GPU case) and one batch of
     three prompts of different lengths: on a CPU without bf16 instructions a bf16 pass is slow (the output head's
-    backward alone, [rows, 49152] x [49152, 576], took 5.6 s a pass at six prompts), and these tests run six."""
+    backward alone, [rows, 49152] x [49152, 576], took 5.6 s a pass at six prompts), and the two tests below run
+    six such passes."""
     batch = _policy_batch("bf16", layers=4, prompts=[PROMPTS[0], PROMPTS[2], PROMPTS[5]])
     assert all(p.dtype == torch.float32 for n, p in batch[0].model.named_parameters() if "lora_" in n)
     return batch
