@@ -275,11 +275,56 @@ CREATE OR REPLACE VIEW feedback_current AS
 SELECT * EXCLUDE (superseded, retracted) FROM feedback_history WHERE NOT superseded AND NOT retracted;
 """
 
+# 5: held-out evaluation. `heldout_prompts` are prompts a user set aside from training by hand (the studio also
+# holds out ~20 % by a hash of the prompt text, computed in studio/evaluation.py, so that needs no row).
+# `evaluations` keep each evaluation's lineage; `evaluation_pairs` its completions side by side, which side was
+# shown (or passed) first, the verdict of a non-human judge and the reward model's scores. Human verdicts are
+# the pairwise labels on those two completions (table feedback), so they fill in as votes arrive.
+_V5 = f"""
+CREATE TABLE heldout_prompts (
+    prompt_id   BIGINT PRIMARY KEY REFERENCES prompts (id),
+    reason      VARCHAR NOT NULL DEFAULT 'marked',
+    created_at  TIMESTAMP NOT NULL DEFAULT {NOW}
+);
+
+CREATE SEQUENCE evaluation_id_seq;
+CREATE TABLE evaluations (
+    id                   BIGINT PRIMARY KEY DEFAULT nextval('evaluation_id_seq'),
+    policy               VARCHAR NOT NULL,           -- 'base' or 'adapter-<id>'
+    baseline             VARCHAR NOT NULL,
+    policy_adapter_id    BIGINT REFERENCES adapters (id),
+    baseline_adapter_id  BIGINT REFERENCES adapters (id),
+    judge                VARCHAR NOT NULL,           -- 'reward', 'human' or 'callable:<name>'
+    criterion            VARCHAR NOT NULL REFERENCES criteria (name),
+    reward_version       BIGINT REFERENCES reward_versions (id),
+    seed                 BIGINT NOT NULL,
+    model_id             VARCHAR,
+    model_revision       VARCHAR,
+    config               JSON NOT NULL DEFAULT '{{}}',  -- sampling settings, prompt selection
+    created_at           TIMESTAMP NOT NULL DEFAULT {NOW}
+);
+
+CREATE TABLE evaluation_pairs (
+    evaluation_id           BIGINT NOT NULL REFERENCES evaluations (id),
+    idx                     INTEGER NOT NULL CHECK (idx >= 0),
+    prompt_id               BIGINT NOT NULL REFERENCES prompts (id),
+    seed                    BIGINT,
+    policy_completion_id    BIGINT NOT NULL REFERENCES completions (id),
+    baseline_completion_id  BIGINT NOT NULL REFERENCES completions (id),
+    policy_first            BOOLEAN NOT NULL,       -- shown on the left / passed to the judge first
+    judge_winner            VARCHAR CHECK (judge_winner IN ('policy', 'baseline', 'tie')),   -- NULL: human
+    policy_reward           DOUBLE,
+    baseline_reward         DOUBLE,
+    PRIMARY KEY (evaluation_id, idx)
+);
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
     (2, _V2),
     (3, _V3),
     (4, _V4),
+    (5, _V5),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -356,6 +356,67 @@ class Studio:
         from . import dashboards
         return dashboards.leaderboard_table(self.store, criterion, blind_only)
 
+    # ------------------------------------------------- evaluation (issue 22)
+    def evaluate(self, policy: str | int, baseline: str | int = "base", prompts: list[str] | None = None,
+                 judge="reward", n: int | None = None, criterion: str = "overall", seed: int = 0,
+                 max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95) -> dict:
+        """Compare `policy` with `baseline` ("base", an adapter id or "adapter-<id>") on held-out prompts.
+
+        prompts: None = the held-out prompts (`heldout_prompts()`, less any the policies' runs trained on), else a
+        list of texts (marked held-out from then on); n: at most this many prompts. One completion per prompt
+        and side, the same seed on both sides (seed + prompt index). judge: "reward" (the current reward model's
+        scores), "human" (blind pairs queued to annotators, each side first at random; the result fills in as
+        votes arrive, see `next_evaluation_pair`) or a function judge(prompt, first, second) -> "a" (first is
+        better) | "b" | "tie", called with the sides in a random order per pair. Returns the result: win_rate of
+        the policy with ties as one half, ci_low/ci_high (Wilson 95%), mean policy/baseline length in tokens
+        and in characters, and the reward model's agreement with the human votes on the same pairs."""
+        from . import evaluation
+        return evaluation.evaluate(self, policy, baseline, prompts=prompts, judge=judge, n=n, criterion=criterion,
+                                   seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+    def evaluation(self, evaluation_id: int) -> dict:
+        """One evaluation's result as it stands now (human votes that arrived since included)."""
+        from . import evaluation
+        return evaluation.result(self.store, evaluation_id)
+
+    def evaluations(self):
+        """Every evaluation with its lineage and result, oldest first (a DataFrame)."""
+        from . import evaluation
+        return evaluation.evaluations_frame(self.store)
+
+    def evaluation_pairs(self, evaluation_id: int):
+        """An evaluation's pairs: prompt, both completions, their lengths, the judge's verdict, reward scores."""
+        return self.store.evaluation_pairs(evaluation_id)
+
+    def next_evaluation_pair(self, annotator: str | None = None) -> dict | None:
+        """The next blind pair of a human-judged evaluation this annotator has not voted on: prompt, criterion,
+        left_id/right_id and their texts. Vote with `compare(left_id, right_id, winner, criterion=...)`."""
+        return self.store.next_evaluation_pair(annotator or self.annotator)
+
+    def heldout_prompts(self):
+        """The prompts kept aside from training: about one in five by a hash of the text, plus those marked."""
+        from . import evaluation
+        return evaluation.heldout_prompts(self.store)
+
+    def hold_out(self, prompts: Iterable[str | int]) -> int:
+        """Keep prompts (texts, added if new, or prompt ids) aside from training. Returns how many are new."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise StudioError(f"hold_out expects a list of prompt texts or ids, got {prompts!r}")
+        items = list(prompts)
+        texts = [p for p in items if isinstance(p, str)]
+        ids = [_id(p) for p in items if not isinstance(p, str)] + (self.store.add_prompts(texts) if texts else [])
+        return self.store.mark_prompts_heldout(ids)
+
+    def load_starter_prompts(self) -> int:
+        """Add the studio's small set of everyday prompts to the library (for a newcomer who has none).
+        Prompts already there are not added twice. Returns how many were new."""
+        from importlib.resources import files
+        text = files("studio").joinpath("data", "starter_prompts.txt").read_text(encoding="utf-8")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        before = len(self.store.prompts())
+        self.store.add_prompts(lines, source="starter")
+        return len(self.store.prompts()) - before
+
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
         self.store.backup(_path(path))

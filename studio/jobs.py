@@ -216,7 +216,7 @@ class JobManager:
         except (TypeError, ValueError) as e:
             raise StudioError(f"invalid PPO settings: {e}") from None
         self.check_memory(cfg)
-        prompts = prompts or self._prompt_snapshot()
+        prompts, note = (prompts, None) if prompts else self._prompt_snapshot()
         if not prompts:
             raise StudioError("no prompts to train on: add prompts to the library first")
         tier, version = self._reward_snapshot(reward_tier, reward_version)
@@ -228,6 +228,8 @@ class JobManager:
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
                                   "cancel it or wait for it to finish")
             run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts}, lineage)
+            if note:
+                self.store.add_run_note(run_id, note)
             return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
 
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
@@ -265,9 +267,10 @@ class JobManager:
                               f"on {est['device']}: {OOM_ADVICE}")
         return est
 
-    def _prompt_snapshot(self) -> list[str]:
-        df = self.store.prompts()
-        return [str(t) for t in df["text"]] if len(df) else []
+    def _prompt_snapshot(self) -> tuple[list[str], str | None]:
+        """The library's prompts less the held-out ones (studio/evaluation.py), and a note where it fell back."""
+        from .evaluation import training_prompts
+        return training_prompts(self.store)
 
     def _reward_snapshot(self, tier: str | None, version: int | None) -> tuple[str, int]:
         rs = self.studio.reward
