@@ -90,6 +90,9 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
         with gr.Tab("Blind compare", id="compare") as cmp_tab_:
             from .ui import compare as compare_tab
             cmp = compare_tab.build(studio, role)
+        with gr.Tab("Evaluate", id="evaluate") as eval_tab_:
+            from .ui import evaluate as evaluate_tab
+            evl = evaluate_tab.build(studio, role)
         with gr.Tab("History", id="history"):
             hist = history_tab.build(studio, role)
         with gr.Tab("Dashboard", id="dashboard") as dash_tab:
@@ -118,13 +121,15 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
         if "refresh" in cmp:
             fc, ic, oc = cmp["refresh"]
             cmp_tab_.select(fc, ic, oc, show_progress="hidden", api_visibility="private")   # win rates too
+        f, i, o = evl["on_load"]
+        eval_tab_.select(f, i, o, show_progress="hidden", api_visibility="private")   # lists, results, next pair
         f, i, o = hist["on_load"]
         demo.load(f, i, o)
         f, i, o = dash["on_load"]
         dash_tab.select(f, i, o)      # on opening the tab: the aggregates take a second at a million labels
 
         # What a role may not do is hidden on page load (the handlers refuse it on the server as well).
-        owner_only = [c for part in (gen, rew, trn, dash) for c in part.get("owner_only", [])] + [train_tab_]
+        owner_only = [c for part in (gen, rew, trn, dash, evl) for c in part.get("owner_only", [])] + [train_tab_]
         blind_hidden = gen.get("blind_hidden", [])
 
         def apply_role(request: gr.Request):

@@ -161,3 +161,63 @@ def test_bad_arguments_are_refused_clearly(studio):
         studio.evaluate("adapter-99", prompts=PROMPTS, judge="human")
     with pytest.raises(StudioError, match="must return 'a'"):
         studio.evaluate("base", prompts=PROMPTS[:1], judge=lambda p, a, b: "left", max_new_tokens=4)
+
+
+def test_start_ppo_trains_on_the_prompts_not_held_out(studio):
+    """PPO's prompts come from the snapshot without held-out ones (the job's process is not started here: its
+    spawn is replaced to catch what it would be handed)."""
+    _reward_model(studio)
+    studio.load_starter_prompts()
+    studio.hold_out(["Name an animal."])
+    handed = []
+    studio.jobs._spawn = lambda run_id, cfg, prompts, *a, **k: handed.append((run_id, prompts))
+    studio.train_ppo(steps=1)
+    run_id, prompts = handed[-1]
+    held = set(studio.heldout_prompts()["text"])
+    assert set(prompts) == set(studio.prompts()["text"]) - held and "Name an animal." not in prompts
+    assert studio.store.run(run_id)["config"]["prompts"] == prompts and not studio.store.run(run_id)["notes"]
+    studio.hold_out(list(studio.prompts()["id"]))
+    studio.train_ppo(steps=1)
+    run_id, prompts = handed[-1]
+    assert set(prompts) == set(studio.prompts()["text"]) and "held out" in studio.store.run(run_id)["notes"]
+
+
+# ------------------------------------------------------------------------------------------------ the tab
+def _fn(demo, name):
+    return next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == name)
+
+
+def test_evaluate_tab_handlers_and_roles(studio):
+    import gradio as gr
+    from studio.app import build_app
+    from studio.auth import Account, Accounts
+    from studio.ui import evaluate as tab
+    demo = build_app(studio, max_queue=None)
+    studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),
+                                "bo": Account("bo", "pw-bo-456", "annotator")})
+    ana, bo = gr.Request(username="ana"), gr.Request(username="bo")
+    # a fresh library offers the starter prompts to its owner only
+    page_load = _fn(demo, "page_load")
+    assert page_load(ana)[2]["visible"] is True and page_load(bo)[2]["visible"] is False
+    assert "may not add prompts" in _fn(demo, "on_starter")(bo)[0] and len(studio.prompts()) == 0
+    _fn(demo, "on_starter")(ana)
+    assert len(studio.prompts()) == 25 and page_load(ana)[2]["visible"] is False
+
+    assert "may not hold out" in tab.mark_heldout(studio, PROMPTS[0], bo)[0]
+    assert "may not run evaluations" in tab.run_evaluation(studio, "base", "base", "human", "overall", 1, 6, 0,
+                                                           bo)[0]
+    assert len(studio.evaluations()) == 0
+    assert "Max new tokens" in tab.run_evaluation(studio, "base", "base", "human", "overall", 1, 0, 0, ana)[0]
+    out = tab.run_evaluation(studio, "base", "base", "human", "overall", 2, 6, 0, ana)
+    assert "2 pairs queued" in out[0] and "No verdicts yet" in out[1] and len(out[2]) == 1
+    shown = tab.next_pair(studio, bo)
+    assert shown[1] and shown[3]["evaluation_id"] == 1
+    after = tab.vote(studio, shown[3], "tie", bo)
+    assert "vote saved" in after[4] and after[3]["idx"] != shown[3]["idx"]
+    last = tab.vote(studio, after[3], "tie", bo)
+    assert last[3] is None and "no pairs waiting" in last[4]
+    r = studio.evaluation(1)
+    assert (r["judged"], r["ties"]) == (2, 2) and "win rate of base: **50%**" in tab.result_markdown(r)
+    hist, per_crit, heldout = tab.tables(studio)
+    assert list(per_crit["criterion"]) == ["overall"] and per_crit["win_rate"].iloc[0] == 0.5
+    assert len(heldout) == len(studio.heldout_prompts()) >= 2

@@ -10,7 +10,7 @@ import gradio as gr
 
 from components.generation import MAX_N
 from ..facade import THUMBS_DOWN_TAGS, StudioError
-from ..auth import require_owner
+from ..auth import require_owner, role_of
 from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, owner_upload, session_of
 from .history import describe_withdrawal
 
@@ -36,6 +36,7 @@ def build(studio, role: str = "owner"):
             library = gr.Dropdown(label="Prompt library (fewest labels first)", choices=[], elem_id="library",
                                   allow_custom_value=False)
             load_btn = gr.Button("Load its completions", size="sm", elem_id="load-prompt-btn")
+            starter_btn = gr.Button("Load starter prompts", size="sm", visible=False, elem_id="starter-prompts-btn")
     with gr.Accordion("Add prompts to the library", open=False, visible=role == "owner") as prompts_box:
         with gr.Row():
             new_prompts = gr.Textbox(label="One prompt per line", lines=3, elem_id="new-prompts", scale=3)
@@ -363,6 +364,15 @@ def build(studio, role: str = "owner"):
             return fail("type at least one prompt"), gr.skip()
         return ok(f"{len(ids)} prompts in the library"), gr.update(value="")
 
+    def on_starter(request: gr.Request):
+        """A fresh library offers the studio's everyday prompts (studio/data/starter_prompts.txt), one click."""
+        try:
+            require_owner(studio, request, "add prompts")
+            added = studio.load_starter_prompts()
+        except StudioError as e:
+            return fail(e), gr.skip()
+        return ok(f"{added} starter prompts added: press 'Next prompt'"), gr.update(visible=False)
+
     def on_import_prompts(f, request: gr.Request):
         try:
             n = studio.import_prompts(owner_upload(studio, request, f, "import prompts"))
@@ -404,10 +414,14 @@ def build(studio, role: str = "owner"):
         library_choices, None, library)
     import_btn.click(on_import_prompts, [prompt_file], status, api_name="import_prompts").then(
         library_choices, None, library)
-    def page_load():
-        return library_choices(), new_label_key()
+    starter_btn.click(on_starter, None, [status, starter_btn], api_name="load_starter_prompts").then(
+        library_choices, None, library)
 
-    return dict(on_load=(page_load, [library, label_key]), criteria=(criteria_update, [criterion, rubric]),
+    def page_load(request: gr.Request):
+        empty = len(studio.prompts()) == 0 and role_of(studio, request) == "owner"
+        return library_choices(), new_label_key(), gr.update(visible=empty)
+
+    return dict(on_load=(page_load, [library, label_key, starter_btn]), criteria=(criteria_update, [criterion, rubric]),
                 adapter=adapter, owner_only=[prompts_box, criteria_box], blind_hidden=[adapter])
 
 
