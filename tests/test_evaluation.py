@@ -221,3 +221,20 @@ def test_evaluate_tab_handlers_and_roles(studio):
     hist, per_crit, heldout = tab.tables(studio)
     assert list(per_crit["criterion"]) == ["overall"] and per_crit["win_rate"].iloc[0] == 0.5
     assert len(heldout) == len(studio.heldout_prompts()) >= 2
+
+
+def test_evaluate_endpoints_on_a_real_server(studio):
+    """The tab's events through a running Gradio server (inputs and outputs as the browser sends them)."""
+    from gradio_client import Client
+    app = studio.launch(open_browser=False)
+    client = Client(app.local_url, verbose=False)
+    assert "25 starter prompts added" in client.predict(api_name="/load_starter_prompts")
+    status, result, history, per_crit, heldout = client.predict("base", "base", "human", "overall", 1, 6, 0,
+                                                                api_name="/evaluate")
+    assert "1 pairs queued" in status and "No verdicts yet" in result and len(heldout["data"]) >= 4
+    shown = client.predict(api_name="/evaluation_next_pair")
+    assert shown[1] and shown[2]                                   # the left and right texts
+    last = client.predict(api_name="/evaluation_vote_a")
+    assert "vote saved" in last[-1] and "no pairs waiting" in last[-1]
+    r = studio.evaluation(1)
+    assert (r["judged"], r["pending"]) == (1, 0) and r["wins"] + r["losses"] == 1
