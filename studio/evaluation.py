@@ -154,6 +154,9 @@ def evaluate(studio, policy, baseline="base", prompts=None, judge="reward", n: i
     base_id, _ = studio.jobs.activate_adapter(baseline)
     texts, explicit = _eval_prompts(studio.store, prompts, pol_id, base_id)
     texts = texts[:n] if n else texts
+    if judge == "reward" and studio.reward.settings.criterion != criterion:
+        raise StudioError(f"the reward model judges by {studio.reward.settings.criterion!r}, not {criterion!r}: "
+                          "evaluate by its criterion, or use judge='human' for another one")
     if judge == "reward" and not _reward_ready(studio):
         raise StudioError("no reward model yet to judge with: give a few pairwise or star labels first, or use "
                           "judge='human'")

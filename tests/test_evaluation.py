@@ -155,6 +155,9 @@ def test_bad_arguments_are_refused_clearly(studio):
         studio.evaluate("base", prompts=PROMPTS, judge="crowd")
     with pytest.raises(StudioError, match="no criterion"):
         studio.evaluate("base", prompts=PROMPTS, judge="human", criterion="nope")
+    studio.add_criterion("brevity", "Is it short?")
+    with pytest.raises(StudioError, match="the reward model judges by 'overall', not 'brevity'"):
+        studio.evaluate("base", prompts=PROMPTS, judge="reward", criterion="brevity")
     with pytest.raises(StudioError, match="no held-out prompts"):
         studio.evaluate("base", judge="human")
     with pytest.raises(StudioError, match="unknown adapter|no adapter"):
