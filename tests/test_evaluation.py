@@ -220,7 +220,7 @@ def test_evaluate_tab_handlers_and_roles(studio):
     last = tab.vote(studio, after[3], "tie", bo)
     assert last[3] is None and "no pairs waiting" in last[4]
     r = studio.evaluation(1)
-    assert (r["judged"], r["ties"]) == (2, 2) and "win rate of base: **50%**" in tab.result_markdown(r)
+    assert (r["judged"], r["ties"]) == (2, 2) and "win rate of base: **50%**" in tab.latest_result(studio)
     hist, per_crit, heldout = tab.tables(studio)
     assert list(per_crit["criterion"]) == ["overall"] and per_crit["win_rate"].iloc[0] == 0.5
     assert len(heldout) == len(studio.heldout_prompts()) >= 2

@@ -74,18 +74,19 @@ def build(studio, role: str = "owner"):
         return mark_heldout(studio, text, request)
 
     def on_open(request: gr.Request):
-        return choices(studio) + tables(studio) + list(next_pair(studio, request))
+        return choices(studio) + [latest_result(studio)] + tables(studio) + list(next_pair(studio, request))
 
     tables_out = [history, by_criterion, heldout]
     pair_out = [pair_prompt, left, right, pair, vote_status]
     run_btn.click(on_run, [policy, baseline, judge, criterion, n, max_new, seed], [status, result] + tables_out,
                   concurrency_limit=1, concurrency_id="evaluate", api_name="evaluate")
-    refresh_btn.click(lambda: tables(studio), None, tables_out, api_visibility="private")
+    refresh_btn.click(lambda: [latest_result(studio)] + tables(studio), None, [result] + tables_out,
+                      api_visibility="private")
     next_btn.click(on_next, None, pair_out, api_name="evaluation_next_pair")
     for btn, (_, w) in zip(vote_btns, WINNERS):
         btn.click(on_vote(w), [pair], pair_out, api_name=f"evaluation_vote_{w}")
     mark_btn.click(on_mark, [mark_text], [vote_status, mark_text, heldout], api_name="hold_out")
-    return dict(on_load=(on_open, None, [policy, baseline, criterion] + tables_out + pair_out),
+    return dict(on_load=(on_open, None, [policy, baseline, criterion, result] + tables_out + pair_out),
                 owner_only=[run_box, mark_box])
 
 
@@ -95,8 +96,8 @@ def run_evaluation(studio, policy, baseline, judge, criterion, n, max_new_tokens
     try:
         require_owner(studio, request, "run evaluations")
         r = studio.evaluate(policy or "base", baseline or "base", judge=judge, criterion=criterion or "overall",
-                            n=_whole(n, "Prompts", 0) or None, max_new_tokens=_whole(max_new_tokens, "Max new tokens", 1),
-                            seed=_whole(seed, "Seed", 0))
+                            n=_whole(n, "Prompts", 0) or None, seed=_whole(seed, "Seed", 0),
+                            max_new_tokens=_whole(max_new_tokens, "Max new tokens", 1))
     except StudioError as e:
         return [fail(e), gr.skip()] + [gr.skip()] * 3
     what = "queued for blind votes" if r["judge"] == "human" else "judged"
@@ -127,6 +128,12 @@ def result_markdown(r: dict) -> str:
     if r["agreement_n"]:
         lines.append(f"reward model agrees with the votes on {r['agreement']:.0%} of {r['agreement_n']} decisive votes")
     return "\n\n".join(lines)
+
+
+def latest_result(studio) -> str:
+    """The newest evaluation's result in words (human votes so far included), or "" when there is none."""
+    df = studio.evaluations()
+    return result_markdown(studio.evaluation(int(df["id"].iloc[-1]))) if len(df) else ""
 
 
 def _num(v) -> str:
