@@ -241,3 +241,14 @@ def test_evaluate_endpoints_on_a_real_server(studio):
     assert "vote saved" in last[-1] and "no pairs waiting" in last[-1]
     r = studio.evaluation(1)
     assert (r["judged"], r["pending"]) == (1, 0) and r["wins"] + r["losses"] == 1
+
+
+def test_default_prompts_leave_out_what_the_policys_run_trained_on(fresh_store):
+    """A run given explicit prompts may have trained on a held-out one: its policy is not evaluated on it."""
+    from studio.evaluation import _eval_prompts
+    fresh_store.add_prompts(["first held", "second held", "kept for training"])
+    fresh_store.mark_prompts_heldout(list(fresh_store.prompts()["id"])[:2])
+    run = fresh_store.create_run("ppo", {"prompts": ["second held"]})
+    aid = fresh_store.add_adapter("a", b"w", {}, "m", run_id=run)
+    assert _eval_prompts(fresh_store, None, aid, None) == (["first held"], False)
+    assert _eval_prompts(fresh_store, None, None, None) == (["first held", "second held"], False)
