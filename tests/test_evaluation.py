@@ -120,7 +120,7 @@ def test_reward_judge_and_human_votes_with_agreement(studio, adapter_blob):
         studio.evaluate("base", prompts=PROMPTS, judge="reward", max_new_tokens=TOKENS)
     _reward_model(studio)
     aid = _adapter(studio, adapter_blob)
-    r = studio.evaluate(aid, prompts=PROMPTS, judge="reward", max_new_tokens=TOKENS)
+    r = studio.evaluate(aid, prompts=PROMPTS[:1], judge="reward", max_new_tokens=TOKENS)
     pairs = studio.evaluation_pairs(r["id"])
     for c, reward in zip(pairs["policy_completion_id"], pairs["policy_reward"]):
         assert studio.score(int(c))[0] == pytest.approx(reward)
@@ -143,7 +143,7 @@ def test_reward_judge_and_human_votes_with_agreement(studio, adapter_blob):
     done = studio.evaluation(h["id"])
     assert (done["judged"], done["wins"], done["pending"], done["win_rate"]) == (2, 2, 0, 1.0)
     decisive = hp[hp["policy_reward"] != hp["baseline_reward"]]
-    assert done["agreement_n"] == len(decisive)
+    assert done["agreement_n"] == len(decisive) >= 1
     assert done["agreement"] == pytest.approx((decisive["policy_reward"] > decisive["baseline_reward"]).mean())
     other = studio.next_evaluation_pair("bo")              # another annotator still has the pairs to judge
     studio.compare(other["left_id"], other["right_id"], "tie", annotator="bo")
