@@ -138,3 +138,25 @@ def test_one_ppo_step_with_notes_on_what_it_skipped(tiny, arch):
     assert ("fast sampler does not support" in notes) == (arch in NO_FAST_SAMPLER)
     assert ("not packed" in notes) == (arch in NO_PACKING)
     assert ("shared prompt prefix is not supported" in notes) == (arch in NO_SHARED_PREFIX)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reward_export_as_a_sequence_classifier(tiny, arch, tmp_path):
+    """The fast tier of each architecture exported (components/reward/export.py) and reloaded through
+    AutoModelForSequenceClassification scores its texts as the studio does."""
+    from components.reward import export
+    from components.reward.extract import encode_texts, extract_features
+    from components.reward.fast import FastRewardModel
+    lm = tiny(arch)
+    prompts = ["Name a fruit.", "Name a fruit.", "Say hi.", "Say hi.", "Count to two."]
+    texts = [" Apple.", " I am not sure.", " Hi!", " Well, hello.", " 1, 2."]
+    X = extract_features(lm, prompts, texts)
+    fast = FastRewardModel().fit(X[[0, 2]], X[[1, 3]], l2=1.0)
+    scores, _ = fast.score(X)
+    H = lm.model.config.hidden_size
+    tok = export._export_tokenizer(lm)
+    assert export.texts_ids(tok, prompts, texts) == encode_texts(lm, prompts, texts, 10 ** 6)[0]
+    export.write_export(lm, tmp_path, fast.weight[:H] / fast.std[:H], prompts, texts, scores)
+    pairs = [(a, b) for a in range(5) for b in range(a)]
+    check = export.verify_export(tmp_path, prompts, texts, scores, pairs)
+    assert check["pairs_ranked_alike"] == len(pairs) and check["max_abs_diff"] < 1e-2 * np.ptp(scores), check

@@ -48,16 +48,17 @@ def _check(studio, version, path, tier):
     ids = sorted(set(held["chosen_id"]) | set(held["rejected_id"]))
     texts = studio.store.completion_texts(ids).set_index("id").loc[ids]
     want = np.array([studio.reward.score(int(i), tier=tier)[0] for i in ids])
-    got = _engine_scores(str(path), list(texts["prompt"]), list(texts["text"]))
+    # with texts the export never saw (not in the database): their agreement is reported, not promised
+    w_new = np.array([studio.reward.score_text(p, t, tier=tier)[0] for p, t in UNSEEN])
+    both = _engine_scores(str(path), list(texts["prompt"]) + [p for p, _ in UNSEEN],
+                          list(texts["text"]) + [t for _, t in UNSEEN])
+    got, g_new = both[:len(ids)], both[len(ids):]
     pos = {int(i): k for k, i in enumerate(ids)}
     alike = [np.sign(got[pos[c]] - got[pos[r]]) == np.sign(want[pos[c]] - want[pos[r]])
              for c, r in zip(held["chosen_id"], held["rejected_id"])]
     diff = float(np.abs(got - want).max())
     print(f"\n{tier}: {sum(alike)}/{len(alike)} held-out pairs ranked alike, largest score difference {diff:.2e} "
           f"(scores span {np.ptp(want):.3f}); export says {meta['heldout_max_abs_diff']:.2e}")
-    # texts the export never saw (not in the database): reported, not promised
-    w_new = np.array([studio.reward.score_text(p, t, tier=tier)[0] for p, t in UNSEEN])
-    g_new = _engine_scores(str(path), *zip(*UNSEEN))
     same = [np.sign(g_new[a] - g_new[b]) == np.sign(w_new[a] - w_new[b]) for a in range(4) for b in range(a)]
     print(f"{tier}, unseen texts: {sum(same)}/{len(same)} pairs ranked alike, largest score difference "
           f"{np.abs(g_new - w_new).max():.3f}")
