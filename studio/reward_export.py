@@ -49,9 +49,9 @@ def export_reward_model(studio, version: int, path: str) -> dict:
         X = np.stack([feats[i] for i in ids])
         scores, _ = model.score(X)
         # the features begin with the final hidden state at the last token, the state the classifier reads,
-        # unless a text was cut to the studio's max_tokens (the export reads it whole)
+        # unless a text was cut to the studio's max_tokens (the export reads it whole) or the base is not fp32
         seqs, _ = encode_texts(studio.lm, prompts, texts, max_tokens=10 ** 9)
-        if max(map(len, seqs)) <= rs.settings.feature_max_tokens:
+        if max(map(len, seqs)) <= rs.settings.feature_max_tokens and _fp32(studio.lm):
             last = X[:, :H]
         exact = np.asarray(model.weight[:H] / model.std[:H])
         adapter = None
@@ -84,6 +84,11 @@ def export_reward_model(studio, version: int, path: str) -> dict:
     return meta
 
 
+def _fp32(lm) -> bool:
+    import torch
+    return lm.dtype == torch.float32 and not lm.quantization
+
+
 def _deep(studio, rec, prompts, texts, H):
     """(the version's DeepRewardModel, its scores of the texts, exact last-token weight, the last-token states
     the head read, or None where a text was cut to the model's max_tokens) for a deep version."""
@@ -108,7 +113,8 @@ def _deep(studio, rec, prompts, texts, H):
         hook.remove()
     seqs, _ = encode_texts(studio.lm, prompts, texts, max_tokens=10 ** 9)
     cut = max(map(len, seqs)) > model.config.max_tokens
-    last = None if cut else torch.cat(seen).double().cpu().numpy()
+    # states of a half-precision base would differ from the fp32 export's own: those are recomputed
+    last = None if cut or not _fp32(studio.lm) else torch.cat(seen).double().cpu().numpy()
     pw = model.probe_weight
     fold = lambda h: (h.weight[:H] / h.std[:H]).detach().double().cpu().numpy()  # noqa: E731
     exact = (1.0 - pw) * fold(model.head) + (pw * fold(model.probe_head) if pw else 0.0)
