@@ -134,6 +134,8 @@ def test_one_ppo_step_with_notes_on_what_it_skipped(tiny, arch):
     metrics = trainer.step()
     assert all(np.isfinite(metrics[k]) for k in ("reward_mean", "kl", "policy_loss", "value_loss"))
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer._lora))        # the policy moved
+    # one epoch of one mini-batch: the update's log-probs are the rollout's (ratio 1) wherever they came from
+    assert abs(metrics["approx_kl"]) < 1e-5 and metrics["clip_frac"] == 0
     notes = " ".join(trainer.notes)
     assert ("fast sampler does not support" in notes) == (arch in NO_FAST_SAMPLER)
     assert ("not packed" in notes) == (arch in NO_PACKING)
