@@ -83,3 +83,18 @@ def test_both_tiers_export_as_sequence_classifiers(studio, tmp_path):
         studio.export_reward_model(fast, str(tmp_path / "fast"))
     with pytest.raises(StudioError, match="no reward model version"):
         studio.export_reward_model(10 ** 6, str(tmp_path / "none"))
+
+
+def test_reward_tab_export_button_is_for_owners(studio, tmp_path):
+    """The Reward tab's handler: annotators are refused; an owner's mistakes come back as messages."""
+    import gradio as gr
+    from studio.app import build_app
+    from studio.auth import Account, Accounts
+    demo = build_app(studio, max_queue=None)
+    on_export = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_export")
+    studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),
+                                "bo": Account("bo", "pw-bo-456", "annotator")})
+    assert "owner" in on_export(1, str(tmp_path / "x"), gr.Request(username="bo"))
+    assert "give the id" in on_export(None, str(tmp_path / "x"), gr.Request(username="ana"))
+    assert "no reward model version" in on_export(99, str(tmp_path / "x"), gr.Request(username="ana"))
+    assert not (tmp_path / "x").exists()
