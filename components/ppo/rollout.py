@@ -32,7 +32,8 @@ import os
 
 import torch
 
-from ..attention import PACKED, attention_implementation, register_packed_attention, varlen_available
+from ..attention import (PACKED, attention_implementation, prefix_sharing_supported, register_packed_attention,
+                         varlen_available)
 from ..fastgen import FastGenUnsupported, cache_kwarg, fast_generate
 from .core import entropy_from_logits, logprobs_from_logits
 
@@ -211,6 +212,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     P, R = query_ids.shape[1], response_ids.shape[1]
     checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
+    share_prefix = share_prefix and prefix_sharing_supported(decoder.config, P + R)
     n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
     shared = _decode_with_shared_prefix(decoder, query_ids, query_mask, response_ids, response_mask, n) \
         if n >= MIN_SHARED_PREFIX else None
@@ -218,7 +220,7 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
         pre_hidden, tail = shared
         W = tail.shape[1] - R
         out = heads_on_hidden(head, tail[:, W - 1:W - 1 + R], response_ids, temperature, value_head,
-                              want_entropy, entropy_grad, logprobs_fn)
+                              want_entropy, entropy_grad, logprobs_fn, softcap=output_softcap(lm))
         if want_hidden:
             out.hidden = _full_layout(pre_hidden, tail, query_mask, R)
         return out
@@ -241,13 +243,13 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                              use_cache=False).last_hidden_state
             h = hidden.gather(1, predicting.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return heads_on_hidden(head, h, response_ids, temperature, value_head, want_entropy, entropy_grad,
-                               logprobs_fn)
+                               logprobs_fn, softcap=output_softcap(lm))
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     out = heads_on_hidden(head, hidden[:, P - 1:P - 1 + R], response_ids, temperature, value_head, want_entropy,
-                          entropy_grad, logprobs_fn)
+                          entropy_grad, logprobs_fn, softcap=output_softcap(lm))
     out.hidden = hidden
     return out
 
@@ -313,16 +315,19 @@ def _full_layout(pre_hidden: torch.Tensor, tail: torch.Tensor, query_mask: torch
 
 def heads_on_hidden(head: torch.nn.Module, h: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                     value_head: torch.nn.Module | None = None, want_entropy: bool = False,
-                    entropy_grad: bool = False, logprobs_fn=None) -> ForwardOut:
+                    entropy_grad: bool = False, logprobs_fn=None, softcap: float | None = None) -> ForwardOut:
     """Output head and value head on the response-predicting hidden states h [B, R, H] -> ForwardOut.
-    logprobs_fn(logits, labels, temperature): default `logprobs_from_logits`."""
-    if temperature != 1.0 and getattr(head, "bias", None) is None:
+    logprobs_fn(logits, labels, temperature): default `logprobs_from_logits`. softcap: the model's final logit
+    softcapping (Gemma 2: logits = cap * tanh(logits / cap), before the temperature; `output_softcap`)."""
+    if temperature != 1.0 and getattr(head, "bias", None) is None and not softcap:
         # head(h) / T == head(h / T) for a bias-free head; scaling h [B, R, H] instead of the logits
         # [B, R, V] saves a pass over V/H times more numbers, forward and backward
         h_scaled, temperature = h / temperature, 1.0
     else:
         h_scaled = h
     logits = head(h_scaled)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     out = ForwardOut(logp=(logprobs_fn or logprobs_from_logits)(logits, response_ids, temperature))
     if value_head is not None:
         out.values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
@@ -333,6 +338,13 @@ def heads_on_hidden(head: torch.nn.Module, h: torch.Tensor, response_ids: torch.
             with torch.no_grad():
                 out.entropy = entropy_from_logits(logits.detach(), temperature)
     return out
+
+
+def output_softcap(model) -> float | None:
+    """The final logit softcapping of a causal LM's config (Gemma 2), or None."""
+    cfg = causal_lm_of(model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "final_logit_softcapping", None) or None
 
 
 def final_norm_module(model) -> torch.nn.Module | None:

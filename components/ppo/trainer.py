@@ -36,14 +36,14 @@ from typing import Callable
 
 import torch
 
-from ..attention import avoid_cudnn_attention, packing_supported, varlen_available
+from ..attention import avoid_cudnn_attention, packing_supported, prefix_sharing_supported, varlen_available
 from ..fastgen import graph_capture_failure, quantized_base
 from ..fused_lora import fused_lora
 from . import core
 from .config import PPOConfig
 from .rewards import value_head_from_pooled_head
 from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
-    fast_sampling_enabled, fast_sampling_unsupported, mask_after_eos, sample
+    fast_sampling_enabled, fast_sampling_unsupported, mask_after_eos, output_softcap, sample
 
 STATE_FORMAT = "rlhf-studio-ppo-state/1"
 
@@ -316,6 +316,14 @@ class PPOTrainer:
         if why:
             notes.append(f"rollouts sample with model.generate, slower: the fast sampler does not support this "
                          f"model ({why})")
+        longest = self.config.max_prompt_tokens + self.config.max_new_tokens
+        dec_cfg = causal_lm_of(self.model).get_decoder().config
+        if self.config.pack_rows and not self.pack_rows:
+            notes.append(f"training passes run padded rows, not packed ones: not supported for this model "
+                         f"({dec_cfg.model_type}, or a sliding window shorter than {longest} tokens)")
+        if self.config.share_prompt_prefix and not prefix_sharing_supported(dec_cfg, longest):
+            notes.append(f"each row runs its whole prompt: a shared prompt prefix is not supported with a sliding "
+                         f"window ({dec_cfg.sliding_window}) shorter than {longest} tokens")
         failed = graph_capture_failure(self.model)
         if failed:
             notes.append(f"rollouts decode without CUDA graphs, slower: capturing one failed ({failed})")
@@ -425,7 +433,8 @@ class PPOTrainer:
             with torch.no_grad():
                 if gen_hidden is not None:
                     fo = heads_on_hidden(causal_lm_of(self.model).get_output_embeddings(), gen_hidden, resp,
-                                         cfg.temperature, self.value_head, want_entropy=True)
+                                         cfg.temperature, self.value_head, want_entropy=True,
+                                         softcap=output_softcap(self.model))
                 else:
                     with self._fused():     # the training passes' LoRA math and layout: the first ratio is ~1
                         fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,

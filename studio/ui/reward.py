@@ -103,11 +103,19 @@ def build(studio, role: str = "owner"):
                          elem_id="pref-file")
         fmt = gr.Radio([("HH-RLHF", "hh"), ("TRL", "trl")], value="hh", label="Format")
         import_btn = gr.Button("Import", elem_id="pref-import-btn")
+    with gr.Accordion("Export a version for TRL / OpenRLHF / verl (AutoModelForSequenceClassification)",
+                      open=False, visible=owner) as export_box:
+        with gr.Row():
+            export_version = gr.Number(label="Version id (a row of the table)", precision=0,
+                                       elem_id="reward-export-version")
+            export_dir = gr.Textbox(label="New folder on the server", value="reward-model",
+                                    elem_id="reward-export-dir")
+        export_btn = gr.Button("Export reward model", elem_id="reward-export-btn")
     # Gradio ticks it only while this tab is open; `sent`: what this browser tab was last sent, so that a tick
     # rebuilds and sends only what changed (it rescored every completion and redrew four plots every 3 s)
     timer = gr.Timer(3.0)
     sent = gr.State(None)
-    owner_only = [owner_row, import_box]
+    owner_only = [owner_row, import_box, export_box]
 
     def refresh(sent_=None):
         sent_, now = sent_ or {}, {}
@@ -167,6 +175,18 @@ def build(studio, role: str = "owner"):
             return fail(e)
         return ok(f"imported {n} pairs; reward features are being computed in the background")
 
+    def on_export(version, folder, request: gr.Request):
+        try:
+            require_owner(studio, request, "export the reward model")
+            if version is None:
+                raise StudioError("give the id of the version to export")
+            m = studio.export_reward_model(int(version), str(folder or "").strip())
+        except StudioError as e:
+            return fail(e)
+        return ok(f"version {m['version']} ({m['tier']}) written to {m['path']}: {m['heldout_pairs_ranked_alike']}"
+                  f"/{m['heldout_pairs']} held-out pairs ranked as here, largest score difference "
+                  f"{m['heldout_max_abs_diff']:.2g}")
+
     def on_select(evt: gr.SelectData, df, request: gr.Request):
         """Pin the selected version for PPO launches from this browser tab (not the whole process: another
         session, or the notebook API, keeps its own choice)."""
@@ -197,6 +217,7 @@ def build(studio, role: str = "owner"):
     train_deep.click(on_deep, [every], action, api_name="train_deep")
     every.submit(on_every, [every], action, api_name="deep_every")
     import_btn.click(on_import, [upload, fmt], action, api_name="import_preferences").then(refresh, sent, outputs)
+    export_btn.click(on_export, [export_version, export_dir], action, api_name="export_reward_model")
     versions.select(on_select, [versions], [pinned, use_version])
     pinned.change(pin_md, pinned, use_version, show_progress="hidden", api_visibility="private")
     # timer-driven: no "processing" overlay over the status every 3 s
