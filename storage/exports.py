@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pandas as pd
 
-from ._core import _short
+from .errors import short as _short
 from .errors import InvalidInput, StorageError
 from .store import TABLES, Store
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from ._core import _short
+from .errors import short as _short
 from .errors import InvalidInput
 from .store import (Store, _alloc_ids, _bulk_insert, _clean_prompt, _count_ids, _criterion_name, _import_source,
                     _prompt_ids, _rows, _valid_unicode)

@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 
 from . import importers
-from ._core import MEMORY, _short, open_core, release_core
+from .errors import short as _short
+from .integrity import MEMORY
+from .writer import open_writer as open_core, release_writer as release_core
 from .errors import InvalidInput, NotFound, StorageError
 from .migrations import NOW
 
