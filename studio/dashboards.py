@@ -1,6 +1,6 @@
 """Dashboards: functions of a `storage.Store` returning plotly figures (also usable from a notebook).
 
-Every aggregation runs in DuckDB (storage/exports.py); Python only turns the small aggregated frames into
+Every aggregation runs in DuckDB (storage/reports.py); Python only turns the small aggregated frames into
 figures and computes the agreement / Bradley-Terry statistics (numpy, implemented here).
 
 Figures: labels_over_time, star_distribution, coverage, reward_vs_stars (scores passed in as id -> score),
@@ -30,7 +30,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from storage import exports as q
+from storage import reports as q
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0

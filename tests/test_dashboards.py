@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import pytest
 
 from storage import Store
-from storage import exports as q
+from storage import reports as q
 from studio import dashboards as d
 
 NAN = float("nan")
