@@ -8,9 +8,9 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from . import db
-from .io import bulk, imports
 from .base import StoreBase
 from .errors import InvalidInput, NotFound
+from .io import bulk, imports
 from .validate import as_float, as_ids, as_int, as_str, clean_prompt
 
 FINISH_REASONS = ("eos", "length", "stop", "human")
@@ -49,6 +49,7 @@ def completion_row(row: Mapping[str, Any], where: str) -> list[Any]:
         as_float(r.get("latency_s"), f"{where}: latency_s", optional=True),
         as_int(r.get("corrects_id"), f"{where}: corrects_id", optional=True),
     ]
+
 
 def insert_completions(cur, values: list[list[Any]]) -> list[int]:
     """Insert completion rows (from completion_row) inside a write, after checking what they refer to."""

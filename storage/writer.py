@@ -60,7 +60,6 @@ def translate(exc: BaseException, what: str = "the change") -> BaseException:
     return new
 
 
-
 class Writer:
     """One open database file: the connection, the write queue and its thread, the read cursors."""
 
