@@ -61,7 +61,7 @@ def insert_completions(cur, values: list[list[Any]]) -> list[int]:
     corrects = sorted({v[12] for v in values if v[12] is not None})
     if corrects:
         found = {r[0] for r in db.rows(cur, "SELECT id FROM completions WHERE id IN "
-                                       "(SELECT unnest(?::BIGINT[]))", [corrects])}
+                                            "(SELECT unnest(?::BIGINT[]))", [corrects])}
         if set(corrects) - found:
             raise NotFound(f"no completion with id {min(set(corrects) - found)}")
     adapters = sorted({v[5] for v in values if v[5] is not None})

@@ -83,8 +83,8 @@ class Labels(StoreBase):
                 same = ("kind", "criterion", "completion_id", "other_completion_id", "stars", "up", "winner",
                         "ranking", "text", "tags", "annotator")
                 hit = db.rows(cur, f"SELECT id, rewrite_completion_id, {', '.join(same)}, (SELECT text FROM "
-                              "completions WHERE id = rewrite_completion_id) FROM feedback "
-                              "WHERE idempotency_key = ?", [key])
+                                   "completions WHERE id = rewrite_completion_id) FROM feedback "
+                                   "WHERE idempotency_key = ?", [key])
                 if hit:
                     # a retry says the same again; the same key on another label would drop that label unseen
                     stored = dict(zip(same + ("rewrite_text",), hit[0][2:]))
@@ -100,7 +100,7 @@ class Labels(StoreBase):
             targets = f["ranking"] if kind == "ranking" else [
                 c for c in (f["completion_id"], f["other_completion_id"]) if c is not None]
             prompt_of = dict(db.rows(cur, "SELECT id, prompt_id FROM completions WHERE id IN "
-                                     "(SELECT unnest(?::BIGINT[]))", [targets]))
+                                          "(SELECT unnest(?::BIGINT[]))", [targets]))
             for c in targets:
                 if c not in prompt_of:
                     raise NotFound(f"no completion with id {c}")
@@ -161,7 +161,7 @@ class Labels(StoreBase):
 
         def newest(cur):
             rows = db.rows(cur, "SELECT id FROM feedback_live WHERE annotator = ? AND source = 'human' "
-                           "AND (?::VARCHAR IS NULL OR session_id = ?) ORDER BY id DESC LIMIT 1",
+                                "AND (?::VARCHAR IS NULL OR session_id = ?) ORDER BY id DESC LIMIT 1",
                            [who, session, session])
             if not rows:
                 raise NotFound("Nothing to undo: you have no label left to withdraw"
@@ -183,7 +183,7 @@ class Labels(StoreBase):
                     return hit[0]
             fid = pick(cur)
             row = db.rows(cur, "SELECT annotator, id IN (SELECT feedback_id FROM retractions) FROM feedback "
-                          "WHERE id = ?", [fid])
+                               "WHERE id = ?", [fid])
             if not row:
                 raise NotFound(f"no label with id {fid}")
             given_by, withdrawn = row[0]

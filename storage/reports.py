@@ -166,7 +166,7 @@ def rated_completion_ids(store, criterion: str | None = "overall", limit: int = 
     """The most recently star-rated completions (for scoring them with the reward model)."""
     sql, params = current_stars_sql(criterion)
     df = store.query(f"SELECT completion_id FROM ({sql}) GROUP BY completion_id ORDER BY max(id) DESC "
-                   f"LIMIT {int(limit)}", params)
+                     f"LIMIT {int(limit)}", params)
     return [int(i) for i in df["completion_id"]]
 
 

@@ -170,7 +170,7 @@ def add_feedback_many(store, rows: Sequence[Mapping[str, Any]]) -> list[int]:
 
     def fn(cur):
         known = {r[0]: r[1] for r in db.rows(cur, "SELECT idempotency_key, id FROM feedback WHERE idempotency_key IN "
-                                                "(SELECT unnest(?::VARCHAR[]))", [keys])} if keys else {}
+                                                  "(SELECT unnest(?::VARCHAR[]))", [keys])} if keys else {}
         criteria = {f["criterion"] for f in labels}
         have = {r[0] for r in db.rows(cur, "SELECT name FROM criteria WHERE name IN (SELECT unnest(?::VARCHAR[]))",
                                     [sorted(criteria)])}
@@ -181,7 +181,7 @@ def add_feedback_many(store, rows: Sequence[Mapping[str, Any]]) -> list[int]:
                           (f["ranking"] if f["kind"] == "ranking" else
                            [x for x in (f["completion_id"], f["other_completion_id"]) if x is not None])})
         prompt_of = dict(db.rows(cur, "SELECT id, prompt_id FROM completions WHERE id IN "
-                                    "(SELECT unnest(?::BIGINT[]))", [targets]))
+                                      "(SELECT unnest(?::BIGINT[]))", [targets]))
         todo = []
         for i, f in enumerate(labels, 1):
             if f["idempotency_key"] in known:
