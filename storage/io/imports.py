@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from ..errors import InvalidInput
-from ..validate import as_str, clean_prompt
+from ..validate import as_str, clean_prompt, import_source
 from .bulk import write_pairs, write_prompts, write_rated
 from .preferences import read_hh, read_trl
 from .prompts import read_prompt_file
@@ -54,7 +54,6 @@ def import_rated(store, path, criterion: str = "overall", scale: str = "auto",
     {"prompts": distinct prompts in the file, "completions", "labels" added, "skipped": already imported or
     repeated, "scale": the scale used, "source"}."""
     rows, scale = read_rated_file(path, scale)
-    src = source if source is not None else os.path.basename(os.fspath(path))
+    src = import_source(source if source is not None else os.path.basename(os.fspath(path)))
     out = write_rated(store, rows, src, criterion)
-    return {"prompts": len({r["prompt"] for r in rows}), **out, "scale": scale, "source": src if
-            src.startswith("import:") else f"import:{src}"}
+    return {"prompts": len({r["prompt"] for r in rows}), **out, "scale": scale, "source": src}
