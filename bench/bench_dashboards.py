@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
 
-    from storage import exports as q
+    from storage import reports as q
     from studio import dashboards as d
 
     tmpdir = None

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.models import load_model  # noqa: E402
 from components.reward.bt import pairwise_accuracy  # noqa: E402
-from components.reward.datasets import parse_hh  # noqa: E402
+from storage.io.preferences import read_hh as parse_hh  # noqa: E402
 from components.reward.deep import (DeepRewardConfig, DeepRewardTrainer, advance_trunks,  # noqa: E402
                                     extract_features_and_trunks)
 from components.reward.fast import FastRewardModel  # noqa: E402

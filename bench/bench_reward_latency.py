@@ -8,7 +8,7 @@ the refit, the held-out metrics and the version row, i.e. what the user waits fo
 Set-up (real everything; cached under artifacts/ so reruns skip it): the embedded SmolLM2-135M generates
 `--per-prompt` completions for `--prompts` single-turn prompts of the real HH-RLHF test split (../shared/data),
 their reward features are computed and cached in the DB by the app itself, and `--labels` labels are stored in
-one verified transaction (storage.bulk_labels) by 25 simulated annotators: pairwise (40 %, some ties), stars
+one verified transaction (storage.io.bulk) by 25 simulated annotators: pairwise (40 %, some ties), stars
 (30 %), rankings of all completions of a prompt (15 %), thumbs (15 %), each drawn from a Bradley-Terry model
 of a latent quality per completion (longer answers preferred, plus noise), so labels disagree as real ones do
 and many supersede earlier ones.
@@ -49,7 +49,7 @@ ANNOTATORS = [f"bench-{i:02d}" for i in range(25)]
 
 def hh_prompts(k: int) -> list[str]:
     """The first k distinct single-turn human prompts (20..200 characters) of the real HH-RLHF test file."""
-    from components.reward.datasets import parse_hh
+    from storage.io.preferences import read_hh as parse_hh
     from tests.data_paths import HH_REAL
     out: list[str] = []
     for row in parse_hh(HH_REAL):
@@ -67,7 +67,7 @@ def hh_prompts(k: int) -> list[str]:
 
 
 def build_seed(path: Path, lm, n_prompts: int, per_prompt: int, n_labels: int, seed: int) -> None:
-    from storage.bulk_labels import add_feedback_many
+    from storage.io.bulk import add_feedback_many
     from studio import Studio
     t0 = time.perf_counter()
     s = Studio(str(path), model=lm)

@@ -3,12 +3,11 @@
 # Results and logs go to $OUT. Needs, beside the image's torch/transformers/peft: the wheels in .whl/
 # (bitsandbytes, trl 1.12.0, datasets 5.2.0, dill, multiprocess, pyarrow>=24) and the TRL peer harness in
 # .gpu/peers/ (a copy of ../shared/peers/gpu).   Run:  bash bench/gpu_all.sh [SECTION...]   (carry .whl and
-# .gpu/peers). Sections: 7 compiled against eager gradients, and packed rows against padded ones (~2 minutes;
-# run it first on new code: a compiled or packed figure counts only where they agree), 1 fast rollouts + training step, 2 PPO vs
-# TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed (runs 10-13's best), eager
-# (no argument: the issue's benchmarks, 1 2 4; "7 1 2 4" checks first); on request:
-# 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
-# compiled and eager, with how busy the GPU was (~4 minutes).
+# .gpu/peers). Sections: 7 the GPU tests (pytest -m gpu: compiled against eager gradients, packed rows against
+# padded ones, ~2 minutes; run it first on new code: a compiled or packed figure counts only where they agree),
+# 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64
+# packed (runs 10-13's best), eager (no argument: the issue's benchmarks, 1 2 4; "7 1 2 4" checks first);
+# on request: 3 quantized PPO (issue 4's check, ~2.5 minutes).
 # Sections run in the order given.
 set -u
 SECTIONS="${*:-1 2 4}"
@@ -70,24 +69,9 @@ stamp "$tag done"
 done
 }
 
-section_5() {
-# mini-batch 64 compiled is the fastest configuration timed (runs 10-13)
-stamp "5. profile of the trainer's training phase, 1.7B shape, batch 64, mini-batch 64, compiled then eager"
-for c in ${PROFILE_COMPILE:-on off}; do
-timeout 200 python3 bench/gpu_profile_ppo.py --shape 1.7b --mini-batch 64 --compile $c ${PROFILE_ARGS:-} \
-    > "$OUT/ppo_profile_compile_$c.log" 2>&1
-grep -vE "[Ww]arn|Loading|Writing" "$OUT/ppo_profile_compile_$c.log" | tail -42 | cut -c1-200
-done
-}
 section_7() {
-stamp "7. compiled against eager gradients, adapter by adapter, 1.7B shape, packed, training and masked layouts"
-timeout 240 python3 bench/gpu_check_compiled_grads.py --shape 1.7b 2>&1 | tee "$OUT/compiled_grads.log" | \
-    grep -E "^\||^packed|^column|Error|varlen"
-}
-
-section_6() {
-stamp "6. ceilings: one layer's matrix products and attention through each SDPA backend, 1.7B micro-batch"
-timeout 60 python3 bench/gpu_probe_kernels.py 2>&1 | tee "$OUT/probe_kernels.log" | grep -vE "[Ww]arn"
+stamp "7. GPU correctness tests: compiled against eager gradients, packed against padded rows, 1.7B shape"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 }
 
 # The compile cache comes and goes as one file: INDUCTOR_CACHE=path/to/inductor.tgz (carried) seeds it, and it

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+from .model_utils import is_peft
 
 
 def adapter_names(model) -> list[str]:

@@ -5,7 +5,7 @@ Seen on an H200 (torch 2.11, CUDA 13, bf16, LoRA on a SmolLM2-135M shape, 64 lef
 with PyTorch choosing cuDNN's fused attention for the masked SDPA call, the backward pass gave NaN gradients, and
 after the first optimizer step every log-prob of the next epoch was NaN. The same step with cuDNN attention off
 (PyTorch then runs its memory-efficient kernel; flash attention takes no mask) was finite.
-`bench/gpu_nan_probe.py` reproduces it and prints which setting fails.
+The probe that found it is described in docs/GPU.md ("Retired probes").
 """
 from __future__ import annotations
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .model_utils import causal_lm_of
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "RLHF_STUDIO_FASTGEN"
@@ -76,11 +78,6 @@ def fast_path_enabled(use_fast: bool | None = None) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Model plumbing
 # ----------------------------------------------------------------------------------------------------------
-
-def causal_lm_of(model) -> torch.nn.Module:
-    """The transformers CausalLM inside a peft PeftModel (LoRA layers are injected in it), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 def _forward_param_names(lm) -> set:
     import inspect

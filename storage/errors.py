@@ -14,3 +14,13 @@ class NotFound(StorageError, LookupError):
 
 class InvalidInput(StorageError, ValueError):
     """The caller passed a value the schema does not accept (bad stars, empty prompt, bad file line...)."""
+
+
+RESTORE_ADVICE = ("Restore the file from a backup (Studio.backup / Store.backup write one), or start with a different "
+                  "--db path; keep the damaged file for recovery.")
+
+
+def short(msg: object, limit: int = 300) -> str:
+    """A database message on one line, cut to `limit` characters (for messages shown to the user)."""
+    msg = " ".join(str(msg).split())
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."

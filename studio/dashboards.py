@@ -1,10 +1,10 @@
 """Dashboards: functions of a `storage.Store` returning plotly figures (also usable from a notebook).
 
-Every aggregation runs in DuckDB (storage/exports.py); Python only turns the small aggregated frames into
+Every aggregation runs in DuckDB (storage/reports.py); Python only turns the small aggregated frames into
 figures and computes the agreement / Bradley-Terry statistics (numpy, implemented here).
 
 Figures: labels_over_time, star_distribution, coverage, reward_vs_stars (scores passed in as id -> score),
-agreement, leaderboard. Tables / numbers: agreement_stats, leaderboard_table.
+agreement, leaderboard. Tables / numbers: agreement_stats, policy_record, leaderboard_table.
 
 Statistics
 - Cohen's kappa for two annotators from their confusion matrix: (p_o - p_e) / (1 - p_e); optionally weighted
@@ -30,7 +30,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from storage import exports as q
+from storage import reports as q
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0
@@ -214,43 +214,63 @@ def agreement_stats(store, criterion: str | None = "overall", top: int = 12) -> 
     return out
 
 
+class PolicyTally:
+    """The current pairwise votes between policies, counted once for the win rates and the leaderboard.
+    Policies are `policy_votes`' ids (0 = base) named as there: "base", "<adapter name> #<adapter id>"."""
+
+    def __init__(self, votes: pd.DataFrame):
+        self.ids = sorted(set(votes["p1"]).union(votes["p2"]))
+        self.names: dict[int, str] = {}
+        for r in votes.itertuples():
+            self.names[int(r.p1)], self.names[int(r.p2)] = r.name1, r.name2
+        self.index = {p: i for i, p in enumerate(self.ids)}
+        P = len(self.ids)
+        self.w = np.zeros((P, P))          # w[i, j]: wins of i over j, a tie or both-bad counting half to each
+        self.wins, self.losses, self.ties = np.zeros(P), np.zeros(P), np.zeros(P)
+        for r in votes.itertuples():
+            i, j = self.index[int(r.p1)], self.index[int(r.p2)]
+            t = float(r.ties + r.both_bad)
+            self.w[i, j] += r.wins1 + 0.5 * t
+            self.w[j, i] += r.wins2 + 0.5 * t
+            self.wins[i] += r.wins1
+            self.wins[j] += r.wins2
+            self.losses[i] += r.wins2
+            self.losses[j] += r.wins1
+            self.ties[i] += t
+            self.ties[j] += t
+
+    def record(self) -> pd.DataFrame:
+        """policy, votes, wins, losses, ties (ties + both bad), win_rate (ties half), in policy id order."""
+        votes = self.wins + self.losses + self.ties
+        return pd.DataFrame({
+            "policy": [self.names[p] for p in self.ids], "votes": votes.astype(int), "wins": self.wins.astype(int),
+            "losses": self.losses.astype(int), "ties": self.ties.astype(int),
+            "win_rate": np.where(votes > 0, (self.wins + 0.5 * self.ties) / np.maximum(votes, 1), np.nan)})
+
+
+_RECORD_COLS = ["policy", "votes", "wins", "losses", "ties", "win_rate"]
+
+
+def policy_record(store, criterion: str | None = "overall", blind_only: bool = False) -> pd.DataFrame:
+    """One row per policy that has votes: policy, votes, wins, losses, ties (ties + both bad), win_rate (ties
+    half); base first, then the adapters by id."""
+    v = q.policy_votes(store, criterion, blind_only)
+    return PolicyTally(v).record() if len(v) else pd.DataFrame(columns=_RECORD_COLS)
+
+
 def leaderboard_table(store, criterion: str | None = "overall", blind_only: bool = False,
                       prior: float = 0.1) -> pd.DataFrame:
     """One row per policy (base and each adapter): rating (Elo scale, base = 1000), 95% interval, theta, se,
     votes, wins, losses, ties (ties + both bad), win_rate (ties half), sorted best first."""
-    cols = ["policy", "rating", "ci_low", "ci_high", "theta", "se", "votes", "wins", "losses", "ties", "win_rate"]
+    cols = ["policy", "rating", "ci_low", "ci_high", "theta", "se"] + _RECORD_COLS[1:]
     v = q.policy_votes(store, criterion, blind_only)
     if len(v) == 0:
         return pd.DataFrame(columns=cols)
-    ids = sorted(set(v["p1"]).union(v["p2"]))
-    names = {}
-    for r in v.itertuples():
-        names[int(r.p1)], names[int(r.p2)] = r.name1, r.name2
-    ix = {p: i for i, p in enumerate(ids)}
-    P = len(ids)
-    w = np.zeros((P, P))
-    wins, losses, ties = np.zeros(P), np.zeros(P), np.zeros(P)
-    for r in v.itertuples():
-        i, j = ix[int(r.p1)], ix[int(r.p2)]
-        t = float(r.ties + r.both_bad)
-        w[i, j] += r.wins1 + 0.5 * t
-        w[j, i] += r.wins2 + 0.5 * t
-        wins[i] += r.wins1
-        wins[j] += r.wins2
-        losses[i] += r.wins2
-        losses[j] += r.wins1
-        ties[i] += t
-        ties[j] += t
-    ref = ix.get(0, 0)
-    theta, se = bradley_terry(w, prior=prior, ref=ref)
-    votes = wins + losses + ties
+    tally = PolicyTally(v)
+    theta, se = bradley_terry(tally.w, prior=prior, ref=tally.index.get(0, 0))
     rating = ELO_BASE + ELO_SCALE * theta
-    df = pd.DataFrame({
-        "policy": [names[p] for p in ids], "rating": rating,
-        "ci_low": rating - 1.96 * ELO_SCALE * se, "ci_high": rating + 1.96 * ELO_SCALE * se,
-        "theta": theta, "se": se, "votes": votes.astype(int), "wins": wins.astype(int),
-        "losses": losses.astype(int), "ties": ties.astype(int),
-        "win_rate": np.where(votes > 0, (wins + 0.5 * ties) / np.maximum(votes, 1), np.nan)})
+    df = tally.record().assign(rating=rating, ci_low=rating - 1.96 * ELO_SCALE * se,
+                               ci_high=rating + 1.96 * ELO_SCALE * se, theta=theta, se=se)
     return df.sort_values(["rating", "policy"], ascending=[False, True]).reset_index(drop=True)[cols]
 
 

@@ -30,8 +30,8 @@ Both file formats load with `datasets.load_dataset("parquet" | "json", data_file
 
 Import — one transaction each; a malformed file changes nothing and the error names the line/row and field:
 `import_preferences(store, path, format="trl" | "hh")` TRL (plain or conversational, JSONL/Parquet) or HH-RLHF
-pairs, parsed by components.reward.datasets; `import_rated(store, path)` UltraFeedback-like rated completions
-(see storage/imports_ext.py for the file layout and the score -> stars mapping).
+pairs; `import_rated(store, path)` UltraFeedback-like rated completions (storage/io/rated.py has the file layout
+and the score -> stars mapping). Both go through `storage.io` and turn its errors into StudioError.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ import os
 from typing import Any, Mapping
 
 from storage import InvalidInput, NotFound, StorageError
-from storage import exports as _q
-from storage import imports_ext as _imp
+from storage import io as storage_io
+from storage.io import export as _q
 
 from .errors import StudioError
 
@@ -64,13 +64,17 @@ def export(store, kind: str, path: str, format: str = "parquet", *, conversation
         raise StudioError(str(e)) from None
 
 
+def _nothing_imported(e: Exception) -> StudioError:
+    msg = str(e)
+    return StudioError(msg + ("" if "nothing was imported" in msg else " — nothing was imported"))
+
+
 def import_preferences(store, path: str, format: str = "trl", criterion: str = "overall",
                        source: str | None = None) -> int:
     """Import preference pairs (TRL plain or conversational JSONL/Parquet, or HH-RLHF JSONL(.gz)) in one
     transaction. Returns the number of pairs added (pairs already imported from the same source are skipped).
     Rows keep the source 'import:<format>:<file>' (completions, label annotator and label source), the same
     as Studio.import_preferences, which also starts the feature job of the reward model."""
-    from components.reward.datasets import PreferenceFormatError, parse_hh, parse_trl
     path = os.fspath(path)
     if format not in ("trl", "hh"):
         raise StudioError("format must be 'trl' (prompt/chosen/rejected) or 'hh' (HH-RLHF)")
@@ -78,14 +82,10 @@ def import_preferences(store, path: str, format: str = "trl", criterion: str = "
         raise StudioError(f"no such file: {path}")
     name = os.path.basename(path)
     try:
-        rows = parse_trl(path) if format == "trl" else parse_hh(path)
-    except PreferenceFormatError as e:
-        msg = str(e)
-        raise StudioError((msg if msg.startswith(name) else f"{name}: {msg}") + " — nothing was imported") from None
-    try:
-        return store.import_preference_pairs(rows, source=source or f"import:{format}:{name}", criterion=criterion)
+        return storage_io.import_preferences(store, path, format, criterion=criterion, source=source)
     except (InvalidInput, NotFound) as e:
-        raise StudioError(f"{name}: {e} — nothing was imported") from None
+        msg = str(e)
+        raise _nothing_imported(msg if msg.startswith(name) else f"{name}: {msg}") from None
 
 
 def import_rated(store, path: str, criterion: str = "overall", scale: str = "auto",
@@ -95,7 +95,6 @@ def import_rated(store, path: str, criterion: str = "overall", scale: str = "aut
     scale: "auto" | "5" (1..5, rounded) | "10" (0..10, halved and rounded). Returns {"prompts", "completions",
     "labels", "skipped", "scale", "source"}."""
     try:
-        return _imp.import_rated_completions(store, path, criterion=criterion, scale=scale, source=source)
+        return storage_io.import_rated(store, path, criterion=criterion, scale=scale, source=source)
     except (InvalidInput, NotFound) as e:
-        msg = str(e)
-        raise StudioError(msg + ("" if "nothing was imported" in msg else " — nothing was imported")) from None
+        raise _nothing_imported(e) from None

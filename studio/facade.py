@@ -311,33 +311,11 @@ class Studio:
         return export_reward_model(self, _id(version), _path(path))
 
     def policy_winrates(self):
-        """Blind-compare results per policy: wins, losses, ties and win rate (ties count half)."""
-        import pandas as pd
-        fb = self.store.feedback()
-        fb = fb[fb["kind"] == "pairwise"] if len(fb) else fb
-        cols = ["policy", "votes", "wins", "losses", "ties", "win_rate"]
-        if len(fb) == 0:
-            return pd.DataFrame(columns=cols)
-        comp = self.store.completions().set_index("id")["adapter_id"]
-        name = lambda a: "base" if pd.isna(a) else f"adapter-{int(a)}"  # noqa: E731
-        stats: dict = {}
-        for r in fb.itertuples():
-            a, b = comp.get(r.completion_id), comp.get(r.other_completion_id)
-            pa, pb = name(a), name(b)
-            if pa == pb:
-                continue
-            for me, them_wins in ((pa, "b"), (pb, "a")):
-                st = stats.setdefault(me, [0, 0, 0, 0])
-                st[0] += 1
-                mine = "a" if me == pa else "b"
-                if r.winner == mine:
-                    st[1] += 1
-                elif r.winner == them_wins:
-                    st[2] += 1
-                else:
-                    st[3] += 1
-        rows = [(p, v, w, l, t, (w + 0.5 * t) / v) for p, (v, w, l, t) in sorted(stats.items())]
-        return pd.DataFrame(rows, columns=cols)
+        """Votes per policy from the current pairwise labels between completions of two different policies (every
+        criterion): policy, votes, wins, losses, ties (ties + both bad), win_rate (ties count half). The same
+        counts and policy names ("base", "<adapter name> #<id>") as the dashboard's leaderboard."""
+        from . import dashboards
+        return dashboards.policy_record(self.store, criterion=None)
 
     # ------------------------------------------------------- data (issue 5)
     def export(self, kind: str, path: str, format: str = "parquet", **options) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from storage import InvalidInput
+from .exports import import_preferences
 
 log = logging.getLogger("rlhf_studio.reward")
 
@@ -526,20 +525,7 @@ class RewardService:
 
     # --------------------------------------------------------------- imports
     def import_preferences(self, path: str, format: str = "hh", compute_features: bool = True) -> int:
-        from components.reward.datasets import PreferenceFormatError, parse_hh, parse_trl
-        from .errors import StudioError
-        if format not in ("hh", "trl"):
-            raise StudioError("format must be 'hh' (HH-RLHF) or 'trl' (prompt/chosen/rejected)")
-        if not os.path.isfile(path):
-            raise StudioError(f"no such file: {path}")
-        try:
-            rows = parse_hh(path) if format == "hh" else parse_trl(path)
-        except PreferenceFormatError as e:
-            raise StudioError(f"{os.path.basename(path)}: {e} — nothing was imported") from None
-        try:
-            n = self.store.import_preference_pairs(rows, source=f"import:{format}:{os.path.basename(path)}")
-        except InvalidInput as e:
-            raise StudioError(f"{os.path.basename(path)}: {e} — nothing was imported") from None
+        n = import_preferences(self.store, path, format)
         if compute_features:
             self.start_feature_job()
         return n

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import pytest
 
 from storage import Store
-from storage import exports as q
+from storage import reports as q
 from studio import dashboards as d
 
 NAN = float("nan")
@@ -273,6 +273,11 @@ def test_leaderboard_votes_and_bt(fresh_store):
     assert len(q.policy_votes(st, blind_only=True)) == 0   # none of these prompts came from the Blind tab
     fig = d.leaderboard(st)
     assert isinstance(fig, go.Figure) and len(fig.data[0].y) == 3
+    # the Blind compare tab's win rates (Studio.policy_winrates) are the leaderboard's counts, by the same names
+    r = d.policy_record(st, criterion=None)
+    assert r.policy.tolist() == ["base", f"ppo-a #{a1}", f"ppo-b #{a2}"]
+    cols = ["votes", "wins", "losses", "ties", "win_rate"]
+    assert r.set_index("policy")[cols].equals(t[cols].loc[r.policy]), (r, t)
 
 
 # ------------------------------------------------------------------------------------------------ reward vs stars

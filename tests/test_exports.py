@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import InvalidInput, Store
-from storage import exports as q
-from storage import imports_ext
+from storage.io import export as q
+from storage.io import rated
 from studio import StudioError
 from studio.exports import export, import_preferences, import_rated
 
@@ -303,9 +303,9 @@ def test_trl_import_malformed_changes_nothing(fresh_store, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ rated import
 def test_star_mapping():
-    assert [imports_ext.to_stars(s, "5") for s in (1, 1.49, 1.5, 2.5, 3, 4.5, 5)] == [1, 1, 2, 3, 3, 5, 5]
-    assert [imports_ext.to_stars(s, "10") for s in range(0, 11)] == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert imports_ext.to_stars(7.5, "10") == 4  # 3.75 -> 4
+    assert [rated.to_stars(s, "5") for s in (1, 1.49, 1.5, 2.5, 3, 4.5, 5)] == [1, 1, 2, 3, 3, 5, 5]
+    assert [rated.to_stars(s, "10") for s in range(0, 11)] == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert rated.to_stars(7.5, "10") == 4  # 3.75 -> 4
 
 
 def test_rated_import_jsonl(fresh_store, tmp_path):
@@ -385,4 +385,4 @@ def test_rated_import_gzip_and_unknown_criterion(fresh_store, tmp_path):
     assert fresh_store.stats() == before
     assert import_rated(fresh_store, str(path))["labels"] == 2
     with pytest.raises(InvalidInput, match="scale"):
-        imports_ext.read_rated_file(str(path), scale="7")
+        rated.read_rated_file(str(path), scale="7")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from components.reward.bt import bt_loss, expected_calibration_error, pairwise_accuracy, reliability_bins
-from components.reward.datasets import PreferenceFormatError, parse_hh, parse_trl
+from storage.io import FileFormatError as PreferenceFormatError
+from storage.io.preferences import read_hh as parse_hh, read_trl as parse_trl
 from components.reward.fast import DEFAULT_C, FastRewardModel
 
 from tests.data_paths import HH_REAL

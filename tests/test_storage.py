@@ -282,8 +282,8 @@ def test_write_verification_and_errors_cross_the_writer_thread(fresh_store):
 
 
 def test_writer_queue_full_raises_busy(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage._core, "QUEUE_SIZE", 2)
-    monkeypatch.setattr(storage._core, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(storage.writer, "QUEUE_SIZE", 2)
+    monkeypatch.setattr(storage.writer, "BUSY_TIMEOUT_S", 0.2)
     st = Store(tmp_path / "busy.duckdb")
     gate, running = threading.Event(), threading.Event()
     blocker = threading.Thread(target=lambda: st._write(lambda cur: (running.set(), gate.wait(10)), "blocker"))

@@ -57,10 +57,9 @@ class PPOConfig:
     always come from the unmerged policy, so the PPO ratio is exact either way; what merging changes is the
     sampling distribution,
     by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
-    any unquantized base on CUDA (bf16: ~1.8x faster decoding on an H100; the drift, measured by
-    bench/bench_merge_drift.py on SmolLM2-135M, is a per-token KL of ~2e-3, 1.6x that of running the policy in
-    bf16 instead of fp32); "on" = also bf16/fp16 on the CPU; "off" = never (samples exactly the unmerged
-    policy). Never for 4/8-bit bases."""
+    any unquantized base on CUDA (faster decoding; the drift is of the size of running the policy in bf16 at all:
+    docs/GPU.md, "PPOConfig switches"); "on" = also bf16/fp16 on the CPU; "off" = never (samples exactly the
+    unmerged policy). Never for 4/8-bit bases."""
 
     # ---- optimiser -----------------------------------------------------------------------------------------
     lr: float = 1e-4
@@ -83,7 +82,7 @@ class PPOConfig:
     adapter_name: str = "policy"
     """Name of the policy adapter on `lm.model`; other adapters (e.g. a reward adapter) are kept."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% slower); for large models on a GPU."""
+    """Recompute activations in the backward pass (less memory, slower); for large models on a GPU."""
     share_prompt_prefix: bool = True
     """Forward passes run the prompt prefix that all rows share (a chat template's system prompt) once and the
     rest of each row on its cache (components/ppo/rollout.py); same math. False: every row in full."""
@@ -97,20 +96,16 @@ class PPOConfig:
     every LoRA layer's input, output and gradient; "auto" = "half" for a bf16 base on CUDA (fp16's narrow range
     would want loss scaling), else "fp32". Applies to the fused passes (`fused_lora`): the policy pass that gives
     the old log-probs and the training passes alike, so the first PPO ratio compares like with like. No effect on
-    an fp32 base. On an H100 at the 1.7B shape (batch 64, mini-batch 32): training 1.20 -> 0.79 s a step
-    (12.4% -> 18.9% MFU); the gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
-    (tests/test_ppo_speedups.py)."""
+    an fp32 base. The gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
+    (tests/test_ppo_speedups.py); what it saves: docs/GPU.md, "PPOConfig switches"."""
     compile: str = "off"
     """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes:
     "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
     rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
-    peak (the GPU bench's compiled step: 2.3x the eager one at 1.7B). The first
-    training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
+    peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
     Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
-    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. On an H200 at the 1.7B shape
-    (batch 64, mini-batch 64, packed rows): training 0.82 s a step eager (mini-batch 32) -> 0.38 s compiled, 38.9%
-    of the bf16 peak, after a first step of 46-59 s that compiles (a cold cache), hence "off" by default: it pays
-    off after ~100-130 steps there, later for smaller models and batches (docs/GPU.md, runs 12-13). The first update
+    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first
+    step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches"). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
     pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
     the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why

@@ -41,9 +41,9 @@ from torch import nn
 
 from ..attention import avoid_cudnn_attention
 from ..fused_lora import fused_lora
+from ..model_utils import is_peft, position_ids_from_mask, safetensors_metadata
 from .bt import bt_loss
-from .extract import (Cancelled, base_model_mode, collate, encode_texts, final_hidden, is_peft_model,
-                      length_batches, position_ids_from_mask)
+from .extract import Cancelled, base_model_mode, collate, encode_texts, final_hidden, length_batches
 from .features import pool_features
 
 FORMAT = "rlhf-studio-deep-reward"
@@ -163,7 +163,7 @@ def _tuner_layers(model) -> list:
 
 
 def _decoder(model):
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = model.get_base_model() if is_peft(model) else model
     return base.get_decoder()
 
 
@@ -207,13 +207,13 @@ def ensure_adapter(lm, name: str, cfg: DeepRewardConfig, replace: bool = False) 
     lcfg = _lora_config(cfg, num_layers, _linear_names(lm.model))
     with lm.lock:
         model = lm.model
-        if is_peft_model(model) and name in model.peft_config:
+        if is_peft(model) and name in model.peft_config:
             if _same_lora(model.peft_config[name], lcfg):
                 return False
             if not replace:
                 raise ValueError(f"the model already has an adapter {name!r} of another shape; "
                                  "use another adapter name")
-        was_peft = is_peft_model(model)
+        was_peft = is_peft(model)
         before = {id(m): (m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)} if was_peft else {}
         grads = {id(p): p.requires_grad for p in model.parameters()}
         if was_peft:
@@ -671,10 +671,9 @@ class DeepRewardModel:
 
 def _read_state(b: bytes) -> tuple[dict, dict]:
     from safetensors.torch import load
-    from .fast import _metadata
     try:
         b = bytes(b)
-        meta = _metadata(b)
+        meta = safetensors_metadata(b)
         tensors = load(b)
     except Exception as e:
         raise ValueError(f"not a deep reward model: {type(e).__name__}: {e}") from None

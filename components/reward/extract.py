@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..model_utils import is_peft, position_ids_from_mask
 from .features import pool_features
 
 
@@ -24,27 +25,14 @@ class Cancelled(RuntimeError):
     """A long reward computation was stopped by its `stop()` callback."""
 
 
-def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
 @contextlib.contextmanager
 def base_model_mode(model):
     """Run the base model: inside, a PeftModel has all its adapters disabled (peft's own context manager)."""
-    if is_peft_model(model):
+    if is_peft(model):
         with model.disable_adapter():
             yield
     else:
         yield
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0.. counted over the real tokens (left padding gets 0s)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 
+from ..model_utils import safetensors_metadata
 from .bt import expected_calibration_error, reliability_bins
 
 CV_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -596,7 +597,7 @@ class FastRewardModel:
         from safetensors.numpy import load
         try:
             tensors = load(bytes(b))
-            meta = _metadata(bytes(b))
+            meta = safetensors_metadata(bytes(b))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"not a fast reward model: {type(e).__name__}: {e}") from None
         if meta.get("format") != FORMAT:
@@ -610,14 +611,3 @@ class FastRewardModel:
         self.n_pairs, self.cv = int(info.get("n_pairs", 0)), info.get("cv")
         self.fit_seconds = float(info.get("fit_seconds", 0.0))
         return self
-
-
-def _metadata(b: bytes) -> dict:
-    """The __metadata__ of a safetensors buffer (its JSON header)."""
-    if len(b) < 8:
-        raise ValueError("too short for safetensors")
-    n = int.from_bytes(b[:8], "little")
-    if n <= 0 or 8 + n > len(b):
-        raise ValueError("bad safetensors header length")
-    header = json.loads(b[8:8 + n].decode("utf-8"))
-    return header.get("__metadata__") or {}

@@ -5,7 +5,7 @@ on its rollout batch (prompt + generated response, left padding allowed) and get
 `uses_base_hidden=True` asks the trainer to pass the final hidden states (after the final norm) of the BASE
 model (all adapters disabled) that its reference pass computed anyway, so the fast tier costs one matvec;
 those hidden states should come from a forward with position ids following the attention mask
-(`extract.position_ids_from_mask`), as in extract_features, for the features to match the ones the probe was
+(`components.model_utils.position_ids_from_mask`), as in extract_features, for the features to match the ones the probe was
 fitted on. If base_hidden is None the fast tier runs that base pass itself.
 """
 from __future__ import annotations
