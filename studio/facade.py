@@ -356,6 +356,19 @@ class Studio:
         from . import dashboards
         return dashboards.leaderboard_table(self.store, criterion, blind_only)
 
+    # ---------------------------------------------------------- logins (issue 26)
+    def login_lockouts(self):
+        """Client addresses now locked out of the login after too many failures ("*": everyone, past the
+        overall limit), with failures counted and seconds left; empty without logins."""
+        import pandas as pd
+        rows = self.accounts.lockouts() if self.accounts is not None else []
+        return pd.DataFrame(rows, columns=["address", "failures", "seconds_left"])
+
+    def clear_login_lockouts(self) -> None:
+        """Let locked-out addresses try again now (an owner who knows who they are)."""
+        if self.accounts is not None:
+            self.accounts.clear_lockouts()
+
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
         self.store.backup(_path(path))
