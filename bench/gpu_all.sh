@@ -8,7 +8,8 @@
 # TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64 packed (runs 10-13's best), eager
 # (no argument: the issue's benchmarks, 1 2 4; "7 1 2 4" checks first); on request:
 # 3 quantized PPO (issue 4's check, ~2.5 minutes), 6 kernel ceilings (~20 s), 5 torch.profiler tables of the training phase at 1.7B,
-# compiled and eager, with how busy the GPU was (~4 minutes).
+# compiled and eager, with how busy the GPU was (~4 minutes), 8 model loading's every branch: plain, 8-bit, 4-bit
+# (issue 26, ~1 minute; needs bitsandbytes).
 # Sections run in the order given.
 set -u
 SECTIONS="${*:-1 2 4}"
@@ -83,6 +84,12 @@ section_7() {
 stamp "7. compiled against eager gradients, adapter by adapter, 1.7B shape, packed, training and masked layouts"
 timeout 240 python3 bench/gpu_check_compiled_grads.py --shape 1.7b 2>&1 | tee "$OUT/compiled_grads.log" | \
     grep -E "^\||^packed|^column|Error|varlen"
+}
+
+section_8() {
+stamp "8. components.models.load_model on CUDA: plain (None and \"none\"), 8-bit and 4-bit (issue 26)"
+timeout 120 python3 bench/gpu_quant_load.py > "$OUT/gpu_quant_load.log" 2>&1
+grep -vE "[Ww]arn|Loading|Writing" "$OUT/gpu_quant_load.log" | tail -8
 }
 
 section_6() {
