@@ -108,7 +108,20 @@ def main(argv=None) -> int:
         return 2
     from components.models import ModelLoadError
     from storage import StorageError
-    from studio import Studio
+    from studio import Studio, StudioError
+    from studio.auth import Accounts
+    if args.auth_file:                    # a bad auth file is said before a minute of model loading
+        try:
+            Accounts.from_file(args.auth_file)
+        except StudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.export_dir:
+        try:
+            os.makedirs(args.export_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            print(f"error: --export-dir {args.export_dir}: {e}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
     try:
@@ -127,7 +140,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         s.close()
         return 2
-    print(f"Ready in {time.perf_counter() - t0:.1f} s. Press Ctrl+C to stop.", flush=True)
+    print(f"Exports from the app go to {s.export_dir}" + (" (blind labelling)" if args.blind else ""), flush=True)
+    print(f"Ready in {time.perf_counter() - t0:.1f} s on {s.lm.device} ({str(s.lm.dtype).replace('torch.', '')}). "
+          "Press Ctrl+C to stop.", flush=True)
     if not args.no_browser:
         try:
             webbrowser.open(app.local_url)
