@@ -156,7 +156,7 @@ class Accounts:
         if weak:
             log.warning("%s: the password of %s is stored in plain text or as an unsalted sha256 hash; replace it "
                         "with `rlhf-studio hash-password --auth-file %s --user NAME`", path, ", ".join(weak), path)
-        if hasattr(os, "stat") and os.stat(path).st_mode & 0o077:
+        if os.stat(path).st_mode & 0o077:
             log.warning("%s can be read by other users of this machine (chmod 600 it)", path)
         return cls(users)
 

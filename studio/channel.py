@@ -14,7 +14,6 @@ not JSON, or not one of the expected messages raises `ChannelError` before anyth
 from __future__ import annotations
 
 import json
-import math
 import os
 import select
 import socket
@@ -185,7 +184,8 @@ def step(v) -> bool:
     return type(v) is int and 0 <= v < 2**53
 
 
-def short_text(v, limit: int = 20000) -> bool:
+def short_text(v, limit: int = 2**20) -> bool:
+    """A text of at most a million characters (a long prompt fits; the frame's header is capped anyway)."""
     return isinstance(v, str) and len(v) <= limit
 
 
@@ -201,10 +201,6 @@ def records(fields: Mapping[str, Callable[[Any], bool]], most: int = 1000) -> Ca
             isinstance(r, dict) and set(r) == set(fields) and all(fields[k](r[k]) for k in r) for r in v)
     check.__name__ = f"list of {{{', '.join(fields)}}}"
     return check
-
-
-def finite(v) -> bool:
-    return number(v) and math.isfinite(v)
 
 
 # --------------------------------------------------------------------------------------- processes
