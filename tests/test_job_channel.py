@@ -76,13 +76,27 @@ def test_the_sender_refuses_what_is_not_data(pair):
         job.send(("metrics", {"step": object()}, []))
 
 
+@pytest.fixture(scope="module")
+def reward_db(tmp_path_factory, lm):
+    """A closed DuckDB file with prompts and a fast-tier reward model (made once for this file's runs)."""
+    from tests.studios import open_studio
+    path = str(tmp_path_factory.mktemp("channel") / "reward.duckdb")
+    with open_studio(path, lm) as s:
+        for p in ["Name a fruit.", "Say hello."]:
+            cs = s.generate(p, n=3, max_new_tokens=4, seed=0)
+            s.rank([c.id for c in cs])
+        assert s.train_reward_model(tier="fast") is not None
+    return path
+
+
 @pytest.fixture
-def with_reward(studio):
-    for p in ["Name a fruit.", "Say hello."]:
-        cs = studio.generate(p, n=3, max_new_tokens=4, seed=0)
-        studio.rank([c.id for c in cs])
-    assert studio.train_reward_model(tier="fast") is not None
-    return studio
+def with_reward(reward_db, tmp_path, lm):
+    import shutil
+    from tests.studios import open_studio
+    db = str(tmp_path / "studio.duckdb")
+    shutil.copy(reward_db, db)
+    with open_studio(db, lm) as s:
+        yield s
 
 
 @pytest.mark.slow
