@@ -8,6 +8,7 @@
 # 1 fast rollouts + training step, 2 PPO vs TRL, 4 the trainer on the 1.7B shape at batch 64: compiled mb64
 # packed (runs 10-13's best), eager (no argument: the issue's benchmarks, 1 2 4; "7 1 2 4" checks first);
 # on request: 3 quantized PPO (issue 4's check, ~2.5 minutes).
+# On request also: 8 model loading's every branch: plain, 8-bit, 4-bit (issue 26, ~1 minute; needs bitsandbytes).
 # Sections run in the order given.
 set -u
 SECTIONS="${*:-1 2 4}"
@@ -72,6 +73,12 @@ done
 section_7() {
 stamp "7. GPU correctness tests: compiled against eager gradients, packed against padded rows, 1.7B shape"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+}
+
+section_8() {
+stamp "8. components.models.load_model on CUDA: plain (None and \"none\"), 8-bit and 4-bit (issue 26)"
+timeout 120 python3 bench/gpu_quant_load.py > "$OUT/gpu_quant_load.log" 2>&1
+grep -vE "[Ww]arn|Loading|Writing" "$OUT/gpu_quant_load.log" | tail -8
 }
 
 # The compile cache comes and goes as one file: INDUCTOR_CACHE=path/to/inductor.tgz (carried) seeds it, and it

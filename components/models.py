@@ -273,7 +273,9 @@ def load_model(model_id: str = EMBEDDED, device: str | None = None, dtype: str |
     dt = pick_dtype(dev, dtype)
     path, revision, extra = resolve(model_id)
     kwargs: dict = dict(extra, dtype=dt)
-    if quantization not in (None, "", "none"):
+    quantization = None if quantization in (None, "", "none") else quantization
+    if quantization:
+        kwargs.update(quantization_kwargs(quantization, dt, dev))   # the config first: a bad name says so
         if dev.type != "cuda":
             raise ModelLoadError(f"{quantization} quantization needs a CUDA GPU (bitsandbytes); "
                                  "on this machine load the model without --quantization")
@@ -281,17 +283,6 @@ def load_model(model_id: str = EMBEDDED, device: str | None = None, dtype: str |
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelLoadError(f"{quantization} quantization needs bitsandbytes: pip install "
                                  "'rlhf-studio[gpu]' (scripts/install.sh adds it where nvidia-smi is found)")
-        from transformers import BitsAndBytesConfig
-        if quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16,
-                bnb_4bit_use_double_quant=True)
-        elif quantization == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            raise ModelLoadError(f"unknown quantization {quantization!r}; choose 4bit or 8bit")
-        kwargs["device_map"] = {"": dev.index or 0}
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -300,10 +291,26 @@ def load_model(model_id: str = EMBEDDED, device: str | None = None, dtype: str |
     except Exception as e:
         raise ModelLoadError(f"could not load model {model_id!r}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    if not quantization:
+    if not quantization:        # bitsandbytes placed the quantized weights already (device_map)
         model.to(dev)
     model.eval()
     _fix_padding(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model=model, tokenizer=tok, model_id=model_id or EMBEDDED, revision=revision,
-                       device=dev, dtype=dt, quantization=quantization or None, source_path=path)
+                       device=dev, dtype=dt, quantization=quantization, source_path=path)
+
+
+def quantization_kwargs(quantization: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained's arguments for a 4-bit (nf4, double quantization, bf16/fp16 compute) or 8-bit base on
+    `device`, through transformers' BitsAndBytesConfig (building it needs no GPU; loading does)."""
+    from transformers import BitsAndBytesConfig
+    if quantization == "4bit":
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+    elif quantization == "8bit":
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ModelLoadError(f"unknown quantization {quantization!r}; choose 4bit or 8bit")
+    return {"quantization_config": cfg, "device_map": {"": device.index or 0}}

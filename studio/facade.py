@@ -46,8 +46,12 @@ class Studio:
 
     def __init__(self, db: str = "rlhf-studio.duckdb", model: str | LoadedModel = EMBEDDED, *, device: str | None = None,
                  dtype: str | None = None, quantization: str | None = None, annotator: str = "local",
-                 read_only: bool = False):
+                 read_only: bool = False, export_dir: str | None = None):
         self.db_path = str(db)
+        from .files import Downloads, default_export_dir
+        self.export_dir = os.path.abspath(export_dir) if export_dir else default_export_dir(self.db_path)
+        self._downloads = Downloads()      # the app's export downloads, removed once served and at close
+        self.download_keep_s = 60.0
         self.annotator = annotator
         self.store = Store(self.db_path, read_only=read_only)
         self._closed = False
@@ -402,6 +406,63 @@ class Studio:
         self.store.add_prompts(lines, source="starter")
         return len(self.store.prompts()) - before
 
+    # ------------------------------------------------ the app's files (issue 26)
+    def resolve_export_path(self, path: str) -> str:
+        """A path typed into the app, as an absolute path inside `export_dir` (made if missing); a path that
+        leads out of it (`..`, elsewhere, a symbolic link) is refused with a StudioError."""
+        from .files import confined_path
+        return confined_path(self.export_dir, path)
+
+    def app_export_reward_model(self, version: int, path: str) -> dict:
+        """The app's reward-model export: like export_reward_model, into a folder inside `export_dir` only."""
+        return self.export_reward_model(version, self.resolve_export_path(path))
+
+    def app_export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
+        """The app's adapter export: like export_adapter, into a folder inside `export_dir` only."""
+        return self.export_adapter(adapter_id, self.resolve_export_path(path), merged=merged)
+
+    def export_download(self, kind: str, format: str = "parquet", **options) -> tuple[int, str]:
+        """Export training data into a private temporary file for the app to serve: (rows, path). The file is
+        removed `download_keep_s` seconds later (the app has served its copy by then) or at close, whichever
+        comes first; a notebook writes where it wants with export()."""
+        import shutil
+        import time
+        from . import exports
+        folder, stamp = self._downloads.new_folder(), time.strftime("%Y%m%d-%H%M%S")
+        try:
+            if kind == "raw":
+                target = os.path.join(folder, f"raw-{stamp}")
+                n = exports.export(self.store, "raw", target, format)
+                path = shutil.make_archive(target, "zip", target)
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                ext = "jsonl" if format == "jsonl" else format
+                conv = "-conversational" if options.get("conversational") else ""
+                path = os.path.join(folder, f"{kind}{conv}-{stamp}.{ext}")
+                n = exports.export(self.store, kind, path, format, **options)
+        except BaseException:
+            self._downloads.drop(folder)
+            raise
+        self._downloads.drop_later(folder, self.download_keep_s)
+        return n, path
+
+    def drop_download(self, path) -> None:
+        """Remove a download made by export_download (after the browser got it)."""
+        self._downloads.drop(path)
+
+    # ---------------------------------------------------------- logins (issue 26)
+    def login_lockouts(self):
+        """Client addresses now locked out of the login after too many failures ("*": everyone, past the
+        overall limit), with failures counted and seconds left; empty without logins."""
+        import pandas as pd
+        rows = self.accounts.lockouts() if self.accounts is not None else []
+        return pd.DataFrame(rows, columns=["address", "failures", "seconds_left"])
+
+    def clear_login_lockouts(self) -> None:
+        """Let locked-out addresses try again now (an owner who knows who they are)."""
+        if self.accounts is not None:
+            self.accounts.clear_lockouts()
+
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
         self.store.backup(_path(path))
@@ -434,6 +495,7 @@ class Studio:
                     self._app.close()
                 except Exception:
                     pass
+            self._downloads.close()
             self.store.close()
 
     def __enter__(self):

@@ -1,6 +1,7 @@
 """Background training jobs. PPO runs in a separate process (the DuckDB file stays with the app process):
 it gets a snapshot of what it needs (config, prompts, reward-model weights, checkpoint) and streams metrics,
-checkpoints and the final adapter back through a pipe; the app writes them. One training job at a time."""
+checkpoints and the final adapter back over an inherited socket (studio/channel.py: data frames, never
+pickles, each message checked against the kinds below); the app writes them. One training job at a time."""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,24 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+from . import channel as ch
 from .errors import StudioError, is_out_of_memory
 
 log = logging.getLogger("rlhf_studio.jobs")
+
+# What each side accepts (studio/channel.py: the type or check of each item after the kind; `...` = optional after).
+# Bytes are safetensors blobs (checkpoints, reward weights) or the adapter zip (checked by components.adapters).
+JOB_TO_APP = {
+    "started": (ch.step,),
+    "metrics": (ch.numbers_by_name, ch.records({"prompt": ch.short_text, "response": ch.short_text,
+                                                "reward": ch.number})),
+    "note": (ch.short_text,),
+    "checkpoint": (ch.step, bytes),
+    "adapter": (bytes, ch.step),
+    "done": (lambda v: v in ("completed", "cancelled"),),
+    "error": (ch.short_text, ..., ch.short_text),
+}
+APP_TO_JOB = {"spec": (dict,), "cancel": ()}
 
 
 # ------------------------------------------------------------------------ the worker process
@@ -27,18 +43,18 @@ class _CancelFlag:
             while not self._set and self.conn.poll():
                 if self.conn.recv()[0] == "cancel":
                     self._set = True
-        except (EOFError, OSError):
-            self._set = True        # the app is gone: stop and save
+        except (EOFError, OSError, ch.ChannelError):
+            self._set = True        # the app is gone (or speaks nonsense): stop and save
         return self._set
 
 
-def worker_main(address: str, authkey_hex: str) -> None:
-    """`python -m studio.jobs HOST:PORT KEY`: connect back to the app, receive the spec, train."""
-    from multiprocessing.connection import Client
-    host, port = address.rsplit(":", 1)
-    conn = Client((host, int(port)), authkey=bytes.fromhex(authkey_hex))
-    spec = conn.recv()
-    ppo_worker(conn, _CancelFlag(conn), spec)
+def worker_main(argv: list[str]) -> None:
+    """`python -m studio.jobs --channel-fd N`: receive the spec on the inherited channel, train."""
+    conn = ch.inherited(argv, APP_TO_JOB)
+    msg = conn.recv()
+    if msg[0] != "spec":
+        raise SystemExit(f"the studio sent {msg[0]!r} before the job's spec")
+    ppo_worker(conn, _CancelFlag(conn), msg[1])
 
 
 def ppo_worker(conn, cancel, spec: dict) -> None:
@@ -72,7 +88,8 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
                     conn.send(("note", note))
                     noted.add(note)
             samples = m.pop("samples", [])
-            conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
+            conn.send(("metrics", {k: float(v) if not isinstance(v, int) else v for k, v in m.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)}, samples))
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
                     and trainer.step_count < cfg.steps:
                 conn.send(("checkpoint", trainer.step_count, trainer.state_bytes()))
@@ -290,36 +307,29 @@ class JobManager:
                               "s.train_reward_model()")
         return v["tier"], int(version)
 
+    worker_module = "studio.jobs"      # what _spawn runs (a test swaps in a hostile job)
+
     def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait) -> RunHandle:
-        """Start `python -m studio.jobs` and hand it the snapshot over an authenticated local connection
+        """Start `python -m studio.jobs` and hand it the snapshot over an inherited socketpair
         (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
-        import secrets
-        import subprocess
-        import sys
-        from multiprocessing.connection import Listener
         lm = self.studio.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
                     memory_headroom_mb=self.memory_headroom_mb)
-        key = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = listener.address
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        proc = subprocess.Popen([sys.executable, "-m", "studio.jobs", f"{host}:{port}", key.hex()], env=env,
-                                cwd=root)
+        proc, conn = ch.spawn(self.worker_module, JOB_TO_APP, env=env, cwd=root)
         try:
-            listener._listener._socket.settimeout(300)
-            conn = listener.accept()
-        except Exception as e:
+            conn.sock.settimeout(300)      # the job reads its spec once its imports are done
+            conn.send(("spec", spec))
+            conn.sock.settimeout(None)
+        except (OSError, ValueError, TypeError) as e:
             proc.kill()
+            conn.close()
             self.store.set_run_status(run_id, "failed", error=f"the training process did not start: {e}")
             raise StudioError(f"the training process did not start: {e}") from None
-        finally:
-            listener.close()
-        conn.send(spec)
         self.store.set_run_status(run_id, "running")
         handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=_RemoteCancel(conn))
         handle._thread = threading.Thread(target=self._pump, args=(handle, conn, proc), daemon=True,
@@ -338,6 +348,13 @@ class JobManager:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
+                    break
+                except ch.ChannelError as e:   # whatever sent it is not our job, or it is broken: stop it
+                    proc.kill()
+                    handle.error = f"the training process sent a message the studio does not accept ({e}); " \
+                                   "the run was stopped"
+                    log.warning("PPO run %s: %s", run_id, handle.error)
+                    final = "failed"
                     break
                 kind = msg[0]
                 if kind == "metrics":
@@ -366,6 +383,7 @@ class JobManager:
             handle.error = f"{type(e).__name__}: {e}"
             final = "failed"
         finally:
+            conn.close()
             try:
                 proc.wait(timeout=60)
             except Exception:
@@ -464,4 +482,4 @@ class JobManager:
 
 if __name__ == "__main__":
     import sys
-    worker_main(sys.argv[1], sys.argv[2])
+    worker_main(sys.argv[1:])

@@ -3,9 +3,6 @@ agreement, policy leaderboard; plus (owner) training-data export and rated-compl
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 
 import gradio as gr
@@ -127,21 +124,12 @@ def build(studio, role: str = "owner"):
         except StudioError as e:
             return fail(e), None
         criterion = None if crit_ in (None, "", ALL) else crit_
-        folder = tempfile.mkdtemp(prefix="rlhf-export-")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         try:
-            if kind_ == "raw":
-                target = os.path.join(folder, f"raw-{stamp}")
-                n = ex.export(studio.store, "raw", target, fmt_)
-                path = shutil.make_archive(target, "zip", target)
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                ext = "jsonl" if fmt_ == "jsonl" else fmt_
-                path = os.path.join(folder, f"{kind_}{'-conversational' if conv_ else ''}-{stamp}.{ext}")
-                n = ex.export(studio.store, kind_, path, fmt_, conversational=bool(conv_), criterion=criterion)
+            opts = {} if kind_ == "raw" else dict(conversational=bool(conv_), criterion=criterion)
+            n, path = studio.export_download(kind_, fmt_, **opts)
         except StudioError as e:
             return fail(e), None
-        return ok(f"exported {n:,} rows"), path
+        return ok(f"exported {n:,} rows"), path     # removed by the studio once served
 
     def on_import(f, scale_, crit_, request: gr.Request):
         criterion = "overall" if crit_ in (None, "", ALL) else crit_

@@ -108,7 +108,7 @@ def build(studio, role: str = "owner"):
         with gr.Row():
             export_version = gr.Number(label="Version id (a row of the table)", precision=0,
                                        elem_id="reward-export-version")
-            export_dir = gr.Textbox(label="New folder on the server", value="reward-model",
+            export_dir = gr.Textbox(label="New folder in the export folder", value="reward-model",
                                     elem_id="reward-export-dir")
         export_btn = gr.Button("Export reward model", elem_id="reward-export-btn")
     # Gradio ticks it only while this tab is open; `sent`: what this browser tab was last sent, so that a tick
@@ -180,7 +180,7 @@ def build(studio, role: str = "owner"):
             require_owner(studio, request, "export the reward model")
             if version is None:
                 raise StudioError("give the id of the version to export")
-            m = studio.export_reward_model(int(version), str(folder or "").strip())
+            m = studio.app_export_reward_model(int(version), str(folder or "").strip())
         except StudioError as e:
             return fail(e)
         return ok(f"version {m['version']} ({m['tier']}) written to {m['path']}: {m['heldout_pairs_ranked_alike']}"

@@ -182,7 +182,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     adapters = gr.Dataframe(label="Adapters", interactive=False, elem_id="ppo-adapters")
     with gr.Row(visible=owner) as export_row:
         export_id = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True, elem_id="export-id")
-        export_path = gr.Textbox(label="Export to folder", elem_id="export-path")
+        export_path = gr.Textbox(label=f"Export to a folder in {studio.export_dir}", elem_id="export-path")
         merged = gr.Checkbox(label="Merged full model", elem_id="export-merged")
         export_btn = gr.Button("Export adapter", elem_id="export-btn")
     export_msg = gr.Markdown()
@@ -344,7 +344,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
             return fail("choose an adapter and enter a folder")
         try:
             adapter_id = _parse_id(aid, "the adapter id")
-            p = studio.export_adapter(adapter_id, path, merged=bool(merged_))
+            p = studio.app_export_adapter(adapter_id, path, merged=bool(merged_))
         except NotFound:
             return fail(f"there is no adapter {adapter_id}: choose one of the adapters listed")
         except (StudioError, InvalidInput, ValueError) as e:
