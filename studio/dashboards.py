@@ -22,6 +22,7 @@ Statistics
 """
 from __future__ import annotations
 
+import html
 import math
 from typing import Mapping, Sequence
 
@@ -47,7 +48,17 @@ def _empty(title: str, note: str) -> go.Figure:
 
 def _short(text: str, n: int = 48) -> str:
     t = " ".join(str(text).split())
-    return t if len(t) <= n else t[: n - 1] + "…"
+    return plot_text(t if len(t) <= n else t[: n - 1] + "…")
+
+
+def plot_text(text) -> str:
+    """Text from users, imports or models as plotly shows it: plotly reads <a href>, <b>, <br> ... in titles, axis
+    labels, legends and hover text as markup; entities show the characters instead."""
+    return html.escape(str(text), quote=False)
+
+
+def _plot_texts(values) -> list[str]:
+    return [plot_text(v) for v in values]
 
 
 # ================================================================================================ statistics
@@ -291,7 +302,7 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
         part = df[df["dim"] == by]
         for i, (key, g) in enumerate(part.groupby("grp", sort=True)):
             # x: the middle of the period that starts at t
-            fig.add_trace(go.Bar(x=g["t"] + width / 2, y=g["n"], name=str(key), legendgroup=by,
+            fig.add_trace(go.Bar(x=g["t"] + width / 2, y=g["n"], name=plot_text(key), legendgroup=by,
                                  width=0.9 * width / _MS, customdata=g["t"].astype(str),
                                  hovertemplate="%{customdata}: %{y}", legendgrouptitle_text=by if i == 0 else None),
                           row=row, col=1)
@@ -306,7 +317,7 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
 def star_distribution(store, criterion: str | None = None) -> go.Figure:
     """Current star labels 1..5 per criterion, human and imported separately."""
     df = q.star_distribution(store, criterion)
-    title = "Star ratings" + (f" ({criterion})" if criterion else "")
+    title = "Star ratings" + (f" ({plot_text(criterion)})" if criterion else "")
     if len(df) == 0:
         return _empty(title, "no star ratings yet")
     fig = go.Figure()
@@ -314,7 +325,8 @@ def star_distribution(store, criterion: str | None = None) -> go.Figure:
         n = g.set_index("stars")["n"].reindex(range(1, 6), fill_value=0)
         total = int(n.sum())
         mean = float((n.index.to_numpy() * n.to_numpy()).sum() / total) if total else float("nan")
-        fig.add_trace(go.Bar(x=list(n.index), y=n.to_numpy(), name=f"{crit} · {origin} (n={total:,}, mean {mean:.2f})",
+        fig.add_trace(go.Bar(x=list(n.index), y=n.to_numpy(),
+                             name=f"{plot_text(crit)} · {plot_text(origin)} (n={total:,}, mean {mean:.2f})",
                              customdata=(n.to_numpy() / max(total, 1) * 100).round(1),
                              hovertemplate="%{x} stars: %{y} (%{customdata}%)<extra>%{fullData.name}</extra>"))
     fig.update_layout(barmode="group", title=title, height=_H, margin=_MARGIN,
@@ -339,7 +351,7 @@ def coverage(store, fewest: int = 20, cap: int = 50, exclude_imported: bool = Fa
     low = low.iloc[::-1]
     fig.add_trace(go.Bar(x=low["n"], y=[f"#{int(i)} {_short(t, 36)}" for i, t in zip(low["id"], low["text"])],
                          orientation="h", showlegend=False, customdata=np.stack([low["text"].map(_short),
-                                                                                 low["source"]], axis=1),
+                                                                                 low["source"].map(plot_text)], axis=1),
                          hovertemplate="%{customdata[0]}<br>source %{customdata[1]}<br>%{x} labels<extra></extra>"),
                   row=1, col=2)
     fig.update_xaxes(title_text="current labels", type="category", row=1, col=1)
@@ -424,7 +436,7 @@ def agreement(store, criterion: str | None = "overall", top: int = 12, stats: di
                 i, j = pos[r.a1], pos[r.a2]
                 mat[i, j] = mat[j, i] = r.kappa
                 cnt[i, j] = cnt[j, i] = r.n
-        fig.add_trace(go.Heatmap(z=mat, x=who, y=who, zmin=-1, zmax=1, colorscale="RdBu", customdata=cnt,
+        fig.add_trace(go.Heatmap(z=mat, x=_plot_texts(who), y=_plot_texts(who), zmin=-1, zmax=1, colorscale="RdBu", customdata=cnt,
                                  colorbar=dict(x=0.455, len=0.9, thickness=12, title="κ"),
                                  hovertemplate="%{y} × %{x}<br>κ = %{z:.3f}<br>%{customdata} shared<extra></extra>"),
                       row=1, col=1)
@@ -452,7 +464,7 @@ def leaderboard(store, criterion: str | None = "overall", blind_only: bool = Fal
         return _empty(title, "no votes between different policies yet (use the Blind compare tab)")
     d = df.iloc[::-1]
     fig = go.Figure(go.Scatter(
-        x=d["rating"], y=d["policy"], mode="markers", marker=dict(size=12),
+        x=d["rating"], y=_plot_texts(d["policy"]), mode="markers", marker=dict(size=12),
         error_x=dict(type="data", symmetric=False, array=d["ci_high"] - d["rating"],
                      arrayminus=d["rating"] - d["ci_low"]),
         customdata=np.stack([d["votes"], d["wins"], d["losses"], d["ties"], d["win_rate"] * 100], axis=1),

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..auth import role_of
 from ..errors import StudioError
-from .common import annotator_of, fail, ok, session_of
+from .common import annotator_of, blind_view, fail, ok, session_of
 
 KINDS = ["all", "stars", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
 _MAX_ROWS = 2000
@@ -82,10 +82,12 @@ def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
-def readable_completions(cs: pd.DataFrame) -> pd.DataFrame:
+def readable_completions(cs: pd.DataFrame, policy: bool = True) -> pd.DataFrame:
     """The completions table a person reads: short columns first, the text last (it takes the width left);
-    sampling parameters and the model's revision hash stay in the database and the exports."""
-    cols = ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed", "corrects", "text"]
+    sampling parameters and the model's revision hash stay in the database and the exports. policy=False: no
+    policy column (blind mode)."""
+    cols = ["id", "when", "prompt_id", "source"] + (["policy"] if policy else []) + \
+        ["tokens", "finish", "seed", "corrects", "text"]
     if len(cs) == 0:
         return pd.DataFrame(columns=cols)
     policy = ["base" if not _present(a) else f"adapter-{int(a)}" for a in cs["adapter_id"]]
@@ -115,7 +117,7 @@ def build(studio, role: str = "owner"):
     with gr.Tab("Prompts"):
         prompts = gr.Dataframe(elem_id="history-prompts", interactive=False, wrap=True)
 
-    def load(kind_, annotator_, search_, replaced_):
+    def load(kind_, annotator_, search_, replaced_, request: gr.Request = None):
         fb = studio.feedback(history=bool(replaced_))
         if kind_ and kind_ != "all":
             fb = fb[fb["kind"] == kind_]
@@ -127,7 +129,8 @@ def build(studio, role: str = "owner"):
         ps = _filter_text(all_prompts, search_, ["text"])
         md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
         return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], all_prompts),
-                readable_completions(cs.tail(_MAX_ROWS).iloc[::-1]), ps.tail(_MAX_ROWS).iloc[::-1])
+                readable_completions(cs.tail(_MAX_ROWS).iloc[::-1], policy=not blind_view(studio, request)),
+                ps.tail(_MAX_ROWS).iloc[::-1])
 
     def on_withdraw(label_id, reason, request: gr.Request):
         """Owners may withdraw anyone's label (e.g. a spammer's), annotators only their own."""
