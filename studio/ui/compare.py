@@ -56,9 +56,17 @@ def build(studio, role: str = "owner"):
             return [gr.skip(), gr.skip(), fail("pick two different policies"), None]
         try:
             tokens = max_new_tokens(n)
+        except StudioError as e:
+            return [gr.skip(), gr.skip(), fail(e), None]
+        try:
             first = studio.generate(p, n=1, max_new_tokens=tokens, adapter=a, prompt_source="blind")[0]
             second = studio.generate(p, n=1, max_new_tokens=tokens, adapter=b, prompt_source="blind")[0]
-        except StudioError as e:
+        except Exception as e:
+            if blind_view(studio, request):      # the message may name a policy
+                return [gr.skip(), gr.skip(), fail("the blind pair could not be generated: ask the studio's owner"),
+                        None]
+            if not isinstance(e, StudioError):
+                raise
             return [gr.skip(), gr.skip(), fail(e), None]
         pair = [(first, a), (second, b)]
         random.shuffle(pair)

@@ -94,8 +94,8 @@ def build(studio, role: str = "owner"):
     # the version chosen for PPO belongs to this browser tab (the Train tab reads it, shows it and can drop it)
     pinned = gr.State(None)
     with gr.Row() as liked_row:
-        best = gr.Dataframe(label="Liked most", interactive=False, wrap=True)
-        worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True)
+        best = gr.Dataframe(label="Liked most", interactive=False, wrap=True, elem_id="reward-liked-most")
+        worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True, elem_id="reward-liked-least")
     with gr.Accordion("Import preference pairs (HH-RLHF or TRL prompt/chosen/rejected)", open=False,
                       visible=owner) as import_box:
         upload = gr.File(label="JSONL(.gz) or Parquet", file_types=[".jsonl", ".gz", ".json", ".parquet"],
