@@ -39,7 +39,8 @@ _H = 360
 _MARGIN = dict(l=50, r=20, t=60, b=40)
 
 
-def _empty(title: str, note: str) -> go.Figure:
+def empty_figure(title: str, note: str) -> go.Figure:
+    """A figure that says `note` in place of data (plotly reads markup in both: pass user text through plot_text)."""
     fig = go.Figure()
     fig.update_layout(title=title, height=_H, margin=_MARGIN, xaxis=dict(visible=False), yaxis=dict(visible=False),
                       annotations=[dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")])
@@ -289,7 +290,7 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
     first, last, total = q.time_span(store)
     title = "Labels over time"
     if total == 0:
-        return _empty(title, "no labels yet")
+        return empty_figure(title, "no labels yet")
     unit = unit or _unit(first, last)
     df = q.labels_over_time(store, unit, top_annotators)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
@@ -319,7 +320,7 @@ def star_distribution(store, criterion: str | None = None) -> go.Figure:
     df = q.star_distribution(store, criterion)
     title = "Star ratings" + (f" ({plot_text(criterion)})" if criterion else "")
     if len(df) == 0:
-        return _empty(title, "no star ratings yet")
+        return empty_figure(title, "no star ratings yet")
     fig = go.Figure()
     for (crit, origin), g in df.groupby(["criterion", "origin"], sort=True):
         n = g.set_index("stars")["n"].reindex(range(1, 6), fill_value=0)
@@ -340,7 +341,7 @@ def coverage(store, fewest: int = 20, cap: int = 50, exclude_imported: bool = Fa
     hist, low = q.coverage(store, fewest, cap, exclude_imported)
     title = "Coverage"
     if len(hist) == 0:
-        return _empty(title, "no prompts yet")
+        return empty_figure(title, "no prompts yet")
     n_prompts = int(hist["prompts"].sum())
     none = int(hist.loc[hist["n"] == 0, "prompts"].sum())
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.25,
@@ -384,10 +385,10 @@ def reward_vs_stars(store, scores, criterion: str | None = "overall", max_points
     title = "Reward model vs human stars"
     frame = _scores_frame(scores)
     if len(frame) == 0:
-        return _empty(title, "no reward scores given (train a reward model first)")
+        return empty_figure(title, "no reward scores given (train a reward model first)")
     points, stats, bins = q.stars_vs_scores(store, frame, criterion, max_points)
     if stats["n"] == 0:
-        return _empty(title, "none of the scored completions has a star rating")
+        return empty_figure(title, "none of the scored completions has a star rating")
     # deterministic jitter so that the discrete star values do not hide each other
     jitter = ((points["completion_id"].to_numpy(np.int64) * 2654435761) % 1000) / 1000.0 * 0.3 - 0.15
     fig = go.Figure()
@@ -420,7 +421,7 @@ def agreement(store, criterion: str | None = "overall", top: int = 12, stats: di
     title = "Inter-annotator agreement"
     kap = st["kappa"]
     if st["stars_pairable"] == 0 and st["pairwise_pairable"] == 0:
-        return _empty(title, "no completion or pair was labelled by two annotators yet")
+        return empty_figure(title, "no completion or pair was labelled by two annotators yet")
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.24,
                         subplot_titles=("Cohen's kappa on stars (annotator pairs)", "summary"))
     if len(kap):
@@ -461,7 +462,7 @@ def leaderboard(store, criterion: str | None = "overall", blind_only: bool = Fal
     df = table if table is not None else leaderboard_table(store, criterion, blind_only, prior)
     title = "Policy leaderboard (Bradley-Terry, Elo scale)"
     if len(df) == 0:
-        return _empty(title, "no votes between different policies yet (use the Blind compare tab)")
+        return empty_figure(title, "no votes between different policies yet (use the Blind compare tab)")
     d = df.iloc[::-1]
     fig = go.Figure(go.Scatter(
         x=d["rating"], y=_plot_texts(d["policy"]), mode="markers", marker=dict(size=12),

@@ -70,8 +70,8 @@ def dashboard(store, reward, criterion: str | None = None, blind_only: bool = Fa
     agg = dash.agreement_stats(store, criterion)
     if hide_policies:
         table = pd.DataFrame()
-        rvs = dash._empty("Reward model vs human stars", HIDDEN_BLIND)
-        board = dash._empty("Policy leaderboard", HIDDEN_BLIND)
+        rvs = dash.empty_figure("Reward model vs human stars", HIDDEN_BLIND)
+        board = dash.empty_figure("Policy leaderboard", HIDDEN_BLIND)
     else:
         table = dash.leaderboard_table(store, criterion, bool(blind_only))
         rvs = dash.reward_vs_stars(store, cached_scores(store, reward, criterion), criterion)

@@ -84,7 +84,7 @@ def build(studio, role: str = "owner"):
         try:
             d = studio.dashboard(criterion, bool(blind_), hide_policies=hide)
         except Exception as e:  # a dashboard must never take the tab down
-            empty = dash._empty("Dashboard", dash.plot_text(f"failed: {e}"))
+            empty = dash.empty_figure("Dashboard", dash.plot_text(f"failed: {e}"))
             return [fail(f"dashboards failed: {e}")] + [empty] * 6 + [None, None]
         n, agg = d["stats"], d["agreement_stats"]
         md = (f"{n['prompts']:,} prompts · {n['completions']:,} completions · {n['feedback']:,} labels given "

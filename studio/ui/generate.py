@@ -136,10 +136,10 @@ def build(studio, role: str = "owner"):
 
     def on_generate(prompt_text, n_, max_new_, temp_, top_p_, seed_, adapter_, request: gr.Request):
         n_ = int(n_)
-        seed_ = (seed_ or "").strip()
-        if seed_ and not seed_.lstrip("-").isdigit():     # refused before anything on screen changes
-            yield [gr.skip(), fail(f"the seed must be a whole number or empty, got {seed_!r}")] + \
-                [gr.skip()] * (len(slot_outputs) + MAX_N)
+        try:
+            seed_ = parse_seed(seed_)
+        except StudioError as e:     # refused before anything on screen changes
+            yield [gr.skip(), fail(e)] + [gr.skip()] * (len(slot_outputs) + MAX_N)
             return
         if adapter_ not in (None, "", "base") and blind_view(studio, request):
             yield [gr.skip(), fail("blind mode: completions come from the base model here (the policies are "
@@ -153,7 +153,7 @@ def build(studio, role: str = "owner"):
             try:
                 result["cs"] = studio.generate(
                     prompt_text, n=n_, max_new_tokens=int(max_new_), temperature=float(temp_), top_p=float(top_p_),
-                    seed=None if seed_ in (None, "") else int(seed_),
+                    seed=seed_,
                     adapter=None if adapter_ in (None, "", "base") else adapter_,
                     on_update=updates.put, stop=stop_event.is_set)
             except StudioError as e:
@@ -182,10 +182,7 @@ def build(studio, role: str = "owner"):
             return
         cs = result["cs"]
         ids = [c.id for c in cs]
-        msg = f"{len(cs)} completions saved (ids {ids[0]}–{ids[-1]})"
-        if any(c.finish_reason == "stop" for c in cs):
-            msg += " — stopped early"
-        yield [ids, ok(msg)] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids, request)
+        yield [ids, ok(generated_message(ids, [c.finish_reason for c in cs]))] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids, request)
 
     def on_stop(request: gr.Request):
         ev = _GEN_STOPS.get(session_of(request))
@@ -241,15 +238,7 @@ def build(studio, role: str = "owner"):
 
     def on_rank(ids, order, crit, key, request: gr.Request):
         def act():
-            if not ids:
-                raise StudioError("generate or load completions first")
-            try:
-                idx = letters_to_index(order, len(ids))
-            except ValueError as e:
-                raise StudioError(str(e)) from None
-            if sorted(idx) != list(range(len(ids))):
-                raise StudioError(f"a ranking must list every completion shown exactly once "
-                                  f"({', '.join(LETTERS[:len(ids)])})")
+            idx = ranking_order(order, len(ids))
             ranked = [ids[i] for i in idx]
             fid = studio.rank(ranked, criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
                               session_id=session_of(request), idempotency_key=label_key_for(key, "ranking", ranked, crit))
@@ -340,9 +329,7 @@ def build(studio, role: str = "owner"):
     def criteria_update():
         df = studio.criteria()
         names = list(df["name"]) if len(df) else ["overall"]
-        md = "**Rubric** — " + " · ".join(f"**{md_text(n)}**: {md_text(d or '')}"
-                                          for n, d in zip(df["name"], df["description"]))
-        return gr.update(choices=names), md
+        return gr.update(choices=names), rubric_md(df["name"], df["description"])
 
     def on_suggest(ids, request: gr.Request):
         try:
@@ -351,13 +338,10 @@ def build(studio, role: str = "owner"):
             return [gr.skip()] * 2 + [fail(e)]
         if not sug:
             return [gr.skip()] * 2 + [fail("nothing to suggest yet: generate completions and add a few labels")]
-        p = "" if blind_view(studio, request) else f" (p={sug['p']:.2f})"     # a reward-model score
-        if ids and sug["a"] in ids and sug["b"] in ids:
-            la, lb = LETTERS[ids.index(sug["a"])], LETTERS[ids.index(sug["b"])]
-            return [gr.update(value=la), gr.update(value=lb),
-                    ok(f"the reward model is least sure about {la} vs {lb}{p}; choose the winner")]
-        return [gr.skip(), gr.skip(), ok(f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the "
-                                         f"library and press 'Load its completions'{p}")]
+        la, lb, message = suggestion_view(sug, ids, show_p=not blind_view(studio, request))
+        if la is None:
+            return [gr.skip(), gr.skip(), ok(message)]
+        return [gr.update(value=la), gr.update(value=lb), ok(message)]
 
     def on_add(text, request: gr.Request):
         try:
@@ -431,6 +415,50 @@ def label_key_for(key: str | None, *content) -> str | None:
         return None
     digest = hashlib.sha1(repr(content).encode()).hexdigest()[:16]
     return f"ui:{str(key)[:64]}:{digest}"
+
+
+def parse_seed(text) -> int | None:
+    """The seed field: a whole number, or None where it is empty; StudioError otherwise."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    if not text.lstrip("-").isdigit():
+        raise StudioError(f"the seed must be a whole number or empty, got {text!r}")
+    return int(text)
+
+
+def generated_message(ids: list[int], finish_reasons: list[str]) -> str:
+    msg = f"{len(ids)} completions saved (ids {ids[0]}–{ids[-1]})"
+    return msg + (" — stopped early" if "stop" in finish_reasons else "")
+
+
+def ranking_order(order: str, n: int) -> list[int]:
+    """'B A C' for n=3 shown completions -> [1, 0, 2]; StudioError unless it names each of them exactly once."""
+    if not n:
+        raise StudioError("generate or load completions first")
+    try:
+        idx = letters_to_index(order, n)
+    except ValueError as e:
+        raise StudioError(str(e)) from None
+    if sorted(idx) != list(range(n)):
+        raise StudioError(f"a ranking must list every completion shown exactly once ({', '.join(LETTERS[:n])})")
+    return idx
+
+
+def rubric_md(names, descriptions) -> str:
+    """The criteria as the rubric line shown above the cards (names and questions are text typed by owners)."""
+    return "**Rubric** — " + " · ".join(f"**{md_text(n)}**: {md_text(d or '')}" for n, d in zip(names, descriptions))
+
+
+def suggestion_view(sug: dict, ids: list[int], show_p: bool = True) -> tuple[str | None, str | None, str]:
+    """(letter A side, letter B side, message) for Studio.suggest_pair's answer with `ids` on the cards; the
+    letters are None where the pair belongs to another prompt. show_p=False: no probability (blind mode)."""
+    p = f" (p={sug['p']:.2f})" if show_p else ""
+    if ids and sug["a"] in ids and sug["b"] in ids:
+        la, lb = LETTERS[ids.index(sug["a"])], LETTERS[ids.index(sug["b"])]
+        return la, lb, f"the reward model is least sure about {la} vs {lb}{p}; choose the winner"
+    return None, None, (f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the library and press "
+                        f"'Load its completions'{p}")
 
 
 def _stars_text(value) -> str:

@@ -39,6 +39,7 @@ HOSTILE_RUBRIC = "rubric [r](javascript:window.__xss=13) ![r](http://198.51.100.
 HOSTILE_FILE = "<img src=x onerror=window.__xss=15>.jsonl"
 HOSTILE_RUN_ERROR = "<script>window.__xss=16</script> [e](javascript:window.__xss=17) ![e](http://198.51.100.7/e.png)"
 ANNOTATOR, ANNOTATOR_PASSWORD = "bo", "staple-battery-horse"
+BLIND_PAIR_PROMPT = "Say hi"        # typed into Blind compare by the annotator
 
 
 def _hostile_policy_and_run(s, folder) -> None:
@@ -143,17 +144,15 @@ def _open_tab(page, name, ready):
 
 
 def _hover_plots(page, selector) -> str:
-    """Move the mouse over a grid of points of every plot under `selector`; the hover labels' text seen."""
+    """Move the mouse over every bar and marker (and the middle of each plot area, for heatmaps) of the plots under
+    `selector`; the hover labels' text seen."""
     seen = []
-    drag_layers = ", ".join(f"{sel.strip()} .nsewdrag" for sel in selector.split(","))
-    for box in [b.bounding_box() for b in page.locator(drag_layers).all()]:
-        if not box:
-            continue
-        for fx in (0.15, 0.5, 0.85):
-            for fy in (0.15, 0.5, 0.85):
-                page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-                seen.append(page.evaluate("() => [...document.querySelectorAll('.hoverlayer')]"
-                                          ".map(h => h.textContent).join(' ')"))
+    targets = ", ".join(f"{sel.strip()} {part}" for sel in selector.split(",") for part in (".point", ".nsewdrag"))
+    for box in [b.bounding_box() for b in page.locator(targets).all()[:120]]:
+        if box and box["width"] * box["height"] > 0:
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            seen.append(page.evaluate("() => [...document.querySelectorAll('.hoverlayer')]"
+                                      ".map(h => h.textContent).join(' ')"))
     page.mouse.move(0, 0)
     return " ".join(seen)
 
@@ -277,7 +276,7 @@ def test_blind_mode_shows_an_annotator_no_policy_and_no_score(app):
         expect(page.locator("#history-completions")).to_contain_text("tuned answer", timeout=30_000)
         _nothing_revealed(page, "History / Completions")
         page.get_by_role("tab", name="Blind compare").click()
-        page.locator("#blind-prompt textarea").fill("Say hi")
+        page.locator("#blind-prompt textarea").fill(BLIND_PAIR_PROMPT)
         page.locator("#blind-new-tokens input").fill("2")
         page.click("#blind-generate")
         expect(page.locator("#blind-reveal")).not_to_be_empty(timeout=120_000)
@@ -435,7 +434,9 @@ def test_hostile_text_round_trips_exactly_in_the_file(app):
     proc.terminate()
     proc.wait(timeout=60)
     texts = {r[0] for r in db_rows(db, "SELECT text FROM prompts")}
-    assert {HOSTILE_PROMPT, *PLAIN} == texts
+    assert {HOSTILE_PROMPT, *PLAIN, "A blind prompt", "rated prompt"} == texts - {BLIND_PAIR_PROMPT}
+    assert db_rows(db, "SELECT name FROM adapters") == [(HOSTILE_ADAPTER,)]
+    assert db_rows(db, "SELECT description FROM criteria WHERE name = 'helpfulness'") == [(HOSTILE_RUBRIC,)]
     assert db_rows(db, "SELECT text FROM completions WHERE id = ?", [rewrite_id]) == [(HOSTILE_REWRITE,)]
     assert db_rows(db, "SELECT text FROM feedback WHERE kind = 'critique'") == [(HOSTILE_CRITIQUE,)]
     assert db_rows(db, "SELECT count(*) FROM prompts WHERE text = ?", [NUL_PROMPT]) == [(1,)]
