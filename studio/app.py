@@ -176,7 +176,8 @@ def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", 
     studio.accounts = accounts
     studio.blind = bool(blind)
     demo = build_app(studio, max_queue=max_queue)
-    demo.launch(share=share, auth=accounts.acheck if accounts is not None and accounts.users else None, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+    login = accounts.acheck if accounts is not None and accounts.users else None
+    demo.launch(share=share, auth=login, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],
                 theme=gr.themes.Soft(), strict_cors=True)
