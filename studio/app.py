@@ -9,6 +9,7 @@ import gradio as gr
 from .auth import Accounts, ClientAddress, role_of
 from .ui import generate as generate_tab
 from .ui import history as history_tab
+from .ui.common import blind_view, md_text
 
 # Requests waiting beyond this many are refused at once: the browser shows Gradio's "This application is currently
 # busy. Please try again." and API clients get HTTP 503 "Queue is full" (gradio_client: QueueError), instead of
@@ -74,11 +75,10 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
     """The Blocks app; max_queue bounds the waiting requests (None: unbounded, for tests of the layout only)."""
     # delete_cache: Gradio's copies of served downloads go after an hour and when the server stops
     with gr.Blocks(title="RLHF Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# RLHF Studio\nModel **{studio.model_id}** · database `{studio.db_path}`",
+        gr.Markdown(f"# RLHF Studio\nModel **{md_text(studio.model_id)}** · database {md_text(studio.db_path)}",
                     elem_id="header")
-        if studio.store.warnings:
-            import html
-            gr.Markdown("\n\n".join("**Warning:** " + html.escape(w) for w in studio.store.warnings),
+        if studio.storage_warnings:
+            gr.Markdown("\n\n".join("**Warning:** " + md_text(w) for w in studio.storage_warnings),
                         elem_id="storage-warnings")
         lockouts = gr.Markdown("", elem_id="login-lockouts", visible=False)   # owners: who is locked out
         with gr.Tab("Generate & Rate", id="generate") as gen_tab_:
@@ -135,12 +135,15 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
         if getattr(studio, "accounts", None) is not None:
             owner_only.append(lockouts)
             demo.load(lambda: lockout_line(studio), None, lockouts, api_visibility="private")
-        blind_hidden = gen.get("blind_hidden", [])
+        # ... and in blind mode, what names a policy or shows a reward score, unless an owner logged in
+        blind_hidden = [c for part in (gen, rew, cmp, dash) for c in part.get("blind_hidden", [])]
 
         def apply_role(request: gr.Request):
             is_owner = role_of(studio, request) == "owner"
+            blind = blind_view(studio, request)
             return [gr.update(visible=True if is_owner else hidden_value(c)) for c in owner_only] + \
-                [gr.update(visible=is_owner or not getattr(studio, "blind", False))] * len(blind_hidden)
+                [gr.update(visible=hidden_value(c) if blind else True) for c in blind_hidden]
+        apply_role.blind_hidden = blind_hidden        # which of its outputs are hidden in blind mode only
         demo.load(apply_role, None, owner_only + blind_hidden, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=max_queue)
     return demo
@@ -186,11 +189,16 @@ def launch_app(studio, share: bool = False, auth=None, host: str = "127.0.0.1", 
         pw = strong_password()
         accounts = Accounts.single("studio", pw)
         print(f"Sharing needs a login. Generated one: user 'studio', password '{pw}'", flush=True)
+    if blind and accounts is None:
+        # blind mode without logins: nobody has proved to be the owner, so every visitor is an annotator (labels
+        # only; sees no policy names or scores); the owner starts it with --auth-file, or works in the notebook
+        accounts = Accounts()
     studio.accounts = accounts
     studio.blind = bool(blind)
     demo = build_app(studio, max_queue=max_queue)
     from starlette.middleware import Middleware
-    demo.launch(share=share, auth=accounts.acheck if accounts is not None else None, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
+    login = accounts.acheck if accounts is not None and accounts.users else None
+    demo.launch(share=share, auth=login, server_name=host, server_port=port, inline=inline, inbrowser=open_browser,
                 app_kwargs={"middleware": [Middleware(ClientAddress)]},   # the login's client address
                 prevent_thread_lock=prevent_thread_lock, run_history=False, ssr_mode=False, quiet=quiet,
                 show_error=True, css=CSS, head=SHORTCUTS_JS, footer_links=["api"],

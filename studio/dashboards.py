@@ -22,6 +22,7 @@ Statistics
 """
 from __future__ import annotations
 
+import html
 import math
 from typing import Mapping, Sequence
 
@@ -38,7 +39,8 @@ _H = 360
 _MARGIN = dict(l=50, r=20, t=60, b=40)
 
 
-def _empty(title: str, note: str) -> go.Figure:
+def empty_figure(title: str, note: str) -> go.Figure:
+    """A figure that says `note` in place of data (plotly reads markup in both: pass user text through plot_text)."""
     fig = go.Figure()
     fig.update_layout(title=title, height=_H, margin=_MARGIN, xaxis=dict(visible=False), yaxis=dict(visible=False),
                       annotations=[dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")])
@@ -47,7 +49,17 @@ def _empty(title: str, note: str) -> go.Figure:
 
 def _short(text: str, n: int = 48) -> str:
     t = " ".join(str(text).split())
-    return t if len(t) <= n else t[: n - 1] + "…"
+    return plot_text(t if len(t) <= n else t[: n - 1] + "…")
+
+
+def plot_text(text) -> str:
+    """Text from users, imports or models as plotly shows it: plotly reads <a href>, <b>, <br> ... in titles, axis
+    labels, legends and hover text as markup; entities show the characters instead."""
+    return html.escape(str(text), quote=False)
+
+
+def _plot_texts(values) -> list[str]:
+    return [plot_text(v) for v in values]
 
 
 # ================================================================================================ statistics
@@ -298,7 +310,7 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
     first, last, total = q.time_span(store)
     title = "Labels over time"
     if total == 0:
-        return _empty(title, "no labels yet")
+        return empty_figure(title, "no labels yet")
     unit = unit or _unit(first, last)
     df = q.labels_over_time(store, unit, top_annotators)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
@@ -311,7 +323,7 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
         part = df[df["dim"] == by]
         for i, (key, g) in enumerate(part.groupby("grp", sort=True)):
             # x: the middle of the period that starts at t
-            fig.add_trace(go.Bar(x=g["t"] + width / 2, y=g["n"], name=str(key), legendgroup=by,
+            fig.add_trace(go.Bar(x=g["t"] + width / 2, y=g["n"], name=plot_text(key), legendgroup=by,
                                  width=0.9 * width / _MS, customdata=g["t"].astype(str),
                                  hovertemplate="%{customdata}: %{y}", legendgrouptitle_text=by if i == 0 else None),
                           row=row, col=1)
@@ -326,15 +338,16 @@ def labels_over_time(store, unit: str | None = None, top_annotators: int = 10) -
 def star_distribution(store, criterion: str | None = None) -> go.Figure:
     """Current star labels 1..5 per criterion, human and imported separately."""
     df = q.star_distribution(store, criterion)
-    title = "Star ratings" + (f" ({criterion})" if criterion else "")
+    title = "Star ratings" + (f" ({plot_text(criterion)})" if criterion else "")
     if len(df) == 0:
-        return _empty(title, "no star ratings yet")
+        return empty_figure(title, "no star ratings yet")
     fig = go.Figure()
     for (crit, origin), g in df.groupby(["criterion", "origin"], sort=True):
         n = g.set_index("stars")["n"].reindex(range(1, 6), fill_value=0)
         total = int(n.sum())
         mean = float((n.index.to_numpy() * n.to_numpy()).sum() / total) if total else float("nan")
-        fig.add_trace(go.Bar(x=list(n.index), y=n.to_numpy(), name=f"{crit} · {origin} (n={total:,}, mean {mean:.2f})",
+        fig.add_trace(go.Bar(x=list(n.index), y=n.to_numpy(),
+                             name=f"{plot_text(crit)} · {plot_text(origin)} (n={total:,}, mean {mean:.2f})",
                              customdata=(n.to_numpy() / max(total, 1) * 100).round(1),
                              hovertemplate="%{x} stars: %{y} (%{customdata}%)<extra>%{fullData.name}</extra>"))
     fig.update_layout(barmode="group", title=title, height=_H, margin=_MARGIN,
@@ -348,7 +361,7 @@ def coverage(store, fewest: int = 20, cap: int = 50, exclude_imported: bool = Fa
     hist, low = q.coverage(store, fewest, cap, exclude_imported)
     title = "Coverage"
     if len(hist) == 0:
-        return _empty(title, "no prompts yet")
+        return empty_figure(title, "no prompts yet")
     n_prompts = int(hist["prompts"].sum())
     none = int(hist.loc[hist["n"] == 0, "prompts"].sum())
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.25,
@@ -359,7 +372,7 @@ def coverage(store, fewest: int = 20, cap: int = 50, exclude_imported: bool = Fa
     low = low.iloc[::-1]
     fig.add_trace(go.Bar(x=low["n"], y=[f"#{int(i)} {_short(t, 36)}" for i, t in zip(low["id"], low["text"])],
                          orientation="h", showlegend=False, customdata=np.stack([low["text"].map(_short),
-                                                                                 low["source"]], axis=1),
+                                                                                 low["source"].map(plot_text)], axis=1),
                          hovertemplate="%{customdata[0]}<br>source %{customdata[1]}<br>%{x} labels<extra></extra>"),
                   row=1, col=2)
     fig.update_xaxes(title_text="current labels", type="category", row=1, col=1)
@@ -392,10 +405,10 @@ def reward_vs_stars(store, scores, criterion: str | None = "overall", max_points
     title = "Reward model vs human stars"
     frame = _scores_frame(scores)
     if len(frame) == 0:
-        return _empty(title, "no reward scores given (train a reward model first)")
+        return empty_figure(title, "no reward scores given (train a reward model first)")
     points, stats, bins = q.stars_vs_scores(store, frame, criterion, max_points)
     if stats["n"] == 0:
-        return _empty(title, "none of the scored completions has a star rating")
+        return empty_figure(title, "none of the scored completions has a star rating")
     # deterministic jitter so that the discrete star values do not hide each other
     jitter = ((points["completion_id"].to_numpy(np.int64) * 2654435761) % 1000) / 1000.0 * 0.3 - 0.15
     fig = go.Figure()
@@ -428,7 +441,7 @@ def agreement(store, criterion: str | None = "overall", top: int = 12, stats: di
     title = "Inter-annotator agreement"
     kap = st["kappa"]
     if st["stars_pairable"] == 0 and st["pairwise_pairable"] == 0:
-        return _empty(title, "no completion or pair was labelled by two annotators yet")
+        return empty_figure(title, "no completion or pair was labelled by two annotators yet")
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.24,
                         subplot_titles=("Cohen's kappa on stars (annotator pairs)", "summary"))
     if len(kap):
@@ -444,7 +457,7 @@ def agreement(store, criterion: str | None = "overall", top: int = 12, stats: di
                 i, j = pos[r.a1], pos[r.a2]
                 mat[i, j] = mat[j, i] = r.kappa
                 cnt[i, j] = cnt[j, i] = r.n
-        fig.add_trace(go.Heatmap(z=mat, x=who, y=who, zmin=-1, zmax=1, colorscale="RdBu", customdata=cnt,
+        fig.add_trace(go.Heatmap(z=mat, x=_plot_texts(who), y=_plot_texts(who), zmin=-1, zmax=1, colorscale="RdBu", customdata=cnt,
                                  colorbar=dict(x=0.455, len=0.9, thickness=12, title="κ"),
                                  hovertemplate="%{y} × %{x}<br>κ = %{z:.3f}<br>%{customdata} shared<extra></extra>"),
                       row=1, col=1)
@@ -469,10 +482,10 @@ def leaderboard(store, criterion: str | None = "overall", blind_only: bool = Fal
     df = table if table is not None else leaderboard_table(store, criterion, blind_only, prior)
     title = "Policy leaderboard (Bradley-Terry, Elo scale)"
     if len(df) == 0:
-        return _empty(title, "no votes between different policies yet (use the Blind compare tab)")
+        return empty_figure(title, "no votes between different policies yet (use the Blind compare tab)")
     d = df.iloc[::-1]
     fig = go.Figure(go.Scatter(
-        x=d["rating"], y=d["policy"], mode="markers", marker=dict(size=12),
+        x=d["rating"], y=_plot_texts(d["policy"]), mode="markers", marker=dict(size=12),
         error_x=dict(type="data", symmetric=False, array=d["ci_high"] - d["rating"],
                      arrayminus=d["rating"] - d["ci_low"]),
         customdata=np.stack([d["votes"], d["wins"], d["losses"], d["ties"], d["win_rate"] * 100], axis=1),

@@ -463,6 +463,86 @@ class Studio:
         if self.accounts is not None:
             self.accounts.clear_lockouts()
 
+    # ------------------------------------------ what the app's tabs read (studio/views.py; notebooks too)
+    reason_tags = THUMBS_DOWN_TAGS
+
+    @property
+    def storage_warnings(self) -> list[str]:
+        """What the start-up checks of the database file found (a write-ahead log moved aside, ...)."""
+        return list(self.store.warnings)
+
+    def my_stars(self, completion_ids: Iterable[int], annotator: str | None = None,
+                 criterion: str = "overall") -> dict[int, int]:
+        """{completion id: stars} of an annotator's (default: this studio's) current star labels on these
+        completions for a criterion."""
+        from . import views
+        return views.my_stars(self.store, completion_ids, annotator or self.annotator, criterion)
+
+    def completion_scores(self, completion_ids: Iterable[int]) -> list[tuple[float, float, str] | None]:
+        """(score, uncertainty, "fast vN") of the fast reward tier per completion id; None where no reward model
+        exists yet. Cheap for completions whose features are cached."""
+        return self.reward.visible_scores(list(completion_ids))
+
+    def completion_count(self) -> int:
+        return self.store.completion_count()
+
+    def reward_status(self) -> dict:
+        """The reward model's background work: progress (running, done, total, message), deep_training,
+        last_error, deep_every, fast_version."""
+        from . import views
+        return views.reward_status(self.reward)
+
+    def set_deep_every(self, k: int) -> int:
+        """Train a new deep reward-model version after every k new pairs (0: only on demand); returns k."""
+        self.reward.settings.deep_every = max(0, int(k or 0))
+        return self.reward.settings.deep_every
+
+    def deep_reward_version(self, look_up: bool = True) -> int | bool | None:
+        """The newest deep reward-model version, False where none exists (look_up=False: None where that is
+        not known without reading the database)."""
+        from . import views
+        return views.deep_reward_version(self.reward, look_up)
+
+    def ppo_memory_estimate(self, **settings) -> dict:
+        """Estimated peak memory of a PPO run with these PPOConfig settings: {"bytes", "available_bytes", ...}."""
+        from components.ppo.config import PPOConfig
+        return self.jobs.memory_estimate(PPOConfig(**settings))
+
+    def running_ppo(self) -> int | None:
+        """The run id of the PPO job running in the background, or None."""
+        return self.jobs.current.run_id if self.jobs.busy() else None
+
+    def latest_ppo(self) -> int | None:
+        """The run id of the PPO job started last by this studio (running or not), else the newest PPO run."""
+        if self.jobs.current is not None:
+            return self.jobs.current.run_id
+        r = self.store.runs()
+        r = r[r["kind"] == "ppo"] if len(r) else r
+        return int(r["id"].max()) if len(r) else None
+
+    def cancel_ppo(self) -> int:
+        """Cancel the running PPO job at its next step boundary (its checkpoint kept); returns its run id."""
+        h = self.jobs.current
+        if not h or not h.running():
+            raise StudioError("no training job is running")
+        h.cancel()
+        return h.run_id
+
+    def run(self, run_id: int) -> dict:
+        """One run (PPO or deep reward update): status, config, lineage, error, notes."""
+        return self.store.run(run_id)
+
+    def run_metrics(self, run_id: int):
+        return self.store.run_metrics(run_id)
+
+    def run_samples(self, run_id: int):
+        return self.store.run_samples(run_id)
+
+    def dashboard(self, criterion: str | None = None, blind_only: bool = False, hide_policies: bool = False) -> dict:
+        """Every Dashboard figure and table (see studio.views.dashboard); criterion None: all criteria."""
+        from . import views
+        return views.dashboard(self.store, self.reward, criterion, blind_only, hide_policies)
+
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:
         self.store.backup(_path(path))

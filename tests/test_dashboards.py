@@ -347,12 +347,13 @@ def test_dashboard_tab_loads(fresh_store):
 
     _kripp_store(fresh_store)
 
-    class FakeStudio:  # the tab only needs the store, the criteria and (optionally) the reward service
-        store = fresh_store
-        reward = None
-
+    class FakeStudio:  # the tab reads two facade methods: the criteria and the dashboard (no reward model here)
         def criteria(self):
             return fresh_store.criteria()
+
+        def dashboard(self, criterion=None, blind_only=False, hide_policies=False):
+            from studio import views
+            return views.dashboard(fresh_store, None, criterion, blind_only, hide_policies)
 
     with gr.Blocks():
         hooks = dashboard.build(FakeStudio(), "owner")

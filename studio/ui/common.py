@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import html
+import re
 import string
 
 import gradio as gr
 
-from ..auth import require_owner
+from ..auth import require_owner, role_of
 from ..errors import StudioError
 
 LETTERS = string.ascii_uppercase[:8]
@@ -31,12 +32,33 @@ def owner_upload(studio, request: gr.Request | None, f, action: str) -> str:
     return f if isinstance(f, str) else f.name
 
 
+# Markdown that turns text into something else: links and images ([..](..), ![..](..)), emphasis, code, tables,
+# strike-through, headings, lists and underlines at a line's start; HTML (<, >, &) becomes entities.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]~|])")
+_MD_LINE_START = re.compile(r"^(\s*\d*)([#+=-]|(?<=\d)[.)])", re.MULTILINE)
+
+
+def md_text(text) -> str:
+    """Any text (a prompt, a completion, a critique, a criterion, a file name, an error quoting them) as Markdown
+    that shows exactly that text: no link, image, emphasis or HTML element can come out of it."""
+    s = _MD_SPECIAL.sub(r"\\\1", str(text))
+    s = _MD_LINE_START.sub(lambda m: m.group(1) + "\\" + m.group(2), s)
+    return html.escape(s, quote=False)
+
+
 def ok(message: str) -> str:
-    return html.escape(message)
+    """A message for a Markdown status line, shown as text (it may quote what a user typed or imported)."""
+    return md_text(message)
 
 
 def fail(message: str) -> str:
-    return f"{ERROR_PREFIX} {html.escape(str(message))}"
+    return f"{ERROR_PREFIX} {md_text(message)}"
+
+
+def blind_view(studio, request: gr.Request | None) -> bool:
+    """Whether this caller must see no policy/adapter names and no reward-model scores: in blind mode (--blind),
+    everyone but an owner who logged in as one (blind mode without logins has no owner: app.launch_app)."""
+    return bool(getattr(studio, "blind", False)) and role_of(studio, request) != "owner"
 
 
 def letters_to_index(text: str, n: int) -> list[int]:

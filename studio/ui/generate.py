@@ -9,12 +9,16 @@ import uuid
 import gradio as gr
 
 from components.generation import MAX_N
-from ..facade import THUMBS_DOWN_TAGS, StudioError
 from ..auth import require_owner, role_of
-from .common import ERROR_PREFIX, LETTERS, annotator_of, fail, letters_to_index, ok, owner_upload, session_of
+from ..errors import StudioError
+from .common import (ERROR_PREFIX, LETTERS, annotator_of, blind_view, fail, letters_to_index, md_text, ok,
+                     owner_upload, session_of)
 from .history import describe_withdrawal
 
 WINNER_CHOICES = [("A wins", "a"), ("B wins", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
+
+
+BLIND_SCORE = "<small>reward: hidden (blind mode)</small>"
 
 
 def _score_md(score) -> str:
@@ -76,7 +80,7 @@ def build(studio, role: str = "owner"):
                 with gr.Row():
                     ups.append(gr.Button("Thumbs up (u)", size="sm", elem_id=f"up-{i}", min_width=40))
                     downs.append(gr.Button("Thumbs down (d)", size="sm", elem_id=f"down-{i}", min_width=40))
-                tags.append(gr.CheckboxGroup(list(THUMBS_DOWN_TAGS), label="Thumbs-down reasons",
+                tags.append(gr.CheckboxGroup(list(studio.reason_tags), label="Thumbs-down reasons",
                                              elem_id=f"tags-{i}"))
             cols.append(col)
 
@@ -105,20 +109,15 @@ def build(studio, role: str = "owner"):
     label_key = gr.Textbox(value="", visible=False, elem_id="label-key", label="Idempotency key")
 
     # ------------------------------------------------------------------ logic
-    def scores_for(ids):
-        if getattr(studio, "blind", False):     # blind mode: no reward-model scores while labelling
-            return [gr.update(value="<small>reward: hidden (blind mode)</small>")] * MAX_N
-        return [gr.update(value=_score_md(s)) for s in studio.reward.visible_scores(ids)] + \
+    def scores_for(ids, request):
+        if blind_view(studio, request):     # blind mode: no reward-model scores while labelling
+            return [gr.update(value=BLIND_SCORE)] * MAX_N
+        return [gr.update(value=_score_md(s)) for s in studio.completion_scores(ids)] + \
                [gr.update(value=_score_md(None))] * (MAX_N - len(ids))
 
     def my_stars(ids, annotator, crit) -> dict:
         """{completion id: stars} of this person's current star labels on `ids` for the criterion."""
-        if not ids:
-            return {}
-        df = studio.store.query("SELECT completion_id, stars FROM feedback_current WHERE kind = 'stars' AND "
-                                "annotator = ? AND criterion = ? AND completion_id IN (SELECT unnest(?::BIGINT[]))",
-                                [annotator, crit or "overall", [int(i) for i in ids]])
-        return {int(c): int(v) for c, v in zip(df["completion_id"], df["stars"])}
+        return studio.my_stars(ids, annotator, crit or "overall")
 
     def star_values(ids, stars_now):
         return [gr.update(value=str(stars_now[ids[i]]) if i < len(ids) and ids[i] in stars_now else None)
@@ -138,10 +137,14 @@ def build(studio, role: str = "owner"):
 
     def on_generate(prompt_text, n_, max_new_, temp_, top_p_, seed_, adapter_, request: gr.Request):
         n_ = int(n_)
-        seed_ = (seed_ or "").strip()
-        if seed_ and not seed_.lstrip("-").isdigit():     # refused before anything on screen changes
-            yield [gr.skip(), fail(f"the seed must be a whole number or empty, got {seed_!r}")] + \
-                [gr.skip()] * (len(slot_outputs) + MAX_N)
+        try:
+            seed_ = parse_seed(seed_)
+        except StudioError as e:     # refused before anything on screen changes
+            yield [gr.skip(), fail(e)] + [gr.skip()] * (len(slot_outputs) + MAX_N)
+            return
+        if adapter_ not in (None, "", "base") and blind_view(studio, request):
+            yield [gr.skip(), fail("blind mode: completions come from the base model here (the policies are "
+                                   "compared in the Blind compare tab)")] + [gr.skip()] * (len(slot_outputs) + MAX_N)
             return
         stop_event = threading.Event()
         updates: queue.Queue = queue.Queue()
@@ -151,7 +154,7 @@ def build(studio, role: str = "owner"):
             try:
                 result["cs"] = studio.generate(
                     prompt_text, n=n_, max_new_tokens=int(max_new_), temperature=float(temp_), top_p=float(top_p_),
-                    seed=None if seed_ in (None, "") else int(seed_),
+                    seed=seed_,
                     adapter=None if adapter_ in (None, "", "base") else adapter_,
                     on_update=updates.put, stop=stop_event.is_set)
             except StudioError as e:
@@ -167,7 +170,7 @@ def build(studio, role: str = "owner"):
         _GEN_STOPS[session] = stop_event
         threading.Thread(target=work, daemon=True).start()
         blank = [""] * n_
-        yield [[], "Generating…"] + slot_updates(list(range(n_)), blank) + scores_for([])
+        yield [[], "Generating…"] + slot_updates(list(range(n_)), blank) + scores_for([], request)
         while True:
             item = updates.get()
             if item is None:
@@ -176,14 +179,11 @@ def build(studio, role: str = "owner"):
                 [gr.update(value=item[i]) if i < len(item) else gr.skip() for i in range(MAX_N)] + \
                 [gr.skip()] * (2 * MAX_N + 3) + [gr.skip()] * MAX_N
         if "error" in result:
-            yield [[], fail(result["error"])] + slot_updates([], []) + scores_for([])
+            yield [[], fail(result["error"])] + slot_updates([], []) + scores_for([], request)
             return
         cs = result["cs"]
         ids = [c.id for c in cs]
-        msg = f"{len(cs)} completions saved (ids {ids[0]}–{ids[-1]})"
-        if any(c.finish_reason == "stop" for c in cs):
-            msg += " — stopped early"
-        yield [ids, ok(msg)] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids)
+        yield [ids, ok(generated_message(ids, [c.finish_reason for c in cs]))] + slot_updates(ids, [c.text for c in cs]) + scores_for(ids, request)
 
     def on_stop(request: gr.Request):
         ev = _GEN_STOPS.get(session_of(request))
@@ -192,7 +192,7 @@ def build(studio, role: str = "owner"):
         ev.set()
         return "Stopping…"
 
-    def label_result(ids, action):
+    def label_result(ids, action, request):
         """[status] + scores + [next idempotency key]; the key only changes once a label is saved."""
         try:
             message = action()
@@ -200,7 +200,7 @@ def build(studio, role: str = "owner"):
             return [fail(e)] + [gr.skip()] * MAX_N + [gr.skip()]
         except Exception as e:  # e.g. a storage error: show it, the inputs stay on screen for a retry
             return [fail(f"not saved: {e}")] + [gr.skip()] * MAX_N + [gr.skip()]
-        return [ok(message)] + scores_for(ids) + [new_label_key()]
+        return [ok(message)] + scores_for(ids, request) + [new_label_key()]
 
     def on_star(i):
         def handler(ids, value, crit, key, request: gr.Request):
@@ -209,7 +209,7 @@ def build(studio, role: str = "owner"):
             return label_result(ids, lambda: _saved("rating", studio.rate(
                 ids[i], int(value), criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
                 session_id=session_of(request), idempotency_key=label_key_for(key, "stars", ids[i], value, crit)),
-                f"{_stars_text(value)} for {LETTERS[i]}"))
+                f"{_stars_text(value)} for {LETTERS[i]}"), request)
         return handler
 
     def on_thumb(i, up):
@@ -221,7 +221,7 @@ def build(studio, role: str = "owner"):
                 ids[i], up, tags=tags_now, criterion=crit or "overall",
                 annotator=annotator_of(request, studio.annotator), session_id=session_of(request),
                 idempotency_key=label_key_for(key, "thumbs", ids[i], up, tags_now, crit)),
-                f"{'up' if up else 'down'} for {LETTERS[i]}"))
+                f"{'up' if up else 'down'} for {LETTERS[i]}"), request)
         return handler
 
     def on_compare(ids, l_, r_, w_, crit, key, request: gr.Request):
@@ -235,24 +235,16 @@ def build(studio, role: str = "owner"):
                                  annotator=annotator_of(request, studio.annotator), session_id=session_of(request),
                                  idempotency_key=label_key_for(key, "pairwise", ids[a], ids[b], w_, crit))
             return _saved("choice", fid, f"{l_} vs {r_}: {w_}")
-        return label_result(ids, act)
+        return label_result(ids, act, request)
 
     def on_rank(ids, order, crit, key, request: gr.Request):
         def act():
-            if not ids:
-                raise StudioError("generate or load completions first")
-            try:
-                idx = letters_to_index(order, len(ids))
-            except ValueError as e:
-                raise StudioError(str(e)) from None
-            if sorted(idx) != list(range(len(ids))):
-                raise StudioError(f"a ranking must list every completion shown exactly once "
-                                  f"({', '.join(LETTERS[:len(ids)])})")
+            idx = ranking_order(order, len(ids))
             ranked = [ids[i] for i in idx]
             fid = studio.rank(ranked, criterion=crit or "overall", annotator=annotator_of(request, studio.annotator),
                               session_id=session_of(request), idempotency_key=label_key_for(key, "ranking", ranked, crit))
             return _saved("ranking", fid, " > ".join(LETTERS[i] for i in idx))
-        return label_result(ids, act)
+        return label_result(ids, act, request)
 
     def on_critique(ids, t_, text, rw, crit, key, request: gr.Request):
         def act():
@@ -264,7 +256,7 @@ def build(studio, role: str = "owner"):
                                   idempotency_key=label_key_for(key, "critique", ids[i], text, rw, crit))
             parts = (["critique"] if "critique_id" in out else []) + (["rewrite"] if "rewrite_id" in out else [])
             return f"{' and '.join(parts)} saved for {t_}"
-        res = label_result(ids, act)
+        res = label_result(ids, act, request)
         if not res[0].startswith(ERROR_PREFIX):
             return res + [gr.update(value=""), gr.update(value="")]
         return res + [gr.skip(), gr.skip()]   # keep the unsaved text on screen for a retry
@@ -277,7 +269,7 @@ def build(studio, role: str = "owner"):
             done.update(studio.undo(annotator=annotator_of(request, studio.annotator),
                                     idempotency_key=label_key_for(key, "undo")))
             return describe_withdrawal(done)
-        res = label_result(ids, act)
+        res = label_result(ids, act, request)
         star_updates = [gr.skip()] * MAX_N
         lab = done.get("label")
         if lab and lab["kind"] == "stars" and lab["completion_id"] in ids:
@@ -302,7 +294,7 @@ def build(studio, role: str = "owner"):
         msg = f"prompt #{p['id']} has the fewest labels: " + (
             f"its {len(ids)} latest completions loaded" if ids else "press Generate for completions")
         return [ids, gr.update(value=p["text"]), ok(msg)] + slot_updates(ids, texts_now, my_stars(ids, who, crit)) + \
-            scores_for(ids)
+            scores_for(ids, request)
 
     def library_choices():
         df = studio.prompts()
@@ -314,12 +306,13 @@ def build(studio, role: str = "owner"):
 
     def on_load(prompt_id, crit, request: gr.Request):
         if prompt_id in (None, ""):
-            return [[], gr.skip(), fail("choose a prompt from the library")] + slot_updates([], []) + scores_for([])
+            return [[], gr.skip(), fail("choose a prompt from the library")] + slot_updates([], []) + \
+                scores_for([], request)
         ids, texts_now = latest_completions(prompt_id)
         text = studio.prompts().set_index("id").loc[int(prompt_id), "text"]
         stars_now = my_stars(ids, annotator_of(request, studio.annotator), crit)
         return [ids, gr.update(value=text), ok(f"{len(ids)} completions of prompt #{prompt_id} loaded")] + \
-            slot_updates(ids, texts_now, stars_now) + scores_for(ids)
+            slot_updates(ids, texts_now, stars_now) + scores_for(ids, request)
 
     def on_criterion(ids, crit, request: gr.Request):
         """Stars shown are this person's for the chosen criterion, not the last criterion's."""
@@ -337,22 +330,19 @@ def build(studio, role: str = "owner"):
     def criteria_update():
         df = studio.criteria()
         names = list(df["name"]) if len(df) else ["overall"]
-        md = "**Rubric** — " + " · ".join(f"**{n}**: {d or ''}" for n, d in zip(df["name"], df["description"]))
-        return gr.update(choices=names), md
+        return gr.update(choices=names), rubric_md(df["name"], df["description"])
 
-    def on_suggest(ids):
+    def on_suggest(ids, request: gr.Request):
         try:
             sug = studio.suggest_pair()
         except StudioError as e:
             return [gr.skip()] * 2 + [fail(e)]
         if not sug:
             return [gr.skip()] * 2 + [fail("nothing to suggest yet: generate completions and add a few labels")]
-        if ids and sug["a"] in ids and sug["b"] in ids:
-            la, lb = LETTERS[ids.index(sug["a"])], LETTERS[ids.index(sug["b"])]
-            return [gr.update(value=la), gr.update(value=lb),
-                    ok(f"the reward model is least sure about {la} vs {lb} (p={sug['p']:.2f}); choose the winner")]
-        return [gr.skip(), gr.skip(), ok(f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the "
-                                         f"library and press 'Load its completions' (p={sug['p']:.2f})")]
+        la, lb, message = suggestion_view(sug, ids, show_p=not blind_view(studio, request))
+        if la is None:
+            return [gr.skip(), gr.skip(), ok(message)]
+        return [gr.update(value=la), gr.update(value=lb), ok(message)]
 
     def on_add(text, request: gr.Request):
         try:
@@ -439,6 +429,50 @@ def label_key_for(key: str | None, *content) -> str | None:
         return None
     digest = hashlib.sha1(repr(content).encode()).hexdigest()[:16]
     return f"ui:{str(key)[:64]}:{digest}"
+
+
+def parse_seed(text) -> int | None:
+    """The seed field: a whole number, or None where it is empty; StudioError otherwise."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    if not text.lstrip("-").isdigit():
+        raise StudioError(f"the seed must be a whole number or empty, got {text!r}")
+    return int(text)
+
+
+def generated_message(ids: list[int], finish_reasons: list[str]) -> str:
+    msg = f"{len(ids)} completions saved (ids {ids[0]}–{ids[-1]})"
+    return msg + (" — stopped early" if "stop" in finish_reasons else "")
+
+
+def ranking_order(order: str, n: int) -> list[int]:
+    """'B A C' for n=3 shown completions -> [1, 0, 2]; StudioError unless it names each of them exactly once."""
+    if not n:
+        raise StudioError("generate or load completions first")
+    try:
+        idx = letters_to_index(order, n)
+    except ValueError as e:
+        raise StudioError(str(e)) from None
+    if sorted(idx) != list(range(n)):
+        raise StudioError(f"a ranking must list every completion shown exactly once ({', '.join(LETTERS[:n])})")
+    return idx
+
+
+def rubric_md(names, descriptions) -> str:
+    """The criteria as the rubric line shown above the cards (names and questions are text typed by owners)."""
+    return "**Rubric** — " + " · ".join(f"**{md_text(n)}**: {md_text(d or '')}" for n, d in zip(names, descriptions))
+
+
+def suggestion_view(sug: dict, ids: list[int], show_p: bool = True) -> tuple[str | None, str | None, str]:
+    """(letter A side, letter B side, message) for Studio.suggest_pair's answer with `ids` on the cards; the
+    letters are None where the pair belongs to another prompt. show_p=False: no probability (blind mode)."""
+    p = f" (p={sug['p']:.2f})" if show_p else ""
+    if ids and sug["a"] in ids and sug["b"] in ids:
+        la, lb = LETTERS[ids.index(sug["a"])], LETTERS[ids.index(sug["b"])]
+        return la, lb, f"the reward model is least sure about {la} vs {lb}{p}; choose the winner"
+    return None, None, (f"least certain pair is in prompt #{sug['prompt_id']}: pick it in the library and press "
+                        f"'Load its completions'{p}")
 
 
 def _stars_text(value) -> str:

@@ -6,7 +6,7 @@ import pandas as pd
 
 from ..auth import role_of
 from ..errors import StudioError
-from .common import annotator_of, fail, ok, session_of
+from .common import annotator_of, blind_view, fail, ok, session_of
 
 KINDS = ["all", "stars", "thumbs", "pairwise", "ranking", "critique", "rewrite"]
 _MAX_ROWS = 2000
@@ -82,16 +82,51 @@ def readable_labels(fb: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
-def readable_completions(cs: pd.DataFrame) -> pd.DataFrame:
+def readable_completions(cs: pd.DataFrame, policy: bool = True) -> pd.DataFrame:
     """The completions table a person reads: short columns first, the text last (it takes the width left);
-    sampling parameters and the model's revision hash stay in the database and the exports."""
-    cols = ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed", "corrects", "text"]
+    sampling parameters and the model's revision hash stay in the database and the exports. policy=False: no
+    policy column (blind mode)."""
+    cols = ["id", "when", "prompt_id", "source"] + (["policy"] if policy else []) + \
+        ["tokens", "finish", "seed", "corrects", "text"]
     if len(cs) == 0:
         return pd.DataFrame(columns=cols)
     policy = ["base" if not _present(a) else f"adapter-{int(a)}" for a in cs["adapter_id"]]
     return cs.assign(when=cs["created_at"].dt.strftime("%Y-%m-%d %H:%M:%S"), policy=policy,
                      tokens=cs["completion_tokens"], finish=cs["finish_reason"],
                      corrects=cs["corrects_id"])[cols]
+
+
+def history_tables(studio, kind: str = "all", annotator: str = "", search: str = "", replaced: bool = False,
+                   policy: bool = True) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The History tab's contents: (summary, labels, completions, prompts), newest first, at most _MAX_ROWS each.
+    kind: one label kind or "all"; annotator: part of a name; search: text the labels (critique, tags, winner),
+    completions and prompts contain; replaced: replaced and withdrawn labels too; policy: the completions' policy
+    column (False in blind mode)."""
+    fb = studio.feedback(history=bool(replaced))
+    if kind and kind != "all":
+        fb = fb[fb["kind"] == kind]
+    if annotator:
+        fb = fb[fb["annotator"].astype(str).str.contains(annotator.strip(), case=False, regex=False)]
+    fb = _filter_text(fb, search, ["text", "tags", "winner"])
+    cs = _filter_text(studio.completions(), search, ["text"])
+    all_prompts = studio.prompts()
+    ps = _filter_text(all_prompts, search, ["text"])
+    md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
+    return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], all_prompts),
+            readable_completions(cs.tail(_MAX_ROWS).iloc[::-1], policy=policy), ps.tail(_MAX_ROWS).iloc[::-1])
+
+
+def withdraw_label(studio, label_id, reason: str | None, annotator: str, session: str | None, owner: bool) -> str:
+    """Withdraw a label by id, as `annotator`: owners may withdraw anyone's (e.g. a spammer's), annotators only
+    their own. The Markdown message to show (an error message starts with ERROR_PREFIX)."""
+    if label_id is None:
+        return fail("type the id of the label to withdraw (the id column above)")
+    try:
+        out = studio.retract(int(label_id), reason or None, annotator=annotator, session_id=session,
+                             own_only=not owner, idempotency_key=f"ui:withdraw:{session}:{int(label_id)}")
+    except StudioError as e:
+        return fail(e)
+    return ok(describe_withdrawal(out))
 
 
 def build(studio, role: str = "owner"):
@@ -115,31 +150,12 @@ def build(studio, role: str = "owner"):
     with gr.Tab("Prompts"):
         prompts = gr.Dataframe(elem_id="history-prompts", interactive=False, wrap=True)
 
-    def load(kind_, annotator_, search_, replaced_):
-        fb = studio.feedback(history=bool(replaced_))
-        if kind_ and kind_ != "all":
-            fb = fb[fb["kind"] == kind_]
-        if annotator_:
-            fb = fb[fb["annotator"].astype(str).str.contains(annotator_.strip(), case=False, regex=False)]
-        fb = _filter_text(fb, search_, ["text", "tags", "winner"])
-        cs = _filter_text(studio.completions(), search_, ["text"])
-        all_prompts = studio.prompts()
-        ps = _filter_text(all_prompts, search_, ["text"])
-        md = f"{len(ps)} prompts · {len(cs)} completions · {len(fb)} labels shown"
-        return (md, readable_labels(fb.tail(_MAX_ROWS).iloc[::-1], all_prompts),
-                readable_completions(cs.tail(_MAX_ROWS).iloc[::-1]), ps.tail(_MAX_ROWS).iloc[::-1])
+    def load(kind_, annotator_, search_, replaced_, request: gr.Request = None):
+        return history_tables(studio, kind_, annotator_, search_, replaced_, policy=not blind_view(studio, request))
 
     def on_withdraw(label_id, reason, request: gr.Request):
-        """Owners may withdraw anyone's label (e.g. a spammer's), annotators only their own."""
-        if label_id is None:
-            return fail("type the id of the label to withdraw (the id column above)")
-        try:
-            out = studio.retract(int(label_id), reason or None, annotator=annotator_of(request, studio.annotator),
-                                 session_id=session_of(request), own_only=role_of(studio, request) != "owner",
-                                 idempotency_key=f"ui:withdraw:{session_of(request)}:{int(label_id)}")
-        except StudioError as e:
-            return fail(e)
-        return ok(describe_withdrawal(out))
+        return withdraw_label(studio, label_id, reason, annotator_of(request, studio.annotator), session_of(request),
+                              owner=role_of(studio, request) == "owner")
 
     inputs = [kind, annotator, search, replaced]
     outputs = [summary, labels, completions, prompts]

@@ -10,11 +10,11 @@ import pandas as pd
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner
-from .common import fail, ok, owner_upload, unless_sent
+from .common import blind_view, fail, md_text, ok, owner_upload, unless_sent
 
 
 def _status_md(studio, m: pd.DataFrame | None = None) -> str:
-    rs = studio.reward
+    rs = studio.reward_status()
     parts = []
     m = studio.reward_metrics() if m is None else m
     for tier in ("fast", "deep"):
@@ -30,16 +30,15 @@ def _status_md(studio, m: pd.DataFrame | None = None) -> str:
         else:
             accs = f"held-out accuracy **{acc:.3f}** on {n} pairs (±{np.sqrt(acc * (1 - acc) / n):.3f})"
         parts.append(f"**{tier} tier** v{int(r['version'])} · {int(r['labels_seen'])} labels seen · {accs}")
-    p = rs.progress
-    if p.running:
-        pct = 100 * p.done / max(p.total, 1)
-        parts.append(f"{p.message}: {p.done}/{p.total} ({pct:.0f}%)")
-    elif p.message:
-        parts.append(p.message)
-    if rs._deep_thread is not None and rs._deep_thread.is_alive():
+    if rs["running"]:
+        pct = 100 * rs["done"] / max(rs["total"], 1)
+        parts.append(f"{md_text(rs['message'])}: {rs['done']}/{rs['total']} ({pct:.0f}%)")
+    elif rs["message"]:
+        parts.append(md_text(rs["message"]))
+    if rs["deep_training"]:
         parts.append("deep tier training in the background (labelling continues)")
-    if rs.last_error:
-        parts.append(f"last problem: {rs.last_error}")
+    if rs["last_error"]:       # may quote an imported file's name or text
+        parts.append(f"last problem: {md_text(rs['last_error'])}")
     return "\n\n".join(parts)
 
 
@@ -52,7 +51,7 @@ def _likes(studio, k: int = 5):
     if len(df) == 0:
         return empty, empty, None
     df = df.tail(2000)
-    scores = studio.reward.visible_scores(list(df["id"]))
+    scores = studio.completion_scores(df["id"])
     vals = np.array([s[0] if s else np.nan for s in scores])
     if np.isnan(vals).all():
         return empty, empty, None
@@ -81,22 +80,22 @@ def build(studio, role: str = "owner"):
     with gr.Row(visible=owner) as owner_row:
         refit = gr.Button("Refit fast tier now", elem_id="refit-fast-btn")
         train_deep = gr.Button("Train deep tier now", elem_id="train-deep-btn")
-        every = gr.Number(value=studio.reward.settings.deep_every, precision=0, label="Deep update every K new pairs "
+        every = gr.Number(value=studio.reward_status()["deep_every"], precision=0, label="Deep update every K new pairs "
                           "(0 = only on demand)", elem_id="deep-every")
     action = gr.Markdown(elem_id="reward-action")
     with gr.Row():
         curves = gr.Plot(label="Accuracy and loss", elem_id="reward-curves")
         calib = gr.Plot(label="Calibration", elem_id="reward-calibration")
-    with gr.Row():
+    with gr.Row() as hist_row:
         hist = gr.Plot(label="Scores", elem_id="reward-hist")
     versions = gr.Dataframe(label="Versions (select a row to pin it for PPO launches from this browser tab)",
                             interactive=False, elem_id="reward-versions")
     use_version = gr.Markdown(elem_id="reward-pin")
     # the version chosen for PPO belongs to this browser tab (the Train tab reads it, shows it and can drop it)
     pinned = gr.State(None)
-    with gr.Row():
-        best = gr.Dataframe(label="Liked most", interactive=False, wrap=True)
-        worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True)
+    with gr.Row() as liked_row:
+        best = gr.Dataframe(label="Liked most", interactive=False, wrap=True, elem_id="reward-liked-most")
+        worst = gr.Dataframe(label="Liked least", interactive=False, wrap=True, elem_id="reward-liked-least")
     with gr.Accordion("Import preference pairs (HH-RLHF or TRL prompt/chosen/rejected)", open=False,
                       visible=owner) as import_box:
         upload = gr.File(label="JSONL(.gz) or Parquet", file_types=[".jsonl", ".gz", ".json", ".parquet"],
@@ -117,7 +116,7 @@ def build(studio, role: str = "owner"):
     sent = gr.State(None)
     owner_only = [owner_row, import_box, export_box]
 
-    def refresh(sent_=None):
+    def refresh(sent_=None, request: gr.Request = None):
         sent_, now = sent_ or {}, {}
         m = studio.reward_metrics()
         vers = studio.reward_versions()
@@ -127,11 +126,13 @@ def build(studio, role: str = "owner"):
             return plots.reliability(fast.iloc[-1]["bins"] if len(fast) and "bins" in fast else None)
         # the scores: by the fast tier's version (_likes may load it from the database: the key after that)
         liked = [gr.skip()] * 3
-        likes_key = (studio.store.completion_count(), studio.reward.fast_version)
-        if sent_.get("likes") != likes_key:
+        likes_key = (studio.completion_count(), studio.reward_status()["fast_version"])
+        if blind_view(studio, request):       # reward scores of completions: never sent in blind mode
+            likes_key = None
+        elif sent_.get("likes") != likes_key:
             best_, worst_, scores = _likes(studio)
             liked = [plots.score_histogram(scores), best_, worst_]
-            likes_key = (likes_key[0], studio.reward.fast_version)
+            likes_key = (likes_key[0], studio.reward_status()["fast_version"])
         now["likes"] = likes_key
         metrics_key = (len(m), int(m["version"].max()) if len(m) else None)
         return [*unless_sent(sent_, now, "status", _status_md(studio, m)),
@@ -154,7 +155,7 @@ def build(studio, role: str = "owner"):
     def on_deep(k, request: gr.Request):
         try:
             require_owner(studio, request, "train the reward model")
-            studio.reward.settings.deep_every = max(0, int(k or 0))
+            studio.set_deep_every(k)
             studio.train_reward_model(tier="deep", wait=False)
             return ok("deep tier training started in the background")
         except StudioError as e:
@@ -165,8 +166,7 @@ def build(studio, role: str = "owner"):
             require_owner(studio, request, "change reward-model settings")
         except StudioError as e:
             return fail(e)
-        studio.reward.settings.deep_every = max(0, int(k or 0))
-        return ok(f"deep tier updates every {studio.reward.settings.deep_every} new pairs")
+        return ok(f"deep tier updates every {studio.set_deep_every(k)} new pairs")
 
     def on_import(f, fmt_, request: gr.Request):
         try:
@@ -222,4 +222,5 @@ def build(studio, role: str = "owner"):
     pinned.change(pin_md, pinned, use_version, show_progress="hidden", api_visibility="private")
     # timer-driven: no "processing" overlay over the status every 3 s
     timer.tick(refresh, sent, outputs, api_visibility="private", show_progress="hidden")
-    return dict(on_load=(refresh, sent, outputs), owner_only=owner_only, pinned=pinned)
+    return dict(on_load=(refresh, sent, outputs), owner_only=owner_only, pinned=pinned,
+                blind_hidden=[hist_row, liked_row])

@@ -2,14 +2,12 @@
 live curves with ETA, sample rollouts, runs and adapters, export."""
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from .. import plots
 from ..errors import StudioError
-from ..auth import require_owner
-from .common import fail, ok, policy_names, unless_sent
+from ..auth import require_owner, role_of
+from .common import blind_view, fail, md_text, ok, policy_names, unless_sent
 
 
 def ppo_settings(steps, batch_size, max_new_tokens, ppo_epochs, lr, kl_coef, lora_r, checkpoint_every, seed,
@@ -70,10 +68,9 @@ def display_tables(runs, adapters):
 
 def _memory_md(studio, settings: dict) -> str:
     try:
-        from components.ppo.config import PPOConfig
-        est = studio.jobs.memory_estimate(PPOConfig(**settings))
+        est = studio.ppo_memory_estimate(**settings)
     except Exception as e:
-        return f"memory estimate unavailable: {html.escape(str(e))}"
+        return f"memory estimate unavailable: {md_text(e)}"
     need = est["bytes"] / 2**30
     avail = est.get("available_bytes")
     line = f"Estimated memory for this run: **{need:.2f} GiB**"
@@ -137,8 +134,6 @@ def _parse_id(value, what: str) -> int:
 def build(studio, role: str = "owner", pinned: gr.State | None = None):
     """The Train tab. pinned: the per-session State holding the reward-model version chosen in the Reward tab (a
     fresh one when the tab is built alone)."""
-    from storage import InvalidInput, NotFound
-
     owner = role == "owner"
     if pinned is None:
         pinned = gr.State(None)
@@ -197,13 +192,6 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     timer = gr.Timer(2.0)                     # Gradio ticks it only while this tab is open
     inputs = [steps, batch, new_tokens, epochs, lr, kl, lora_r, ckpt, seed]
 
-    def current_run_id():
-        h = studio.jobs.current
-        if h is not None:
-            return h.run_id
-        r = ppo_runs()
-        return int(r.sort_values("id").iloc[-1]["id"]) if len(r) else None
-
     def ppo_runs():
         """This tab's runs: PPO only (deep reward-model updates are runs too; the Reward tab shows those)."""
         r = studio.runs()
@@ -212,13 +200,9 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     def choice_now(tier_, pinned_, load_deep: bool):
         """The reward-choice line and the unpin button; load_deep: look the deep tier up in the database (on a
         change), else only what is in memory (the 2 s refresh: None where that is unknown, to leave it as is)."""
-        rs = studio.reward
         if pin_of(pinned_) is None and tier_ != "fast":
-            if load_deep:
-                deep = rs.deep_version if rs._has_deep() else False
-            elif rs.deep is not None:
-                deep = rs.deep_version
-            else:
+            deep = studio.deep_reward_version(look_up=load_deep)
+            if deep is None:
                 return gr.skip(), gr.skip()
         else:
             deep = None
@@ -228,7 +212,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         """Choices of the resume and export dropdowns (newest first), sent only when they changed."""
         resumable = []
         if len(raw_runs):
-            busy = studio.jobs.current.run_id if studio.jobs.busy() else None
+            busy = studio.running_ppo()
             for r in raw_runs.sort_values("id", ascending=False).itertuples():
                 if r.status not in ("completed", "running", "queued") and int(r.id) != busy:
                     resumable.append((f"run {int(r.id)} ({r.status})", int(r.id)))
@@ -244,10 +228,13 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         up_export = gr.skip() if old.get("export") == now["export"] else gr.update(choices=ads)
         return up_resume, up_export, now, sorted(int(i) for i in raw_adapters["id"]) if len(raw_adapters) else []
 
-    def refresh(tier_="deep", pinned_=None, known_=None):
+    def refresh(tier_="deep", pinned_=None, known_=None, request: gr.Request = None):
         """Every 2 s while the tab is open. Builds and sends only what changed since this browser tab's last
-        refresh (`known_`): rebuilding the curves and tables every tick cost the app ~0.8 s a tick for nothing."""
-        rid = current_run_id()
+        refresh (`known_`): rebuilding the curves and tables every tick cost the app ~0.8 s a tick for nothing.
+        Nothing for an annotator: runs, rewards and adapter names are the owner's (the tab is hidden too)."""
+        if role_of(studio, request) != "owner":
+            return [gr.skip()] * len(outputs)
+        rid = studio.latest_ppo()
         raw_runs, raw_ads = ppo_runs(), studio.adapters()
         rs, ad = display_tables(raw_runs, raw_ads)
         up_resume, up_export, known, ids = lists(raw_runs, raw_ads, known_)
@@ -259,8 +246,8 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
             return [*unless_sent(old, known, "status", "no run yet"), *unless_sent(old, known, "progress", 0),
                     *unless_sent(old, known, "curves", None, plots.ppo_curves),
                     *unless_sent(old, known, "samples", None, lambda _: empty_samples()), *out]
-        run = studio.store.run(rid)
-        m = studio.store.run_metrics(rid)
+        run = studio.run(rid)
+        m = studio.run_metrics(rid)
         total = int(run["config"].get("steps", 1))
         done = int(m["step"].max()) if len(m) else 0
         pct = 100.0 * done / max(total, 1)
@@ -268,12 +255,12 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         if len(m) >= 1 and run["status"] == "running" and "step_seconds" in m:
             eta = f" · ETA {m['step_seconds'].tail(5).mean() * (total - done):.0f} s"
         # error and notes as text: a message such as "<no compiler>" must not be taken for a tag
-        err = f" — {html.escape(run['error'])}" if run.get("error") else ""
-        notes = "".join(f"\n\nNote: {html.escape(n)}" for n in (run.get("notes") or "").splitlines())
+        err = f" — {md_text(run['error'])}" if run.get("error") else ""
+        notes = "".join(f"\n\nNote: {md_text(n)}" for n in (run.get("notes") or "").splitlines())
         md = f"Run **{rid}**: {run['status']} · step {done}/{total}{eta}{err}{notes}"
 
         def newest_samples(_):
-            sm = studio.store.run_samples(rid)
+            sm = studio.run_samples(rid)
             return sm.sort_values("step", ascending=False).head(12).round({"reward": 3}) if len(sm) else \
                 empty_samples()
         return [*unless_sent(old, known, "status", md), *unless_sent(old, known, "progress", pct),
@@ -303,7 +290,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         try:
             h = studio.train_ppo(wait=False, reward_tier=tier_ if version is None else None,
                                  reward_version=version, **settings)
-        except (StudioError, NotFound, InvalidInput) as e:
+        except StudioError as e:
             return fail(e)
         used = f"pinned reward-model version {version}" if version is not None else f"the latest {tier_} tier"
         return ok(f"run {h.run_id} started in the background with {used} (closing this tab does not stop it)")
@@ -313,11 +300,11 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
             require_owner(studio, request, "cancel training")
         except StudioError as e:
             return fail(e)
-        h = studio.jobs.current
-        if not h or not h.running():
-            return fail("no training job is running")
-        h.cancel()
-        return ok(f"cancelling run {h.run_id} at the next step boundary (it saves first)")
+        try:
+            run_id = studio.cancel_ppo()
+        except StudioError as e:
+            return fail(e)
+        return ok(f"cancelling run {run_id} at the next step boundary (it saves first)")
 
     def on_resume(rid, request: gr.Request):
         try:
@@ -329,9 +316,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         try:
             run_id = _parse_id(rid, "the run id")
             h = studio.resume_ppo(run_id)
-        except NotFound:
-            return fail(f"there is no run {run_id}: choose one of the runs listed")
-        except (StudioError, KeyError, InvalidInput, ValueError) as e:
+        except (StudioError, LookupError, ValueError) as e:     # the facade's StudioError names a missing run
             return fail(e)
         return ok(f"run {h.run_id} resumed")
 
@@ -345,9 +330,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         try:
             adapter_id = _parse_id(aid, "the adapter id")
             p = studio.app_export_adapter(adapter_id, path, merged=bool(merged_))
-        except NotFound:
-            return fail(f"there is no adapter {adapter_id}: choose one of the adapters listed")
-        except (StudioError, InvalidInput, ValueError) as e:
+        except (StudioError, LookupError, ValueError) as e:     # the facade's StudioError names a missing adapter
             return fail(e)
         return ok(f"adapter {adapter_id} written to {p}")
 
@@ -376,8 +359,8 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     # a timer-driven refresh shows no "processing" overlay over the status every 2 s
     timer.tick(refresh, refresh_inputs, outputs, **quiet)
 
-    def adapter_choices():
-        return gr.update(choices=policy_names(studio))
+    def adapter_choices(request: gr.Request = None):
+        return gr.skip() if blind_view(studio, request) else gr.update(choices=policy_names(studio))
     return dict(on_load=(refresh, refresh_inputs, outputs), adapters=(adapter_choices, None),
                 adapter_ids=adapter_ids, pinned=pinned,
                 owner_only=[settings_row, tier, choice_row, compile_, launch_row, export_row])

@@ -1,10 +1,14 @@
-"""Cases 7 and 9: the real app (`python launch.py --auth ...`) on a database full of hostile text, driven by
-headless Chromium, and its HTTP routes probed without and with a login.
+"""Cases 7 and 9: the real app (`python launch.py --auth-file ... --blind`) on a database full of hostile text,
+driven by headless Chromium, and its HTTP routes probed without and with a login.
 
-Hostile text is stored through the Studio API; the app must show it as text (no script runs, no markup
-renders), never contact another host, and give it back byte for byte."""
+Hostile text is stored through the Studio API (prompts, completions, critiques, a criterion's rubric, annotator,
+adapter and imported file names, a run's samples, notes and error); the app must show it as text in every tab,
+table, plot label and hover text (no script runs, no markup renders), never contact another host, and give it
+back byte for byte. Blind mode: an annotator's page names no policy and shows no reward score in any tab, while
+the owner, logged in as one, keeps the full view."""
 import http.client
 import json
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -28,24 +32,63 @@ HOSTILE_REWRITE = ("**Corrected:** <script>window.__xss=4</script>\n<img src=x o
 HOSTILE_CRITIQUE = "<b onmouseover=\"window.__xss=8\">bold</b> ![t](http://198.51.100.7/c.png) " + ZW_RTL
 NUL_PROMPT = "before\x00after NUL"
 PLAIN = ["A plain prompt about rain", "<svg onload=window.__xss=9>svg prompt</svg> " + ZW_RTL, NUL_PROMPT]
+POLICY = "secret-policy"            # an adapter's name: an annotator in blind mode must never see it
+HOSTILE_ADAPTER = POLICY + "<img src=x onerror=\"window.__xss=10\"><a href=\"javascript:window.__xss=11\">a</a>"
+HOSTILE_ANNOTATOR = "<b onmouseover=\"window.__xss=12\">eve</b>"
+HOSTILE_RUBRIC = "rubric [r](javascript:window.__xss=13) ![r](http://198.51.100.7/r.png) <img src=x onerror=\"window.__xss=14\">"
+HOSTILE_FILE = "<img src=x onerror=window.__xss=15>.jsonl"
+HOSTILE_RUN_ERROR = "<script>window.__xss=16</script> [e](javascript:window.__xss=17) ![e](http://198.51.100.7/e.png)"
+ANNOTATOR, ANNOTATOR_PASSWORD = "bo", "staple-battery-horse"
+BLIND_PAIR_PROMPT = "Say hi"        # typed into Blind compare by the annotator
+
+
+def _hostile_policy_and_run(s, folder) -> None:
+    """An adapter (hostile name) that won a blind vote against the base, a failed PPO run (hostile samples, note
+    and error), a rubric, an annotator and an imported file's name, all hostile."""
+    st = s.store       # runs and adapters as a PPO job would leave them, without running one
+    rid = st.create_run("ppo", config={"steps": 2})
+    st.add_run_metrics(rid, 1, {"reward_mean": 0.5, "kl": 0.01})
+    st.add_run_samples(rid, 1, [{"prompt": HOSTILE_PROMPT, "response": HOSTILE_REWRITE, "reward": 0.25}])
+    st.add_run_note(rid, HOSTILE_CRITIQUE)
+    st.set_run_status(rid, "failed", error=HOSTILE_RUN_ERROR)
+    aid = st.add_adapter(HOSTILE_ADAPTER, b"w", {}, "base/model", run_id=rid, step=1)
+    base = s.generate("A blind prompt", n=1, max_new_tokens=2, seed=0, prompt_source="blind")[0]
+    tuned = st.add_completions([{"prompt_id": base.prompt_id, "text": "tuned answer", "adapter_id": aid}])[0]
+    s.compare(base.id, tuned, "b")
+    s.add_criterion("helpfulness", HOSTILE_RUBRIC)
+    s.rate(base.id, 4, criterion="helpfulness", annotator=HOSTILE_ANNOTATOR)
+    s.rate(base.id, 3, criterion="helpfulness")
+    rated = folder / HOSTILE_FILE
+    rated.write_text(json.dumps({"prompt": "rated prompt", "completions": [{"text": "good", "score": 5},
+                                                                           {"text": "bad", "score": 1}]}) + "\n")
+    s.import_rated(str(rated))
 
 
 @pytest.fixture(scope="module")
 def hostile_db(tmp_path_factory, lm):
-    path = str(tmp_path_factory.mktemp("hostile") / "hostile.duckdb")
+    folder = tmp_path_factory.mktemp("hostile")
+    path = str(folder / "hostile.duckdb")
     with open_studio(path, lm) as s:
         cs = s.generate(HOSTILE_PROMPT, n=2, max_new_tokens=4, seed=0)
         s.rate(cs[0].id, 5)
         s.thumbs(cs[1].id, up=False, tags=["harmful"])
         out = s.critique(cs[1].id, HOSTILE_CRITIQUE, rewrite=HOSTILE_REWRITE)
+        s.rate(cs[0].id, 2, annotator=HOSTILE_ANNOTATOR)       # two annotators on one completion: agreement
+        s.compare(cs[0].id, cs[1].id, "a")
         s.add_prompts(PLAIN)
+        _hostile_policy_and_run(s, folder)
         s.reward.wait_idle(60)
+        s.train_reward_model(tier="fast")         # scores: the Reward tab's likes and histogram, the cards
     return path, cs[0].prompt_id, out["rewrite_completion_id"]
 
 
 @pytest.fixture(scope="module")
 def app(hostile_db):
-    with running_app(hostile_db[0], "--auth", f"{USER}:{PASSWORD}") as (url, proc):
+    users = Path(hostile_db[0]).with_name("users.json")
+    users.write_text(json.dumps({"users": [{"username": USER, "password": PASSWORD, "role": "owner"},
+                                           {"username": ANNOTATOR, "password": ANNOTATOR_PASSWORD,
+                                            "role": "annotator"}]}))
+    with running_app(hostile_db[0], "--auth-file", str(users), "--blind") as (url, proc):
         yield url, proc, hostile_db
 
 
@@ -81,7 +124,46 @@ def _no_injection(page, where):
     assert state == {"xss": None, "scripts": 0, "handlers": 0, "jslinks": 0, "beacons": 0}, (where, state)
 
 
+def _log_in(page, url, user, password):
+    from playwright.sync_api import expect
+    page.goto(url)
+    page.get_by_label("username").fill(user)          # the login page
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    expect(page.locator("#generate-btn")).to_be_visible(timeout=60_000)
+    page.wait_for_function(    # the page-load events done (tests/browser.py open_app)
+        "() => ![...document.querySelectorAll('[data-testid=status-tracker]')]"
+        ".some(t => !t.classList.contains('hide') && t.offsetParent !== null)", timeout=120_000)
+
+
+def _open_tab(page, name, ready):
+    from playwright.sync_api import expect
+    page.get_by_role("tab", name=name, exact=True).click()
+    expect(page.locator(ready)).not_to_be_empty(timeout=60_000)
+    page.wait_for_timeout(800)                      # a tab's select event and its timer's first tick
+
+
+def _hover_plots(page, selector) -> str:
+    """Move the mouse over every bar and marker (and the middle of each plot area, for heatmaps) of the plots under
+    `selector`; the hover labels' text seen."""
+    seen = []
+    targets = ", ".join(f"{sel.strip()} {part}" for sel in selector.split(",") for part in (".point", ".nsewdrag"))
+    for box in [b.bounding_box() for b in page.locator(targets).all()[:120]]:
+        if box and box["width"] * box["height"] > 0:
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            seen.append(page.evaluate("() => [...document.querySelectorAll('.hoverlayer')]"
+                                      ".map(h => h.textContent).join(' ')"))
+    page.mouse.move(0, 0)
+    return " ".join(seen)
+
+
+def _text(page, selector) -> str:
+    return " ".join(page.locator(selector).all_text_contents())
+
+
 def test_hostile_text_is_shown_as_text_everywhere(app):
+    """Every tab as the owner: the hostile markup is on screen as literal text (rendered markup would not show its
+    tag) and nothing was injected, also in plot labels and hover text."""
     from playwright.sync_api import expect
     url, proc, (db, prompt_id, rewrite_id) = app
     with browser() as b:
@@ -90,14 +172,10 @@ def test_hostile_text_is_shown_as_text_everywhere(app):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
-        page.goto(url)
-        page.get_by_label("username").fill(USER)          # the login page
-        page.get_by_label("password").fill(PASSWORD)
-        page.get_by_role("button", name="Login").click()
-        expect(page.locator("#generate-btn")).to_be_visible(timeout=60_000)
+        _log_in(page, url, USER, PASSWORD)
         _no_injection(page, "after login")
 
-        # prompt library -> "Load its completions"
+        # prompt library -> "Load its completions"; the hostile rubric of a criterion
         page.locator("#library input").click()
         page.get_by_role("option").filter(has_text="window.__xss=1").first.click()
         page.click("#load-prompt-btn")
@@ -105,7 +183,27 @@ def test_hostile_text_is_shown_as_text_everywhere(app):
         assert page.locator("#prompt textarea").input_value() == HOSTILE_PROMPT       # exact, in the UI too
         shown = [page.locator(f"#comp-{i} textarea").input_value() for i in range(3)]
         assert HOSTILE_REWRITE in shown
+        expect(page.locator("#rubric")).to_contain_text(HOSTILE_RUBRIC)
+        expect(page.locator("#score-0")).to_contain_text("reward (fast v")   # the owner sees scores in blind mode
         _no_injection(page, "Generate & Rate with the hostile prompt loaded")
+
+        _open_tab(page, "Reward model", "#reward-status")
+        expect(page.locator("#reward-liked-most, #reward-liked-least").first).to_be_visible()
+        assert "<iframe src=" in _text(page, "#reward-liked-most") + _text(page, "#reward-liked-least")
+        _hover_plots(page, "#reward-hist")
+        _no_injection(page, "Reward model")
+
+        _open_tab(page, "Train (PPO)", "#ppo-status")
+        expect(page.locator("#ppo-status")).to_contain_text(HOSTILE_RUN_ERROR, timeout=30_000)
+        expect(page.locator("#ppo-status")).to_contain_text("Note: <b onmouseover=")      # the run's note
+        expect(page.locator("#ppo-samples")).to_contain_text("<iframe src=")
+        expect(page.locator("#ppo-adapters")).to_contain_text(HOSTILE_ADAPTER)
+        _hover_plots(page, "#ppo-curves")
+        _no_injection(page, "Train (PPO)")
+
+        _open_tab(page, "Blind compare", "#blind-winrates")
+        expect(page.locator("#blind-winrates")).to_contain_text("adapter-")          # the owner sees policies
+        _no_injection(page, "Blind compare")
 
         # History tab: labels, completions, prompts tables
         page.get_by_role("tab", name="History").click()
@@ -116,17 +214,76 @@ def test_hostile_text_is_shown_as_text_everywhere(app):
             page.get_by_role("tab", name=sub, exact=True).click()
             # the markup is on screen as literal text (rendered markup would not show its tag)
             expect(page.locator(f"#history-{sub.lower()}")).to_contain_text(literal, timeout=30_000)
+            if sub == "Completions":
+                expect(page.locator("#history-completions")).to_contain_text("import:" + HOSTILE_FILE)
+                expect(page.locator("#history-completions")).to_contain_text("adapter-")
             _no_injection(page, f"History / {sub}")
-        # Dashboard tab
-        page.get_by_role("tab", name="Dashboard").click()
-        expect(page.locator("#dash-summary")).not_to_be_empty(timeout=60_000)
-        page.wait_for_timeout(1000)
-        _no_injection(page, "Dashboard")
+
+        # Dashboard tab: axis labels, legends and hover text hold prompts, annotators, policies as text
+        _open_tab(page, "Dashboard", "#dash-summary")
+        expect(page.locator("#dash-coverage")).to_contain_text("<script>window.__xss=1</script>", timeout=30_000)
+        expect(page.locator("#dash-leaderboard")).to_contain_text(HOSTILE_ADAPTER)
+        expect(page.locator("#dash-agreement")).to_contain_text(HOSTILE_ANNOTATOR)
+        expect(page.locator("#dash-over-time")).to_contain_text(HOSTILE_ANNOTATOR)
+        hovered = _hover_plots(page, "#dash-over-time, #dash-stars, #dash-coverage, #dash-agreement, "
+                                     "#dash-leaderboard")
+        assert "<script>window.__xss=1</script>" in hovered, hovered[:2000]        # a prompt in a hover label
+        _no_injection(page, "Dashboard, plots hovered")
         assert not errors, errors
     beacons = [u for u in blocked if BEACON_HOST in u]
     assert beacons == [], f"the page tried to load {beacons} (blocked by the test, never sent)"
     assert blocked == [], f"the page tried to contact other hosts (blocked by the test, never sent): {blocked}"
 
+
+def _nothing_revealed(page, where):
+    """No policy name or reward score anywhere in the page (hidden parts included), and no policy or score on
+    screen; the owner's walk above sees each of them (the same checks fail there)."""
+    everything = page.evaluate("() => document.documentElement.textContent")
+    on_screen = page.evaluate("() => document.body.innerText")
+    found = [w for w in (POLICY, "reward (fast", "reward (deep") if w in everything]
+    found += re.findall(r"adapter-\d+", everything)
+    found += [w for w in ("policy", "liked most", "liked least", "reward scores", "reward model vs", "win rate")
+              if w in on_screen.lower()]
+    assert found == [], (where, found)
+
+
+def test_blind_mode_shows_an_annotator_no_policy_and_no_score(app):
+    """--blind with --auth-file: an annotator walks every tab, loads completions, labels, asks for a suggestion
+    and votes in Blind compare, and never sees which policy wrote what nor a reward-model score."""
+    from playwright.sync_api import expect
+    url, _, (db, prompt_id, _) = app
+    with browser() as b:
+        page = b.new_page(viewport={"width": 1500, "height": 1300})
+        _log_in(page, url, ANNOTATOR, ANNOTATOR_PASSWORD)
+        expect(page.get_by_role("tab", name="Train (PPO)")).to_have_count(0)
+        page.locator("#library input").click()
+        page.get_by_role("option").filter(has_text="blind prompt").first.click()
+        page.click("#load-prompt-btn")
+        expect(page.locator("#status")).to_contain_text("completions of prompt", timeout=60_000)
+        page.locator("#stars-0 input[value='4']").click()
+        expect(page.locator("#status")).to_contain_text("4 stars for A", timeout=60_000)
+        expect(page.locator("#score-0")).to_contain_text("hidden (blind mode)")
+        page.click("#suggest-btn")
+        expect(page.locator("#suggestion")).not_to_be_empty(timeout=60_000)
+        _nothing_revealed(page, "Generate & Rate")
+        for name, ready in (("Reward model", "#reward-status"), ("History", "#history-summary"),
+                            ("Dashboard", "#dash-summary")):
+            _open_tab(page, name, ready)
+            _hover_plots(page, "[id^=dash-], [id^=reward-]")
+            _nothing_revealed(page, name)
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("tab", name="Completions", exact=True).click()
+        expect(page.locator("#history-completions")).to_contain_text("tuned answer", timeout=30_000)
+        _nothing_revealed(page, "History / Completions")
+        page.get_by_role("tab", name="Blind compare").click()
+        page.locator("#blind-prompt textarea").fill(BLIND_PAIR_PROMPT)
+        page.locator("#blind-new-tokens input").fill("2")
+        page.click("#blind-generate")
+        expect(page.locator("#blind-reveal")).not_to_be_empty(timeout=120_000)
+        if page.locator("#blind-left textarea").input_value():
+            page.click("#blind-vote-a")
+            expect(page.locator("#blind-reveal")).to_contain_text("vote saved", timeout=60_000)
+        _nothing_revealed(page, "Blind compare")
 
 
 # ------------------------------------------------------------------------------------------------ case 9
@@ -277,7 +434,9 @@ def test_hostile_text_round_trips_exactly_in_the_file(app):
     proc.terminate()
     proc.wait(timeout=60)
     texts = {r[0] for r in db_rows(db, "SELECT text FROM prompts")}
-    assert {HOSTILE_PROMPT, *PLAIN} == texts
+    assert {HOSTILE_PROMPT, *PLAIN, "A blind prompt", "rated prompt"} == texts - {BLIND_PAIR_PROMPT}
+    assert db_rows(db, "SELECT name FROM adapters") == [(HOSTILE_ADAPTER,)]
+    assert db_rows(db, "SELECT description FROM criteria WHERE name = 'helpfulness'") == [(HOSTILE_RUBRIC,)]
     assert db_rows(db, "SELECT text FROM completions WHERE id = ?", [rewrite_id]) == [(HOSTILE_REWRITE,)]
     assert db_rows(db, "SELECT text FROM feedback WHERE kind = 'critique'") == [(HOSTILE_CRITIQUE,)]
     assert db_rows(db, "SELECT count(*) FROM prompts WHERE text = ?", [NUL_PROMPT]) == [(1,)]
