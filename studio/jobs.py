@@ -43,7 +43,8 @@ def worker_main(address: str, authkey_hex: str) -> None:
 
 def ppo_worker(conn, cancel, spec: dict) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
-    ("note", text), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
+    ("note", text), ("watch", check dict), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status),
+    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused"."""
     try:
         import torch
         from components.models import load_model
@@ -62,6 +63,10 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
         status, noted = "completed", set()
+        from .watch import JobWatch
+        watch = JobWatch(spec["watch"]) if spec.get("watch") else None
+        if watch:
+            conn.send(("watch", watch.check(trainer)))     # the baseline
         while trainer.step_count < cfg.steps:
             if cancel.is_set():
                 status = "cancelled"
@@ -73,6 +78,12 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
                     noted.add(note)
             samples = m.pop("samples", [])
             conn.send(("metrics", {k: v for k, v in m.items() if isinstance(v, (int, float))}, samples))
+            if watch and watch.due(trainer.step_count):
+                check = watch.check(trainer)
+                conn.send(("watch", check))
+                if check["verdict"] == "pause":
+                    status = "paused"
+                    break
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
                     and trainer.step_count < cfg.steps:
                 conn.send(("checkpoint", trainer.step_count, trainer.state_bytes()))
@@ -154,7 +165,9 @@ class RunHandle:
 
     @property
     def status(self) -> str:
-        return self._manager.store.run(self.run_id)["status"]
+        """The run's status; "paused" while a pause by the reward-hacking watch is its newest change."""
+        store = self._manager.store
+        return "paused" if store.run_pause(self.run_id) else store.run(self.run_id)["status"]
 
     @property
     def notes(self) -> list[str]:
@@ -204,8 +217,11 @@ class JobManager:
 
     # ------------------------------------------------------------- launching
     def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
-                  reward_tier: str | None = None, reward_version: int | None = None, **config) -> RunHandle:
+                  reward_tier: str | None = None, reward_version: int | None = None, watch=None,
+                  **config) -> RunHandle:
         from components.ppo.config import PPOConfig
+        from .watch import parse_config, probe_prompts
+        watch_cfg = parse_config(watch)
         cfg_fields = PPOConfig.__dataclass_fields__
         unknown = sorted(set(config) - set(cfg_fields))
         if unknown:
@@ -227,7 +243,10 @@ class JobManager:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
                                   "cancel it or wait for it to finish")
-            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts}, lineage)
+            probes, note = probe_prompts(self._prompt_snapshot(), prompts, watch_cfg.probes)
+            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(),
+                                                   "watch_probes": probes, "watch_notes": [note] if note else []},
+                                           lineage)
             return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
 
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
@@ -239,7 +258,7 @@ class JobManager:
             raise StudioError(f"run {run_id} is still running")
         if run["status"] == "completed":
             raise StudioError(f"run {run_id} already completed; start a new run to train further")
-        cfg_d = dict(run["config"])
+        cfg_d = {k: v for k, v in run["config"].items() if not k.startswith("watch")}
         prompts = cfg_d.pop("prompts")
         cfg = PPOConfig.from_dict(cfg_d)
         lineage = run["lineage"]
@@ -294,8 +313,9 @@ class JobManager:
         import subprocess
         import sys
         from multiprocessing.connection import Listener
+        from .watch import job_spec
         lm = self.studio.lm
-        spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
+        spec = dict(watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]), model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
@@ -343,6 +363,9 @@ class JobManager:
                     self.store.add_run_metrics(run_id, step, metrics)
                     if samples:
                         self.store.add_run_samples(run_id, step, samples)
+                elif kind == "watch":
+                    from .watch import record
+                    record(self.store, run_id, msg[1])
                 elif kind == "note":
                     log.warning("PPO run %s: %s", run_id, msg[1])
                     self.store.add_run_note(run_id, msg[1])
@@ -375,7 +398,10 @@ class JobManager:
                             f"it, and if memory ran out, {OOM_ADVICE}")
                 handle.error = handle.error or why
             try:
-                self.store.set_run_status(run_id, final, error=handle.error)
+                if final == "paused":
+                    self.store.pause_run(run_id)
+                else:
+                    self.store.set_run_status(run_id, final, error=handle.error)
             except Exception:
                 pass
 
