@@ -375,6 +375,13 @@ class Studio:
         from .watch import rollback
         return rollback(self, _id(run_id))
 
+    def watch_stop(self, run_id: int) -> None:
+        """End a watch pause without resuming: the run stays 'cancelled' (its checkpoint kept)."""
+        rid = _id(run_id)
+        if self.store.run_pause(rid) is None:
+            raise StudioError(f"run {rid} is not paused by the watch")
+        self.store.set_run_status(rid, "cancelled")
+
     def watch_audit(self, run_id: int, n: int = 4, max_new_tokens: int = 48) -> list[dict]:
         """A short blind audit: the run's current policy vs its best checkpoint on n probe prompts, sides shuffled.
         Returns [{prompt, a, b, a_text, b_text}]; vote with `compare(a, b, winner)` (a label like any other)."""

@@ -93,3 +93,31 @@ def test_no_watch_when_off_too_short_or_from_before_the_watch(studio):
 def _h(p):
     import hashlib
     return hashlib.sha256(p.encode()).hexdigest()
+
+
+def test_train_tab_shows_a_pause_with_its_examples_and_buttons(studio):
+    import gradio as gr
+    from studio.ui import train, watch_panel
+    s = studio
+    rid = s.store.create_run("ppo", {"steps": 4}, {})
+    s.store.set_run_status(rid, "running")
+    ex = {"reward_likes": [{"prompt": "p", "response": "of of of", "reward": 9.0, "judge": -1.0}],
+          "judge_dislikes": [{"prompt": "p", "response": "of of of", "reward": 9.0, "judge": -1.0}]}
+    s.store.add_watch_check(rid, 0, "ok", "ok", {"reward": 0.0, "judge": 0.0, "kl": 0.0, "no_eos": 0.0})
+    s.store.add_watch_check(rid, 2, "pause", "training reward rose 3.00 sd ..., but diversity collapsed",
+                            {"reward": 3.0, "judge": -1.0, "kl": 2.0, "no_eos": 1.0}, ex)
+    md, checks, table, vis = watch_panel.watch_status(s, rid)
+    assert md.startswith("Watch: 2 checks") and len(checks) == 2 and not vis["visible"]   # running: no pause
+    s.store.pause_run(rid)
+    assert s.runs().set_index("id").loc[rid, "status"] == "paused"
+    md, checks, table, vis = watch_panel.watch_status(s, rid)
+    assert "Paused by the reward-hacking watch at step 2" in md and "diversity collapsed" in md and vis["visible"]
+    assert table["which"].tolist() == ["reward model likes most", "second judge likes least"]
+    fig = watch_panel.checks_figure(checks)
+    assert {t.name for t in fig.data} >= {"training reward", "second judge", "KL"}
+    assert "with a kept policy to roll back to" in watch_panel.on_rollback(s, rid)   # nothing kept: said clearly
+    assert "start a blind audit first" in watch_panel.on_audit_vote(s, None, "a")[0]
+    assert "stopped" in watch_panel.on_stop(s, rid) and s.watch_pause(rid) is None
+    assert s.store.run(rid)["status"] == "cancelled"
+    with gr.Blocks():
+        train.build(s)                     # the panel is wired into the tab

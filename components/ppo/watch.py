@@ -177,7 +177,7 @@ def verdict(history: list[dict], cfg: WatchConfig) -> dict:
         best = max(h["judge"] for h in history if h.get("judge") is not None)
         drop = (best - now["judge"]) / _unit(base["judge_std"])
         if drop >= cfg.judge_drop:
-            flags.append(f"the second judge fell {drop:.2f} sd from its best while the training reward rose")
+            flags.append(f"the second judge fell {drop:.2f} sd from its best")
     if now["distinct_2"] <= cfg.diversity_ratio * base["distinct_2"]:
         flags.append(f"diversity collapsed: distinct bigrams {now['distinct_2']:.2f} vs {base['distinct_2']:.2f} "
                      "at the start")
@@ -200,7 +200,8 @@ def verdict(history: list[dict], cfg: WatchConfig) -> dict:
 def probe_check(trainer, prompts: list[str], judge, cfg: WatchConfig, history: list[dict]) -> dict:
     """Run the probes on `trainer` (a PPOTrainer), score them with the second judge (a fitted
     components.reward.fast.FastRewardModel or None), append the signals to `history` (in place) and return the
-    JSON-able check: {"step", "signals", "verdict", "reason", "flags", "best", "examples", ...}."""
+    JSON-able check: {"step", "signals", "verdict", "reason", "flags", "best", "examples", "responses" (one per
+    probe), ...}."""
     p = trainer.probe(prompts, max_new_tokens=cfg.max_new_tokens or None, seed=cfg.seed)
     judged = None
     if judge is not None:
@@ -208,5 +209,5 @@ def probe_check(trainer, prompts: list[str], judge, cfg: WatchConfig, history: l
     sig = signals(p["token_ids"], p["has_eos"], p["score"], p["kl"], judged)
     history.append(sig)
     v = verdict(history, cfg)
-    return {"step": int(trainer.step_count), "signals": sig, **v,
+    return {"step": int(trainer.step_count), "signals": sig, **v, "responses": p["responses"],
             "examples": examples(p["prompts"], p["responses"], p["score"], judged)}
