@@ -81,7 +81,7 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             if watch and watch.due(trainer.step_count):
                 check = watch.check(trainer)
                 conn.send(("watch", check))
-                if check["verdict"] == "pause":
+                if check["verdict"] == "pause" and trainer.step_count < cfg.steps:   # else it is done anyway
                     status = "paused"
                     break
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
@@ -315,11 +315,12 @@ class JobManager:
         from multiprocessing.connection import Listener
         from .watch import job_spec
         lm = self.studio.lm
-        spec = dict(watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]), model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
+        spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
-                    memory_headroom_mb=self.memory_headroom_mb)
+                    memory_headroom_mb=self.memory_headroom_mb,
+                    watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]))
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = listener.address

@@ -46,11 +46,12 @@ def test_paused_run_keeps_checkpoint_rolls_back_audits_and_resumes(studio):
     assert s.train_reward_model(tier="fast") is not None
     with pytest.raises(StudioError, match="unknown watch settings"):
         s.train_ppo(steps=2, watch={"evry": 1}, **TINY)
-    run = s.train_ppo(steps=8, wait=True, seed=1, watch=HAIR_TRIGGER, **TINY)
+    run = s.train_ppo(steps=5, wait=True, seed=1, watch=HAIR_TRIGGER, **TINY)
     checks = s.watch_checks(run.run_id)
     assert run.status == "paused", checks[["step", "verdict", "reason"]]
     paused_at = int(checks["step"].iloc[-1])
-    assert 1 <= paused_at < 8 and checks["verdict"].iloc[-1] == "pause"
+    print("paused at", paused_at, checks["reason"].iloc[-1])
+    assert 1 <= paused_at < 5 and checks["verdict"].iloc[-1] == "pause"
     assert checks["step"].tolist() == list(range(paused_at + 1))       # the baseline, then every step
     for col in ("reward", "kl", "length", "length_corr", "distinct_1", "distinct_2", "no_eos"):
         assert checks[col].notna().all(), col
