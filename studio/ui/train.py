@@ -264,6 +264,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
                     *unless_sent(old, known, "curves", None, plots.ppo_curves),
                     *unless_sent(old, known, "samples", None, lambda _: empty_samples()), *out]
         run = studio.store.run(rid)
+        run["status"] = "paused" if run["status"] == "cancelled" and studio.watch_pause(rid) else run["status"]
         m = studio.store.run_metrics(rid)
         total = int(run["config"].get("steps", 1))
         done = int(m["step"].max()) if len(m) else 0
