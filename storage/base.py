@@ -16,7 +16,7 @@ from .writer import open_writer, release_writer
 
 TABLES = ("prompts", "completions", "criteria", "feedback", "features", "reward_versions", "runs",
           "run_metrics", "run_samples", "adapters", "checkpoints", "retractions", "heldout_prompts", "evaluations",
-          "evaluation_pairs")
+          "evaluation_pairs", "watch_checks", "watch_judges")
 
 
 class StoreBase:

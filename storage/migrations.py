@@ -319,12 +319,42 @@ CREATE TABLE evaluation_pairs (
 );
 """
 
+# 6: the reward-hacking watch (components/ppo/watch.py). One row per check of a PPO run: its signals, verdict and
+# examples; `adapter` holds the policy at the best check so far (for a roll back), pruned on the others;
+# `paused_at` is set when that check paused the run. A run's status cannot take a new value (DuckDB cannot change
+# the CHECK on `runs.status`): a paused run is stored 'cancelled' and reads as 'paused' while its pause is its
+# newest status change (paused_at = runs.updated_at, written in one transaction). `watch_judges` keeps each
+# run's second judge (a fast-tier model on held-out labels), so a resumed run is judged by the same one.
+_V6 = f"""
+CREATE SEQUENCE watch_check_id_seq;
+CREATE TABLE watch_checks (
+    id          BIGINT PRIMARY KEY DEFAULT nextval('watch_check_id_seq'),
+    run_id      BIGINT NOT NULL REFERENCES runs (id),
+    step        INTEGER NOT NULL,
+    verdict     VARCHAR NOT NULL CHECK (verdict IN ('ok', 'pause')),
+    reason      VARCHAR,
+    signals     JSON NOT NULL,
+    examples    JSON,
+    best        BOOLEAN NOT NULL DEFAULT false,
+    adapter     BLOB,
+    paused_at   TIMESTAMP,
+    created_at  TIMESTAMP NOT NULL DEFAULT {NOW}
+);
+CREATE TABLE watch_judges (
+    run_id      BIGINT PRIMARY KEY REFERENCES runs (id),
+    weights     BLOB NOT NULL,
+    pairs       INTEGER NOT NULL,
+    created_at  TIMESTAMP NOT NULL DEFAULT {NOW}
+);
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1),
     (2, _V2),
     (3, _V3),
     (4, _V4),
     (5, _V5),
+    (6, _V6),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -19,11 +19,12 @@ from .evaluations import Evaluations
 from .labels import Labels
 from .rewards import TIERS, RewardModels
 from .runs import CHECKPOINTS_KEPT, RUN_KINDS, RUN_STATUSES, Runs
+from .watch import WatchChecks
 from .validate import FEEDBACK_KINDS, WINNERS, normalise_feedback
 
 __all__ = ["Store", "StoreBase", "TABLES", "FEEDBACK_KINDS", "WINNERS", "FINISH_REASONS", "TIERS", "RUN_KINDS",
            "RUN_STATUSES", "CHECKPOINTS_KEPT", "normalise_feedback"]
 
 
-class Store(Corpus, Labels, RewardModels, Runs, Evaluations, StoreBase):
+class Store(Corpus, Labels, RewardModels, WatchChecks, Runs, Evaluations, StoreBase):
     """One RLHF Studio database file. See docs/ARCHITECTURE.md (storage.Store contract)."""

@@ -299,7 +299,11 @@ class Studio:
         return self.jobs.resume_ppo(run_id, wait=wait)
 
     def runs(self):
-        return self.store.runs()
+        runs = self.store.runs()
+        paused = self.store.paused_run_ids()        # stored 'cancelled'; see storage migration 6
+        if paused:
+            runs.loc[runs["id"].isin(paused), "status"] = "paused"
+        return runs
 
     def adapters(self):
         return self.store.adapters()
@@ -542,6 +546,34 @@ class Studio:
         """Every Dashboard figure and table (see studio.views.dashboard); criterion None: all criteria."""
         from . import views
         return views.dashboard(self.store, self.reward, criterion, blind_only, hide_policies)
+
+    # ------------------------------------------------------- reward-hacking watch (studio/watch.py)
+    def watch_checks(self, run_id: int):
+        """Every check of the watch on a PPO run, oldest first: step, verdict, reason, the signals (reward, judge,
+        kl, length, length_corr, distinct_1, distinct_2, no_eos, ...), examples, whether it was the best so far."""
+        return self.store.watch_checks(_id(run_id))
+
+    def watch_pause(self, run_id: int) -> dict | None:
+        """Why the watch paused this run (its check, with reason and examples), or None if it is not paused."""
+        return self.store.run_pause(_id(run_id))
+
+    def rollback(self, run_id: int) -> int:
+        """A new adapter from the run's best check by the second judge; returns its adapter id."""
+        from .watch import rollback
+        return rollback(self, _id(run_id))
+
+    def watch_stop(self, run_id: int) -> None:
+        """End a watch pause without resuming: the run stays 'cancelled' (its checkpoint kept)."""
+        rid = _id(run_id)
+        if self.store.run_pause(rid) is None:
+            raise StudioError(f"run {rid} is not paused by the watch")
+        self.store.set_run_status(rid, "cancelled")
+
+    def watch_audit(self, run_id: int, n: int = 4, max_new_tokens: int = 48) -> list[dict]:
+        """A short blind audit: the run's current policy vs its best checkpoint on n probe prompts, sides shuffled.
+        Returns [{prompt, a, b, a_text, b_text}]; vote with `compare(a, b, winner)` (a label like any other)."""
+        from .watch import audit
+        return audit(self, _id(run_id), n=int(n), max_new_tokens=int(max_new_tokens))
 
     # -------------------------------------------------------------- app & io
     def backup(self, path: str) -> str:

@@ -25,7 +25,9 @@ JOB_TO_APP = {
     "note": (ch.short_text,),
     "checkpoint": (ch.step, bytes),
     "adapter": (bytes, ch.step),
-    "done": (lambda v: v in ("completed", "cancelled"),),
+    "watch": (lambda v: isinstance(v, dict) and ch.step(v.get("step")) and v.get("verdict") in ("ok", "pause")
+              and isinstance(v.get("signals"), dict) and isinstance(v.get("adapter"), (bytes, type(None)))),
+    "done": (lambda v: v in ("completed", "cancelled", "paused"),),
     "error": (ch.short_text, ..., ch.short_text),
 }
 APP_TO_JOB = {"spec": (dict,), "cancel": ()}
@@ -59,7 +61,8 @@ def worker_main(argv: list[str]) -> None:
 
 def ppo_worker(conn, cancel, spec: dict) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
-    ("note", text), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status), ("error", message)."""
+    ("note", text), ("watch", check dict), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status),
+    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused"."""
     try:
         import torch
         from components.models import load_model
@@ -78,6 +81,10 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
         status, noted = "completed", set()
+        from .watch import JobWatch
+        watch = JobWatch(spec["watch"]) if spec.get("watch") else None
+        if watch:
+            conn.send(("watch", watch.check(trainer)))     # the baseline
         while trainer.step_count < cfg.steps:
             if cancel.is_set():
                 status = "cancelled"
@@ -90,6 +97,12 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             samples = m.pop("samples", [])
             conn.send(("metrics", {k: float(v) if not isinstance(v, int) else v for k, v in m.items()
                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}, samples))
+            if watch and watch.due(trainer.step_count):
+                check = watch.check(trainer)
+                conn.send(("watch", check))
+                if check["verdict"] == "pause" and trainer.step_count < cfg.steps:   # else it is done anyway
+                    status = "paused"
+                    break
             if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0 \
                     and trainer.step_count < cfg.steps:
                 conn.send(("checkpoint", trainer.step_count, trainer.state_bytes()))
@@ -171,7 +184,9 @@ class RunHandle:
 
     @property
     def status(self) -> str:
-        return self._manager.store.run(self.run_id)["status"]
+        """The run's status; "paused" while a pause by the reward-hacking watch is its newest change."""
+        store = self._manager.store
+        return "paused" if store.run_pause(self.run_id) else store.run(self.run_id)["status"]
 
     @property
     def notes(self) -> list[str]:
@@ -221,8 +236,11 @@ class JobManager:
 
     # ------------------------------------------------------------- launching
     def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
-                  reward_tier: str | None = None, reward_version: int | None = None, **config) -> RunHandle:
+                  reward_tier: str | None = None, reward_version: int | None = None, watch=None,
+                  **config) -> RunHandle:
         from components.ppo.config import PPOConfig
+        from .watch import parse_config, probe_prompts
+        watch_cfg = parse_config(watch)
         cfg_fields = PPOConfig.__dataclass_fields__
         unknown = sorted(set(config) - set(cfg_fields))
         if unknown:
@@ -244,7 +262,11 @@ class JobManager:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
                                   "cancel it or wait for it to finish")
-            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts}, lineage)
+            library = [str(t) for t in self.store.prompts()["text"]]
+            probes, probe_note = probe_prompts(library, prompts, watch_cfg.probes)
+            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(),
+                                                   "watch_probes": probes,
+                                                   "watch_notes": [probe_note] if probe_note else []}, lineage)
             if note:
                 self.store.add_run_note(run_id, note)
             return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
@@ -258,7 +280,7 @@ class JobManager:
             raise StudioError(f"run {run_id} is still running")
         if run["status"] == "completed":
             raise StudioError(f"run {run_id} already completed; start a new run to train further")
-        cfg_d = dict(run["config"])
+        cfg_d = {k: v for k, v in run["config"].items() if not k.startswith("watch")}
         prompts = cfg_d.pop("prompts")
         cfg = PPOConfig.from_dict(cfg_d)
         lineage = run["lineage"]
@@ -312,12 +334,14 @@ class JobManager:
     def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait) -> RunHandle:
         """Start `python -m studio.jobs` and hand it the snapshot over an inherited socketpair
         (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
+        from .watch import job_spec
         lm = self.studio.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
-                    memory_headroom_mb=self.memory_headroom_mb)
+                    memory_headroom_mb=self.memory_headroom_mb,
+                    watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]))
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc, conn = ch.spawn(self.worker_module, JOB_TO_APP, env=env, cwd=root)
@@ -363,6 +387,9 @@ class JobManager:
                     self.store.add_run_metrics(run_id, step, metrics)
                     if samples:
                         self.store.add_run_samples(run_id, step, samples)
+                elif kind == "watch":
+                    from .watch import record
+                    record(self.store, run_id, msg[1])
                 elif kind == "note":
                     log.warning("PPO run %s: %s", run_id, msg[1])
                     self.store.add_run_note(run_id, msg[1])
@@ -396,7 +423,10 @@ class JobManager:
                             f"it, and if memory ran out, {OOM_ADVICE}")
                 handle.error = handle.error or why
             try:
-                self.store.set_run_status(run_id, final, error=handle.error)
+                if final == "paused":
+                    self.store.pause_run(run_id)
+                else:
+                    self.store.set_run_status(run_id, final, error=handle.error)
             except Exception:
                 pass
 

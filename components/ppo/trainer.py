@@ -745,6 +745,48 @@ class PPOTrainer:
                     out.append(d)
         return out
 
+    @torch.no_grad()
+    def probe(self, prompts: list, max_new_tokens: int | None = None, seed: int = 0) -> dict:
+        """What the reward-hacking watch (components/ppo/watch.py) reads: one response per prompt, sampled from
+        the policy at the training temperature with a fixed seed (the same random stream at every check), the
+        global RNG restored afterwards so that probing does not change the run. Returns, for B prompts:
+        {"prompts": [B] text, "responses": [B] text, "token_ids": [B] lists of response ids (up to EOS),
+        "has_eos": [B] bool, "score": [B] float (raw reward model), "kl": [B] float (sum over the response of
+        log pi - log ref, the trainer's KL estimate), "features": tensor [B, 2H] (pooled base features, what the
+        fast reward tier reads)}."""
+        from ..reward.features import pool_features
+        cfg = self.config
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(seed)
+        try:
+            with self.lm.lock:
+                self._activate_policy()
+                self.model.eval()
+                q, qm = left_pad(encode_prompts(self.lm, prompts, cfg.max_prompt_tokens), self.lm.pad_token_id,
+                                 self.device)
+                with self._policy_for_generation():
+                    resp = sample(self.model, q, qm, max_new_tokens or cfg.max_new_tokens, cfg.temperature,
+                                  cfg.top_p, self.lm.eos_token_id, self.lm.pad_token_id,
+                                  merge_lora=self._merge_in_sampler)
+                rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
+                resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
+                ro = Rollout(q, qm, resp, rmask, has_eos, list(prompts))
+                logp = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
+                                        share_prefix=cfg.share_prompt_prefix, pack=self.pack_rows).logp
+                ref_logp, hidden = self._reference(ro, want_hidden=True)
+                raw, _ = self._score(ro, hidden)
+                feats = pool_features(hidden, ro.attention_mask, ro.full_response_mask)
+        finally:
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        ids = [resp[i, : int(rmask[i].sum())].tolist() for i in range(len(prompts))]
+        return {"prompts": [p if isinstance(p, str) else _decode(self.lm.tokenizer, p) for p in prompts],
+                "responses": [_decode(self.lm.tokenizer, x) for x in ids], "token_ids": ids,
+                "has_eos": [bool(x) for x in has_eos], "score": [float(x) for x in raw],
+                "kl": [float(x) for x in ((logp - ref_logp) * rmask).sum(1)], "features": feats.cpu()}
+
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints and export
     # ------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import gradio as gr
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner, role_of
+from . import watch_panel
 from .common import blind_view, fail, md_text, ok, policy_names, unless_sent
 
 
@@ -171,6 +172,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     status = gr.Markdown(elem_id="ppo-status")
     progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False, elem_id="ppo-progress")
     curves = gr.Plot(elem_id="ppo-curves")
+    watch_slot = gr.Column()     # the reward-hacking watch (watch_panel.py), filled once the timer exists
     samples = gr.Dataframe(empty_samples(), label="Sample rollouts (latest steps)", interactive=False, wrap=True,
                            elem_id="ppo-samples")
     runs = gr.Dataframe(label="Runs", interactive=False, elem_id="ppo-runs")
@@ -191,6 +193,8 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     adapter_ids = gr.State(now_ids)     # as of start-up: a page load then fires no change unless one was added
     timer = gr.Timer(2.0)                     # Gradio ticks it only while this tab is open
     inputs = [steps, batch, new_tokens, epochs, lr, kl, lora_r, ckpt, seed]
+    with watch_slot:
+        watch_panel.build(studio, timer, lambda: current_run_id(), owner)
 
     def ppo_runs():
         """This tab's runs: PPO only (deep reward-model updates are runs too; the Reward tab shows those)."""
@@ -247,6 +251,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
                     *unless_sent(old, known, "curves", None, plots.ppo_curves),
                     *unless_sent(old, known, "samples", None, lambda _: empty_samples()), *out]
         run = studio.run(rid)
+        run["status"] = "paused" if run["status"] == "cancelled" and studio.watch_pause(rid) else run["status"]
         m = studio.run_metrics(rid)
         total = int(run["config"].get("steps", 1))
         done = int(m["step"].max()) if len(m) else 0
