@@ -26,7 +26,7 @@ JOB_TO_APP = {
     "checkpoint": (ch.step, bytes),
     "adapter": (bytes, ch.step),
     "watch": (lambda v: isinstance(v, dict) and ch.step(v.get("step")) and v.get("verdict") in ("ok", "pause")
-              and isinstance(v.get("signals"), dict) and isinstance(v.get("adapter"), (bytes, type(None)))),
+              and isinstance(v.get("signals"), dict) and isinstance(v.get("adapter"), (bytes, type(None))),),
     "done": (lambda v: v in ("completed", "cancelled", "paused"),),
     "error": (ch.short_text, ..., ch.short_text),
 }

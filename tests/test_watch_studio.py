@@ -48,7 +48,7 @@ def test_paused_run_keeps_checkpoint_rolls_back_audits_and_resumes(studio):
         s.train_ppo(steps=2, watch={"evry": 1}, **TINY)
     run = s.train_ppo(steps=5, wait=True, seed=1, watch=HAIR_TRIGGER, **TINY)
     checks = s.watch_checks(run.run_id)
-    assert run.status == "paused", checks[["step", "verdict", "reason"]]
+    assert run.status == "paused", (run.error, s.runs()[["status", "error"]].to_dict("records"))
     paused_at = int(checks["step"].iloc[-1])
     print("paused at", paused_at, checks["reason"].iloc[-1])
     assert 1 <= paused_at < 5 and checks["verdict"].iloc[-1] == "pause"
