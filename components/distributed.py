@@ -6,6 +6,7 @@ the global batch's mean loss, so N workers take the same step as one worker on t
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 
@@ -101,7 +102,11 @@ def train_data_parallel(num_workers: int, *, batch: int = 4, seq_len: int = 16, 
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(storage_path=storage, name=f"dp-{num_workers}w-{time.time_ns()}"),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        lora = torch.load(os.path.join(d, "lora.pt"))
+    try:
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            lora = torch.load(os.path.join(d, "lora.pt"))
+    finally:
+        if storage_path is None:
+            shutil.rmtree(storage, ignore_errors=True)
     return {"losses": result.metrics["losses"], "seconds": result.metrics["seconds"], "lora": lora}

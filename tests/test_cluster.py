@@ -25,13 +25,16 @@ def ray_runtime():
     ray.shutdown()
 
 
-def test_unreachable_cluster_is_refused_before_any_run(tmp_path, lm):
+def test_unreachable_cluster_is_refused_before_any_run(tmp_path, lm, capsys):
     from storage import Store
     db = str(tmp_path / "s.duckdb")
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
         with pytest.raises(StudioError, match="cannot reach the Ray cluster at"):
             from studio import Studio
             Studio(db, model=lm, cluster=address)
+    from studio.cli import main
+    assert main(["--db", db, "--cluster", "127.0.0.1:1", "--no-browser"]) == 2     # refused before the model loads
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
     st = Store(db)
     try:
         assert st.runs().empty
@@ -92,30 +95,29 @@ def _wait_for(cond, timeout=300):
     raise AssertionError("timed out")
 
 
-def test_cluster_run_streams_cancels_resumes_and_generates(on_cluster):
+def test_cluster_run_streams_cancels_resumes_survives_a_killed_worker_and_generates(on_cluster):
+    """One run through every promise (each job start on the cluster costs a fresh worker process and a model
+    load, so they share one run): live metrics, cancel, resume, SIGKILL of the worker, resume, generate."""
+    from studio.cluster import RayJob
     s = on_cluster
-    run = s.train_ppo(steps=3, wait=False, **TINY)
-    assert isinstance(run._process, __import__("studio.cluster", fromlist=["RayJob"]).RayJob)
+    run = s.train_ppo(steps=4, wait=False, **TINY)
+    assert isinstance(run._process, RayJob)              # it runs on the cluster, not as a local process
     _wait_for(lambda: len(run.metrics()) >= 1)            # live curves: metrics arrive while it trains
     run.cancel()
     assert run.wait(timeout=300) == "cancelled"
     done = int(run.metrics()["step"].max())
     assert 1 <= done < 3 and s.store.latest_checkpoint(run.run_id)[0] == done
-    again = s.resume_ppo(run.run_id, wait=True)
-    assert again.status == "completed", again.error
-    assert again.metrics()["step"].tolist() == [1, 2, 3]
-    outs = s.generate("Name a fruit.", n=1, max_new_tokens=5, seed=0, adapter=again.adapter_id)
-    assert outs and outs[0].adapter is not None
 
-
-def test_killed_worker_fails_the_run_and_the_app_keeps_serving(on_cluster):
-    s = on_cluster
-    run = s.train_ppo(steps=4, wait=False, **TINY)
-    _wait_for(lambda: s.store.latest_checkpoint(run.run_id) is not None)
-    os.kill(run.pid, signal.SIGKILL)                       # the actor's process on this (local) node
-    assert run.wait(timeout=120) == "failed"
+    again = s.resume_ppo(run.run_id, wait=False)
+    _wait_for(lambda: s.store.latest_checkpoint(run.run_id)[0] > done or not again.running())
+    os.kill(again.pid, signal.SIGKILL)                    # the actor's process on this (local) node
+    assert again.wait(timeout=120) == "failed"
     assert "worker on the Ray cluster died" in s.store.run(run.run_id)["error"]
-    assert s.generate("Say hello.", n=1, max_new_tokens=4, seed=0)      # the app still serves
-    resumed = s.resume_ppo(run.run_id, wait=True)          # and the run goes on from its last checkpoint
-    assert resumed.status == "completed", resumed.error
-    assert int(resumed.metrics()["step"].max()) == 4
+    assert s.generate("Say hello.", n=1, max_new_tokens=4, seed=0)      # the app keeps serving
+
+    last = s.resume_ppo(run.run_id, wait=True)            # goes on from the newest checkpoint
+    assert last.status == "completed", last.error
+    steps = last.metrics()["step"].tolist()
+    assert steps[-1] == 4 and steps == sorted(set(steps))
+    outs = s.generate("Name a fruit.", n=1, max_new_tokens=5, seed=0, adapter=last.adapter_id)
+    assert outs and outs[0].adapter is not None
