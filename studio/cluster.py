@@ -17,6 +17,7 @@ from .errors import StudioError
 INSTALL_HINT = "install it with `pip install 'rlhf-studio[cluster]'` (scripts/install.sh does)"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGES = ("studio", "components", "storage")   # shipped to remote workers with the job
+START_TIMEOUT_S = 300      # a worker process plus its imports; on a busy 2-core machine this took over a minute
 
 
 def _ray():
@@ -225,9 +226,13 @@ class RayJob:
     def __init__(self, actor, done_ref):
         self.actor, self.done_ref = actor, done_ref
         self.returncode: int | None = None
+        import ray
         try:
-            import ray
-            self.pid = ray.get(actor.pid.remote(), timeout=300)   # the worker's process id on its node
+            self.pid = ray.get(actor.pid.remote(), timeout=START_TIMEOUT_S)   # the worker's process id on its node
+        except ray.exceptions.GetTimeoutError:
+            self.kill()
+            raise StudioError(f"the Ray cluster did not start the training worker within {START_TIMEOUT_S} s: "
+                              "it has no free CPU (or GPU) for it; free some or add a node") from None
         except Exception:  # noqa: BLE001 - it died at once: the pump reports it
             self.pid = None
 
