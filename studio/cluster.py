@@ -124,46 +124,50 @@ class Cluster:
 
 
 # ------------------------------------------------------------------------- inside the actor (on the cluster)
-class _Outbox:
-    """The worker's end: ppo_worker calls send(tuple) and close(); the app drains the queue."""
+class _ActorConn:
+    """The worker's end inside the actor, shaped like its local connection: send() queues for the app to fetch,
+    recv()/poll() read what the app delivered (("cancel",) and any later app-to-worker message)."""
 
-    def __init__(self, q: queue.Queue):
-        self.q = q
+    def __init__(self, outbox: queue.Queue, inbox: queue.Queue):
+        self.outbox, self.inbox = outbox, inbox
 
     def send(self, msg) -> None:
-        self.q.put(msg)
+        self.outbox.put(msg)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        if timeout:
+            deadline = time.time() + timeout
+            while self.inbox.empty() and time.time() < deadline:
+                time.sleep(0.05)
+        return not self.inbox.empty()
+
+    def recv(self):
+        return self.inbox.get()
 
     def close(self) -> None:
         pass
 
 
-class _EventFlag:
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-
 class _JobActor:
-    """Runs one training job; `drain` and `cancel` are served by other threads while `run` trains."""
+    """Runs one training job; `drain` and `deliver` are served by other threads while `run` trains."""
 
     def __init__(self):
         self.outbox: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
+        self.inbox: queue.Queue = queue.Queue()
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, spec: dict) -> None:
-        from studio.jobs import ppo_worker
+        from studio.jobs import _CancelFlag, ppo_worker
+        conn = _ActorConn(self.outbox, self.inbox)
         try:
-            ppo_worker(_Outbox(self.outbox), _EventFlag(self.cancelled), spec)
+            ppo_worker(conn, _CancelFlag(conn), spec)      # the local job's code, unchanged
         finally:
             self.outbox.put(None)          # end of stream
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def deliver(self, msg) -> None:
+        self.inbox.put(msg)
 
     def drain(self, wait_s: float) -> list:
         """The messages queued so far, waiting up to wait_s for the first (a long poll)."""
@@ -187,8 +191,7 @@ class RayConn:
         self._ended = False
 
     def send(self, msg) -> None:
-        if msg and msg[0] == "cancel":
-            self.actor.cancel.remote()
+        self.actor.deliver.remote(msg)
 
     def poll(self, timeout: float = 0.0) -> bool:
         if not self._inbox and not self._ended:
