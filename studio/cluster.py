@@ -207,6 +207,9 @@ class RayConn:
         if msg is None:
             self._ended = True
             raise EOFError("the cluster job ended")
+        from .channel import check_message
+        from .jobs import JOB_TO_APP
+        check_message(msg, JOB_TO_APP)     # the same promise as the local channel: only well-formed messages
         return msg
 
     def _fetch(self, wait_s: float) -> None:

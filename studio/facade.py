@@ -75,6 +75,8 @@ class Studio:
                 load_model(model, device=device, dtype=dtype, quantization=quantization)
         except Exception:
             self.store.close()
+            if self.cluster is not None:
+                self.cluster.shutdown()
             raise
         from .reward_service import RewardService
         self.reward = RewardService(self)
