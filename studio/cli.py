@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
     p.add_argument("--quantization", default=None, choices=["4bit", "8bit"], help="load the base in 4/8-bit (CUDA)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run training jobs on a Ray cluster: 'local' starts Ray on this machine, else a Ray address "
+                        "such as ray://head:10001 (see docs/CLUSTER.md)")
     return p.parse_args(argv)
 
 
@@ -127,8 +130,8 @@ def main(argv=None) -> int:
     print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
     try:
         s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                   export_dir=args.export_dir)
-    except (StorageError, ModelLoadError) as e:
+                   export_dir=args.export_dir, cluster=args.cluster)
+    except (StorageError, ModelLoadError, StudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for w in s.store.warnings:

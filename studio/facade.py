@@ -46,7 +46,8 @@ class Studio:
 
     def __init__(self, db: str = "rlhf-studio.duckdb", model: str | LoadedModel = EMBEDDED, *, device: str | None = None,
                  dtype: str | None = None, quantization: str | None = None, annotator: str = "local",
-                 read_only: bool = False, export_dir: str | None = None):
+                 read_only: bool = False, export_dir: str | None = None,
+                 cluster: str | None = None):
         self.db_path = str(db)
         from .files import Downloads, default_export_dir
         self.export_dir = os.path.abspath(export_dir) if export_dir else default_export_dir(self.db_path)
@@ -62,7 +63,11 @@ class Studio:
         self.accounts = None          # set by launch(): logins and roles
         self.blind = False
         self.session_id = uuid.uuid4().hex[:12]
+        self.cluster = None           # training jobs run here unless a Ray cluster is given (studio/cluster.py)
         try:
+            if cluster is not None:
+                from .cluster import Cluster
+                self.cluster = Cluster(cluster)
             if not read_only:
                 self.store.mark_running_interrupted()
             # A LoadedModel can be passed in (a notebook that already holds one, or tests sharing one).
@@ -70,6 +75,8 @@ class Studio:
                 load_model(model, device=device, dtype=dtype, quantization=quantization)
         except Exception:
             self.store.close()
+            if self.cluster is not None:
+                self.cluster.shutdown()
             raise
         from .reward_service import RewardService
         self.reward = RewardService(self)
@@ -609,6 +616,8 @@ class Studio:
                     pass
             self._downloads.close()
             self.store.close()
+            if self.cluster is not None:
+                self.cluster.shutdown()
 
     def __enter__(self):
         return self

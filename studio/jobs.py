@@ -258,6 +258,8 @@ class JobManager:
         lineage = {"base_model": self.studio.model_id, "base_revision": self.studio.lm.revision,
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
+        if getattr(self.studio, "cluster", None) is not None:
+            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
@@ -342,6 +344,8 @@ class JobManager:
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
                     memory_headroom_mb=self.memory_headroom_mb,
                     watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]))
+        if getattr(self.studio, "cluster", None) is not None:   # a Ray actor instead of a local process
+            return self.studio.cluster.spawn(self, run_id, spec, wait)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc, conn = ch.spawn(self.worker_module, JOB_TO_APP, env=env, cwd=root)

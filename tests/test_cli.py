@@ -34,13 +34,15 @@ def test_every_readme_flag_parses_to_its_setting():
     from studio.cli import parse_args
     argv = {"--db": "x.duckdb", "--model": "some/model", "--host": "0.0.0.0", "--port": "8001", "--share": None,
             "--auth": "u:p", "--auth-file": "users.json", "--export-dir": "out", "--blind": None,
-            "--no-browser": None, "--max-queue": "3", "--device": "cpu", "--dtype": "fp32", "--quantization": "4bit"}
+            "--no-browser": None, "--max-queue": "3", "--device": "cpu", "--dtype": "fp32", "--quantization": "4bit",
+            "--cluster": "ray://head:10001"}
     assert set(argv) == readme_flags()                      # a flag added to the README is added here too
     a = parse_args([x for k, v in argv.items() for x in ([k] if v is None else [k, v])])
     assert (a.db, a.model, a.host, a.port, a.share, a.auth, a.auth_file, a.export_dir, a.blind, a.no_browser,
             a.max_queue, a.device, a.dtype, a.quantization) == \
         ("x.duckdb", "some/model", "0.0.0.0", 8001, True, "u:p", "users.json", "out", True, True, 3, "cpu", "fp32",
          "4bit")
+    assert a.cluster == "ray://head:10001" and parse_args([]).cluster is None
     d = parse_args([])
     assert (d.db, d.model, d.host, d.port, d.share, d.blind, d.max_queue, d.export_dir, d.quantization) == \
         ("rlhf-studio.duckdb", "embedded", "127.0.0.1", 7860, False, False, None, None, None)
