@@ -151,7 +151,8 @@ class _RemoteCancel:
 # ---------------------------------------------------------------------------- the app side
 @dataclass
 class RunHandle:
-    """A training run (PPO or another algorithm): `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`, `.notes`."""
+    """A training run (PPO or another algorithm): `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`,
+    `.notes`."""
     run_id: int
     _manager: "JobManager"
     _thread: threading.Thread | None = None
