@@ -4,7 +4,7 @@ same name on the same shapes.
 Labels: a stand-in preference ("shorter answers are better", as in scripts/screenshots.py): two completions a
 prompt sampled from the base, each cut to its first half and that half chosen over the whole (DPO pairs; KTO:
 chosen = good, rejected = bad). Reward of
-the online algorithms: the same preference as a reward model would learn it, -0.1 per response token. All runs:
+the online algorithms: the same preference as a reward model would learn it, -0.01 per response character. All runs:
 the embedded SmolLM2-135M-Instruct in fp32, LoRA r=16 / alpha=32 on all linear layers, the reference = the base
 with the adapter off, AdamW, one optimiser step a step.
 
@@ -38,15 +38,23 @@ TRAIN_PROMPTS = ["Give me one tip for writing a clear email.", "Explain photosyn
                  "Why is the sky blue?", "Suggest a weekend hobby.", "Describe the smell of rain."]
 HELDOUT_PROMPTS = ["How can I sleep better?", "Tell me a fun fact about octopuses.",
                    "What should I cook tonight?", "Explain recursion briefly."]
-TOKEN_PENALTY = 0.1
+CHAR_PENALTY = 0.01
 
 
 class ShorterIsBetter:
-    """The reward: -TOKEN_PENALTY per response token (a RewardFn, components/ppo/rewards.py)."""
+    """The reward: -CHAR_PENALTY per character of the response (a RewardFn, components/ppo/rewards.py). By
+    characters, not tokens, so that completions cut at the same token limit still score differently."""
     uses_base_hidden = False
 
+    def __init__(self, tokenizer):
+        import torch
+        vocab = len(tokenizer)
+        self.chars = torch.tensor([len(tokenizer.decode([i], skip_special_tokens=True)) for i in range(vocab)],
+                                  dtype=torch.float32)
+
     def __call__(self, *, model, input_ids, attention_mask, response_mask, base_hidden=None):
-        return -TOKEN_PENALTY * response_mask.sum(1).float()
+        chars = self.chars.to(input_ids.device)[input_ids.clamp(max=len(self.chars) - 1)]
+        return -CHAR_PENALTY * (chars * response_mask).sum(1)
 
 
 def load():
@@ -92,7 +100,9 @@ def evaluate(lm, model, args) -> dict:
                 resp = sample(model, q, qm, args.new_tokens, 0.7, 1.0, lm.eos_token_id, lm.pad_token_id)
             mask, _ = mask_after_eos(resp, lm.eos_token_id)
             resp = torch.where(mask.bool(), resp, torch.full_like(resp, lm.pad_token_id))
-            out[who] = -TOKEN_PENALTY * float(mask.sum(1).float().mean())
+            texts = [lm.tokenizer.decode(resp[i, :int(mask[i].sum())].tolist(), skip_special_tokens=True)
+                     for i in range(resp.shape[0])]
+            out[who] = -CHAR_PENALTY * sum(map(len, texts)) / len(texts)
             if who == "policy":
                 logp = forward_response(model, q, qm, resp, mask, 1.0).logp
                 with model.disable_adapter():
@@ -121,7 +131,7 @@ def run_ours(algorithm: str, args, pairs, unpaired) -> dict:
         else:
             cfg = config_class(algorithm)(prompts_per_step=args.prompts, k=args.k, max_new_tokens=args.new_tokens,
                                           temperature=1.0, kl_coef=0.05, **extra, **common)
-        tr = build_trainer(lm, algorithm, cfg, prompts=TRAIN_PROMPTS, reward_fn=ShorterIsBetter())
+        tr = build_trainer(lm, algorithm, cfg, prompts=TRAIN_PROMPTS, reward_fn=ShorterIsBetter(lm.tokenizer))
         per_step = args.prompts * args.k
     torch.manual_seed(0)
     times = [tr.step()["t_step"] for _ in range(n_steps)]
@@ -174,7 +184,7 @@ def run_trl(algorithm: str, args, pairs, unpaired) -> dict:
             per_step = args.batch
         else:
             def shorter_is_better(completions, completion_ids=None, **_):
-                return [-TOKEN_PENALTY * len(ids) for ids in completion_ids]
+                return [-CHAR_PENALTY * len(tok.decode(ids, skip_special_tokens=True)) for ids in completion_ids]
             data = Dataset.from_list([{"prompt": user(p)} for p in TRAIN_PROMPTS])
             n = args.prompts * args.k
             shared = dict(per_device_train_batch_size=n, num_generations=args.k, max_completion_length=args.new_tokens,
