@@ -305,6 +305,14 @@ class Studio:
     def resume_ppo(self, run_id: int, wait: bool = False):
         return self.jobs.resume_ppo(run_id, wait=wait)
 
+    # ---------------------------------------------------- any algorithm (issue 23)
+    def train(self, algorithm: str = "ppo", steps: int = 20, wait: bool = False, **settings):
+        """Train the policy's LoRA adapter with "ppo" | "rloo" | "grpo" (online, against the reward model) or
+        "dpo" | "kto" (offline, on the compiled labels; `criterion=` picks which). Settings are the fields of
+        the algorithm's config (components.training.config_class(algorithm)); returns the run handle that
+        train_ppo returns. Resume any run with resume_ppo(run_id)."""
+        return self.jobs.start_training(algorithm, steps=steps, wait=wait, **settings)
+
     def runs(self):
         runs = self.store.runs()
         paused = self.store.paused_run_ids()        # stored 'cancelled'; see storage migration 6

@@ -66,15 +66,11 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
     try:
         import torch
         from components.models import load_model
-        from components.ppo.config import PPOConfig
-        from components.ppo.trainer import PPOTrainer
 
         torch.set_num_threads(max(1, int(spec.get("threads") or os.cpu_count() or 1)))
         lm = load_model(spec["model_id"], device=spec.get("device"), dtype=spec.get("dtype"),
                         quantization=spec.get("quantization"))
-        cfg = PPOConfig.from_dict(spec["config"])
-        reward_fn = reward_fn_from_bytes(lm, spec["reward_tier"], spec["reward_weights"])
-        trainer = PPOTrainer(lm, reward_fn, cfg, spec["prompts"])
+        cfg, trainer = trainer_from_spec(lm, spec)
         if spec.get("checkpoint"):
             trainer.load_state_bytes(spec["checkpoint"])
         if spec.get("memory_headroom_mb"):
@@ -126,6 +122,18 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
             pass
 
 
+def trainer_from_spec(lm, spec: dict):
+    """(config, trainer) of the spec's algorithm ("ppo" when absent): offline ones (DPO, KTO) train on the
+    labelled rows it carries, online ones on its prompts against its reward-model snapshot."""
+    from components.training import OFFLINE, build_trainer, config_class
+    algorithm = spec.get("algorithm") or "ppo"
+    cfg = config_class(algorithm).from_dict(spec["config"])
+    if algorithm in OFFLINE:
+        return cfg, build_trainer(lm, algorithm, cfg, rows=spec["rows"])
+    reward_fn = reward_fn_from_bytes(lm, spec["reward_tier"], spec["reward_weights"])
+    return cfg, build_trainer(lm, algorithm, cfg, prompts=spec["prompts"], reward_fn=reward_fn)
+
+
 OOM_ADVICE = ("lower batch_size or mini_batch_size (or raise grad_accum), lower max_new_tokens, turn on "
               "gradient_checkpointing, load the base in 4-bit on a GPU, or use a smaller model")
 
@@ -173,7 +181,8 @@ class _RemoteCancel:
 # ---------------------------------------------------------------------------- the app side
 @dataclass
 class RunHandle:
-    """A PPO run: `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`, `.notes`."""
+    """A training run (PPO or another algorithm): `.wait()`, `.cancel()`, `.metrics()`, `.adapter_id`, `.status`,
+    `.notes`."""
     run_id: int
     _manager: "JobManager"
     _thread: threading.Thread | None = None
@@ -181,6 +190,7 @@ class RunHandle:
     _cancel: object = None
     adapter_id: int | None = None
     error: str | None = None
+    algorithm: str = "ppo"
 
     @property
     def status(self) -> str:
@@ -273,6 +283,97 @@ class JobManager:
                 self.store.add_run_note(run_id, note)
             return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
 
+    def start_training(self, algorithm: str = "ppo", steps: int = 20, wait: bool = False,
+                       prompts: list[str] | None = None, reward_tier: str | None = None,
+                       reward_version: int | None = None, criterion: str = "overall", **config) -> RunHandle:
+        """A run of any algorithm of components.training, in the same job process as PPO. Offline ones (DPO,
+        KTO) train on a snapshot of the compiled labels of `criterion` (DPO: the preference pairs outside the
+        held-out split; KTO: the unpaired good/bad rows); online ones (RLOO, GRPO) like PPO, on the prompts
+        against a reward-model snapshot. Stored as a run of kind 'ppo' (a policy-training run) whose config
+        names the algorithm."""
+        from components.training import ALGORITHMS, OFFLINE
+        if algorithm not in ALGORITHMS:
+            raise StudioError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if algorithm == "ppo":
+            return self.start_ppo(steps=steps, wait=wait, prompts=prompts, reward_tier=reward_tier,
+                                  reward_version=reward_version, **config)
+        cfg = self.config_of(algorithm, steps, config)
+        self.check_memory(cfg.engine_config())
+        lineage = {"algorithm": algorithm, "base_model": self.studio.model_id,
+                   "base_revision": self.studio.lm.revision,
+                   "feedback_labels": int(self.store.stats().get("feedback", 0))}
+        if algorithm in OFFLINE:
+            rows, labels = self._label_snapshot(algorithm, criterion)
+            tier, version = None, None
+            lineage.update(labels, **self._latest_reward())
+            data, note = {"rows": rows}, None
+        else:
+            prompts, note = (prompts, None) if prompts else self._prompt_snapshot()
+            if not prompts:
+                raise StudioError("no prompts to train on: add prompts to the library first")
+            tier, version = self._reward_snapshot(reward_tier, reward_version)
+            lineage.update(reward_tier=tier, reward_version=version, prompts=len(prompts))
+            data = {"prompts": prompts}
+        if getattr(self.studio, "cluster", None) is not None:
+            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
+        with self._lock:
+            if self.busy():
+                raise StudioError(f"a training job is already running (run {self.current.run_id}); "
+                                  "cancel it or wait for it to finish")
+            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "algorithm": algorithm, **data}, lineage)
+            if note:
+                self.store.add_run_note(run_id, note)
+            return self._spawn(run_id, cfg, data.get("prompts"), tier, version, checkpoint=None, wait=wait,
+                               algorithm=algorithm, rows=data.get("rows"))
+
+    @staticmethod
+    def config_of(algorithm: str, steps, settings: dict):
+        """The algorithm's config from user settings; unknown or bad settings -> StudioError."""
+        from components.training import config_class
+        cls = config_class(algorithm)
+        name = algorithm.upper()
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise StudioError(f"unknown {name} settings: {', '.join(unknown)}")
+        try:
+            return cls(steps=int(steps), **settings)
+        except (TypeError, ValueError) as e:
+            raise StudioError(f"invalid {name} settings: {e}") from None
+
+    def _label_snapshot(self, algorithm: str, criterion: str) -> tuple[list[dict], dict]:
+        """(rows, lineage) of the labels an offline run trains on: which labels (their feedback ids) and how many."""
+        from storage import InvalidInput
+        from storage.exports import preference_sql, unpaired_sql
+        try:
+            if algorithm == "dpo":
+                df = self.store.query(*preference_sql(self.store, criterion, split="train"))
+                split = "train"
+                if df.empty:        # a handful of pairs may all fall in the held-out split: use them all
+                    df, split = self.store.query(*preference_sql(self.store, criterion)), "all"
+                rows = [{"prompt": p, "chosen": c, "rejected": r}
+                        for p, c, r in zip(df["prompt"], df["chosen"], df["rejected"])]
+                what = {"pairs": len(rows), "pair_split": split}
+            else:
+                df = self.store.query(*unpaired_sql(self.store, criterion))
+                rows = [{"prompt": p, "completion": c, "label": bool(y)}
+                        for p, c, y in zip(df["prompt"], df["completion"], df["label"])]
+                what = {"unpaired_rows": len(rows), "desirable": int(df["label"].sum()) if len(df) else 0}
+        except InvalidInput as e:
+            raise StudioError(str(e)) from None
+        if not rows:
+            need = ("preference pairs: compare, rank or star completions of a prompt" if algorithm == "dpo" else
+                    "good/bad labels: thumbs up/down, or stars (4-5 good, 1-2 bad)")
+            raise StudioError(f"no labels for {algorithm.upper()} on criterion {criterion!r}: it needs {need}")
+        ids = sorted({int(i) for i in df["feedback_id"]})
+        return rows, {"criterion": criterion, **what, "feedback_ids": ids}
+
+    def _latest_reward(self) -> dict:
+        """The newest reward-model version when an offline run starts (for lineage; the run does not use it)."""
+        v = self.store.reward_versions()
+        if v.empty:
+            return {"reward_tier": None, "reward_version": None}
+        return {"reward_tier": str(v["tier"].iloc[-1]), "reward_version": int(v["id"].iloc[-1])}
+
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
         from components.ppo.config import PPOConfig
         run = self.store.run(int(run_id))
@@ -282,16 +383,18 @@ class JobManager:
             raise StudioError(f"run {run_id} is still running")
         if run["status"] == "completed":
             raise StudioError(f"run {run_id} already completed; start a new run to train further")
+        from components.training import config_class
         cfg_d = {k: v for k, v in run["config"].items() if not k.startswith("watch")}
-        prompts = cfg_d.pop("prompts")
-        cfg = PPOConfig.from_dict(cfg_d)
+        algorithm = cfg_d.pop("algorithm", "ppo")          # runs stored before other algorithms: PPO
+        prompts, rows = cfg_d.pop("prompts", None), cfg_d.pop("rows", None)
+        cfg = PPOConfig.from_dict(cfg_d) if algorithm == "ppo" else config_class(algorithm).from_dict(cfg_d)
         lineage = run["lineage"]
         ck = self.store.latest_checkpoint(int(run_id))
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id})")
-            return self._spawn(int(run_id), cfg, prompts, lineage["reward_tier"], lineage["reward_version"],
-                               checkpoint=ck[1] if ck else None, wait=wait)
+            return self._spawn(int(run_id), cfg, prompts, lineage.get("reward_tier"), lineage.get("reward_version"),
+                               checkpoint=ck[1] if ck else None, wait=wait, algorithm=algorithm, rows=rows)
 
     def memory_estimate(self, cfg) -> dict:
         """Estimated peak memory of a PPO run with `cfg` on the loaded model's device, and what is free there."""
@@ -333,14 +436,16 @@ class JobManager:
 
     worker_module = "studio.jobs"      # what _spawn runs (a test swaps in a hostile job)
 
-    def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait) -> RunHandle:
+    def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait, algorithm: str = "ppo",
+               rows: list | None = None) -> RunHandle:
         """Start `python -m studio.jobs` and hand it the snapshot over an inherited socketpair
         (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
         from .watch import job_spec
         lm = self.studio.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
-                    reward_weights=self.store.reward_version(version)["weights"], checkpoint=checkpoint,
+                    reward_weights=self.store.reward_version(version)["weights"] if prompts is not None else None,
+                    algorithm=algorithm, rows=rows, checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
                     memory_headroom_mb=self.memory_headroom_mb,
                     watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]))
@@ -359,7 +464,8 @@ class JobManager:
             self.store.set_run_status(run_id, "failed", error=f"the training process did not start: {e}")
             raise StudioError(f"the training process did not start: {e}") from None
         self.store.set_run_status(run_id, "running")
-        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=_RemoteCancel(conn))
+        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=_RemoteCancel(conn),
+                           algorithm=algorithm)
         handle._thread = threading.Thread(target=self._pump, args=(handle, conn, proc), daemon=True,
                                           name=f"ppo-pump-{run_id}")
         handle._thread.start()
@@ -402,7 +508,8 @@ class JobManager:
                 elif kind == "adapter":
                     lm = self.studio.lm
                     handle.adapter_id = self.store.add_adapter(
-                        name=f"ppo-run{run_id}-step{msg[2]}", weights=msg[1], config={"run_id": run_id},
+                        name=f"{handle.algorithm}-run{run_id}-step{msg[2]}", weights=msg[1],
+                        config={"run_id": run_id, "algorithm": handle.algorithm},
                         base_model_id=lm.model_id, base_revision=lm.revision, run_id=run_id, step=int(msg[2]))
                 elif kind == "done":
                     final = msg[1]

@@ -196,6 +196,9 @@ class PPOTrainer:
     of token ids). `step()` runs one PPO iteration and returns its metrics; `train()` loops with a stop check.
     """
 
+    # the statistics `_micro_step` adds up (averaged over micro-batches in each step's metrics)
+    LOSS_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "vf_clip_frac")
+
     def __init__(self, lm, reward_fn, config: PPOConfig | None = None, prompts: list | None = None,
                  device=None):
         self.lm = lm
@@ -401,57 +404,68 @@ class PPOTrainer:
     # One PPO iteration
     # ------------------------------------------------------------------------------------------------------
 
+    def collect(self, prompts: list) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+        """What every online algorithm starts from (steps 1-3 and the score of step 4), under `lm.lock`: the
+        rollout with its old log-probs, values and entropy; the reference log-probs [B, R]; the raw reward-model
+        scores [B] and the scores after the missing-EOS penalty and clipping [B]; the clock at each boundary."""
+        cfg = self.config
+        t_start = time.perf_counter()
+
+        # ---- 1. rollout: sample responses with the policy -------------------------------------------------
+        with torch.no_grad():
+            seqs = encode_prompts(self.lm, prompts, cfg.max_prompt_tokens)
+            q, qm = left_pad(seqs, self.lm.pad_token_id, self.device)
+            with self._policy_for_generation():
+                gen_hidden = None
+                if self.logprobs_from_generation:   # (ids, hidden) pair
+                    resp, gen_hidden = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature,
+                                              cfg.top_p, self.lm.eos_token_id, self.lm.pad_token_id,
+                                              capture_hidden=True, merge_lora=self._merge_in_sampler)
+                else:                               # bare ids
+                    resp = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                  self.lm.eos_token_id, self.lm.pad_token_id,
+                                  merge_lora=self._merge_in_sampler)
+            rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
+            resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
+            ro = Rollout(q, qm, resp, rmask, has_eos, prompts)
+        t_gen = time.perf_counter()
+
+        # ---- 2. policy pass: old log-probs, values, entropy ------------------------------------------------
+        # from the hidden states recorded while sampling (no second trunk forward), or one forward
+        with torch.no_grad():
+            if gen_hidden is not None:
+                fo = heads_on_hidden(causal_lm_of(self.model).get_output_embeddings(), gen_hidden, resp,
+                                     cfg.temperature, self.value_head, want_entropy=True,
+                                     softcap=output_softcap(self.model))
+            else:
+                with self._fused():     # the training passes' LoRA math and layout: the first ratio is ~1
+                    fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
+                                          value_head=self.value_head, want_entropy=True,
+                                          share_prefix=self._share_prefix_in_training, pack=self.pack_rows)
+            ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
+            del gen_hidden
+        t_pol = time.perf_counter()
+
+        # ---- 3. reference pass: ref log-probs (+ base hidden states for the reward) -----------------------
+        uses_hidden = bool(getattr(self.reward_fn, "uses_base_hidden", False))
+        ref_logp, base_hidden = self._reference(ro, want_hidden=uses_hidden)
+        t_ref = time.perf_counter()
+
+        # ---- 4a. score at the last token, EOS penalty -----------------------------------------------------
+        raw_scores, scores = self._score(ro, base_hidden)
+        return ro, ref_logp, raw_scores, scores, [t_start, t_gen, t_pol, t_ref]
+
     def step(self) -> dict:
         cfg = self.config
         with self.lm.lock:
             self._activate_policy()
             self.model.eval()
             prompts = self._next_prompts()
-            t_start = time.perf_counter()
+            # ---- 1-3. rollout, policy pass, reference pass (`collect`) -------------------------------------
+            ro, ref_logp, raw_scores, scores, (t_start, t_gen, t_pol, t_ref) = self.collect(prompts)
+            rmask, has_eos = ro.response_mask, ro.has_eos
 
-            # ---- 1. rollout: sample responses with the policy ---------------------------------------------
-            with torch.no_grad():
-                seqs = encode_prompts(self.lm, prompts, cfg.max_prompt_tokens)
-                q, qm = left_pad(seqs, self.lm.pad_token_id, self.device)
-                with self._policy_for_generation():
-                    gen_hidden = None
-                    if self.logprobs_from_generation:   # (ids, hidden) pair
-                        resp, gen_hidden = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature,
-                                                  cfg.top_p, self.lm.eos_token_id, self.lm.pad_token_id,
-                                                  capture_hidden=True, merge_lora=self._merge_in_sampler)
-                    else:                               # bare ids
-                        resp = sample(self.model, q, qm, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                      self.lm.eos_token_id, self.lm.pad_token_id,
-                                      merge_lora=self._merge_in_sampler)
-                rmask, has_eos = mask_after_eos(resp, self.lm.eos_token_id)
-                resp = torch.where(rmask.bool(), resp, torch.full_like(resp, self.lm.pad_token_id))
-                ro = Rollout(q, qm, resp, rmask, has_eos, prompts)
-            t_gen = time.perf_counter()
-
-            # ---- 2. policy pass: old log-probs, values, entropy --------------------------------------------
-            # from the hidden states recorded while sampling (no second trunk forward), or one forward
-            with torch.no_grad():
-                if gen_hidden is not None:
-                    fo = heads_on_hidden(causal_lm_of(self.model).get_output_embeddings(), gen_hidden, resp,
-                                         cfg.temperature, self.value_head, want_entropy=True,
-                                         softcap=output_softcap(self.model))
-                else:
-                    with self._fused():     # the training passes' LoRA math and layout: the first ratio is ~1
-                        fo = forward_response(self.model, q, qm, resp, rmask, cfg.temperature,
-                                              value_head=self.value_head, want_entropy=True,
-                                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows)
-                ro.old_logp, ro.values, ro.entropy = fo.logp, fo.values, fo.entropy
-                del gen_hidden
-            t_pol = time.perf_counter()
-
-            # ---- 3. reference pass: ref log-probs (+ base hidden states for the reward) -------------------
-            uses_hidden = bool(getattr(self.reward_fn, "uses_base_hidden", False))
-            ref_logp, base_hidden = self._reference(ro, want_hidden=uses_hidden)
-            t_ref = time.perf_counter()
-
-            # ---- 4. reward: score at the last token, EOS penalty, per-token KL penalty --------------------
-            raw_scores, scores = self._score(ro, base_hidden)
-            del base_hidden
+            # ---- 4. reward: the score at the last token (`collect`), per-token KL penalty -----------------
             mask = rmask.float()
             beta = self.kl_ctl.value
             rewards, kl = core.kl_penalized_rewards(scores, ro.old_logp, ref_logp, mask, beta)
@@ -535,7 +549,7 @@ class PPOTrainer:
         B = ro.query_ids.shape[0]
         train_mode = cfg.lora_dropout > 0 or cfg.gradient_checkpointing
         self.model.train(train_mode)
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "vf_clip_frac": 0.0}
+        sums = dict.fromkeys(self.LOSS_STATS, 0.0)
         n_micro = n_opt = 0
         # each row's first prompt column, response length and prompt length, on the host once: trimming and
         # packing a micro-batch then need no wait for the GPU

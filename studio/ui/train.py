@@ -7,7 +7,7 @@ import gradio as gr
 from .. import plots
 from ..errors import StudioError
 from ..auth import require_owner, role_of
-from . import watch_panel
+from . import algorithms, watch_panel
 from .common import blind_view, fail, md_text, ok, policy_names, unless_sent
 
 
@@ -33,8 +33,8 @@ def _config_summary(c: dict) -> str:
     """The settings a user tells runs apart by; the full config stays in the database."""
     if not isinstance(c, dict):
         return _cell(c)
-    parts = [("steps", "steps"), ("batch_size", "prompts/step"), ("max_new_tokens", "new tokens"),
-             ("ppo_epochs", "epochs"), ("lr", "lr"), ("kl_coef", "β"), ("lora_r", "LoRA r"), ("compile", "compile")]
+    parts = [("algorithm", "algorithm"), ("steps", "steps"), ("batch_size", "prompts/step"),
+             ("max_new_tokens", "new tokens"), ("ppo_epochs", "epochs"), ("lr", "lr"), ("kl_coef", "β"), ("lora_r", "LoRA r"), ("compile", "compile")]
     return " · ".join(f"{label} {_cell(c[k])}" for k, label in parts if k in c)
 
 
@@ -138,6 +138,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     owner = role == "owner"
     if pinned is None:
         pinned = gr.State(None)
+    algorithm = algorithms.picker(owner)
     with gr.Row(visible=owner) as settings_row:
         steps = gr.Number(20, precision=0, label="Steps", elem_id="ppo-steps")
         batch = gr.Number(8, precision=0, label="Prompts per step", elem_id="ppo-batch")
@@ -148,6 +149,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
         lora_r = gr.Number(16, precision=0, label="LoRA rank", elem_id="ppo-lora-r")
         ckpt = gr.Number(5, precision=0, label="Checkpoint every N steps", elem_id="ppo-ckpt")
         seed = gr.Number(0, precision=0, label="Seed", elem_id="ppo-seed")
+    algo = algorithms.build(owner)      # the other algorithms' settings, shown when picked
     tier = gr.Radio([("Deep tier (if trained)", "deep"), ("Fast tier", "fast")], value="deep",
                     label="Reward model", visible=owner, elem_id="ppo-tier")
     with gr.Row(visible=owner) as choice_row:
@@ -269,7 +271,8 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
             return sm.sort_values("step", ascending=False).head(12).round({"reward": 3}) if len(sm) else \
                 empty_samples()
         return [*unless_sent(old, known, "status", md), *unless_sent(old, known, "progress", pct),
-                *unless_sent(old, known, "curves", (rid, len(m)), lambda _: plots.ppo_curves(m)),
+                *unless_sent(old, known, "curves", (rid, len(m)),
+                             lambda _: algorithms.curves(m, run["config"].get("algorithm", "ppo"))),
                 *unless_sent(old, known, "samples", (rid, done), newest_samples), *out]
 
     refresh_inputs = [tier, pinned, known]
@@ -363,9 +366,12 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     unpin.click(lambda: None, None, pinned, api_visibility="private")
     # a timer-driven refresh shows no "processing" overlay over the status every 2 s
     timer.tick(refresh, refresh_inputs, outputs, **quiet)
+    algorithms.wire(studio, algorithm, algo, [settings_row, launch, compile_], tier, pinned, action, memory,
+                    (refresh, refresh_inputs, outputs), pin_of)
 
     def adapter_choices(request: gr.Request = None):
         return gr.skip() if blind_view(studio, request) else gr.update(choices=policy_names(studio))
     return dict(on_load=(refresh, refresh_inputs, outputs), adapters=(adapter_choices, None),
                 adapter_ids=adapter_ids, pinned=pinned,
-                owner_only=[settings_row, tier, choice_row, compile_, launch_row, export_row])
+                owner_only=[settings_row, tier, choice_row, compile_, launch_row, export_row, algorithm,
+                            algo["launch_row"]])

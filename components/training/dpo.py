@@ -1,0 +1,139 @@
+"""DPO (Rafailov et al., 2023): learn from preference pairs directly, no reward model, no sampling.
+
+For a pair (prompt x, chosen y_w, rejected y_l) the policy's implicit reward of a completion is
+beta * (log pi(y|x) - log pi_ref(y|x)); DPO maximises the log-likelihood that the chosen one wins under
+Bradley-Terry:
+
+    h      = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+    loss   = -log sigmoid(beta * h)                      "sigmoid"  (DPO)
+           = (h / n - 1 / (2 beta))^2                     "ipo"      (Azar et al., 2023; per-token mean log-probs)
+           = -log sigmoid(beta * (m_w - m_l) - gamma)     "simpo"    (Meng et al., 2024; m = mean token log-prob
+                                                                      of the policy alone: no reference pass)
+
+The reference is the base with the adapter off (components/training/offline.py). One step:
+    1. rows      the next `batch_size` pairs of a shuffled pass over the studio's compiled pairs
+    2. policy    one forward over the 2N completions (chosen and rejected together), with gradients
+    3. reference one no-grad forward with the adapter off (not for simpo)
+    4. loss      `dpo_loss` below; AdamW on the LoRA parameters
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..ppo.config import PPOConfig
+from .config import TrainConfig, need
+from .offline import OfflineTrainer
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    # ---- batch shape --------------------------------------------------------------------------------------
+    batch_size: int = 8
+    """Preference pairs per optimiser step."""
+    grad_accum: int = 1
+    """Micro-batches per step (memory knob, same math); `batch_size` must be a multiple of it."""
+    max_completion_tokens: int = 128
+    """Completions longer than this (in tokens, EOS included) are cut."""
+
+    # ---- the loss ------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """Strength of the pull towards the reference: larger = stay closer (DPO's and IPO's beta, SimPO's scale)."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (DPO), "ipo" or "simpo" (reference-free; see the module docs)."""
+    label_smoothing: float = 0.0
+    """Sigmoid loss only: the assumed chance that a label is flipped (conservative DPO); 0 = off."""
+    simpo_gamma: float = 0.5
+    """SimPO only: gamma, the target reward margin (beta times mean token log-prob) the chosen must win by."""
+
+    UPPER_BOUNDS = {**TrainConfig.UPPER_BOUNDS, "batch_size": 4096, "grad_accum": 4096,
+                    "max_completion_tokens": 8192, "beta": 100.0, "simpo_gamma": 100.0}
+
+    def check(self) -> None:
+        need(self.batch_size >= 1, "batch_size must be >= 1")
+        need(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        need(self.max_completion_tokens >= 1, "max_completion_tokens must be >= 1")
+        need(self.beta > 0, "beta must be > 0")
+        need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
+        need(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
+        need(self.simpo_gamma >= 0, "simpo_gamma must be >= 0")
+
+    def engine_config(self) -> PPOConfig:
+        # two completions a pair, scored with gradients in micro-batches of 2 * batch_size / grad_accum
+        n = 2 * self.batch_size
+        return PPOConfig(steps=self.steps, batch_size=n, mini_batch_size=n, grad_accum=self.grad_accum,
+                         ppo_epochs=1, max_new_tokens=self.max_completion_tokens, merge_for_generation="off",
+                         **self._shared_engine_fields())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss (pure)
+# ----------------------------------------------------------------------------------------------------------
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and implicit rewards.
+
+    policy_* / ref_*: [N] summed log-probs of each completion under the policy / the reference (ref unused by
+    simpo); *_tokens: [N] completion lengths (ipo and simpo average over tokens).
+    Returns (losses [N], chosen_rewards [N], rejected_rewards [N]); rewards = beta * (log pi - log pi_ref)
+    (simpo: beta * mean token log-prob), detached, for the curves.
+    """
+    if loss_type in ("ipo", "simpo"):
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(f"{loss_type} needs the completions' token counts")
+        nc, nr = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    if loss_type == "simpo":
+        mc, mr = policy_chosen / nc, policy_rejected / nr
+        losses = -F.logsigmoid(beta * (mc - mr) - simpo_gamma)
+        return losses, (beta * mc).detach(), (beta * mr).detach()
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        z = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss_type == "ipo":
+        h = chosen_ratio / nc - rejected_ratio / nr
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+class DPOTrainer(OfflineTrainer):
+    """DPO on `rows` = [{"prompt", "chosen", "rejected"}] (the studio's compiled pairs)."""
+
+    algorithm = "dpo"
+
+    def __init__(self, lm, config: DPOConfig, rows: list[dict]):
+        super().__init__(lm, config, rows)
+
+    def loss_and_metrics(self, rows: list[dict]) -> tuple[torch.Tensor, dict]:
+        cfg, N = self.config, len(rows)
+        prompts = [r["prompt"] for r in rows]
+        # chosen and rejected in one batch: rows 0..N-1 chosen, N..2N-1 rejected (one pass, one shared prefix)
+        b = self.encode(prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+        logp, n_tok = self.sequence_logps(b)
+        if cfg.loss_type == "simpo":
+            ref = torch.zeros_like(logp)
+        else:
+            ref, _ = self.sequence_logps(b, reference=True)
+        losses, chosen_r, rejected_r = dpo_loss(logp[:N], logp[N:], ref[:N], ref[N:], cfg.beta, cfg.loss_type,
+                                                cfg.label_smoothing, n_tok[:N], n_tok[N:], cfg.simpo_gamma)
+        loss = losses.mean()
+        metrics = {"loss": float(loss.detach()), "reward_chosen": float(chosen_r.mean()),
+                   "reward_rejected": float(rejected_r.mean()),
+                   "reward_margin": float((chosen_r - rejected_r).mean()),
+                   "reward_accuracy": float((chosen_r > rejected_r).float().mean()),
+                   "logp_chosen": float(logp[:N].detach().mean()), "logp_rejected": float(logp[N:].detach().mean())}
+        return loss, metrics
