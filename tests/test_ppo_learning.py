@@ -171,7 +171,8 @@ def test_ppo_learns_the_reward_beyond_a_control_run(lm32):
     assert corr > 0.5, corr
     spread = float(((X - reward.mean) / reward.std @ reward.weight).std())
 
-    # Margins over seeds and thread counts: bench/bench_learning_margin.py (figures in docs/LEARNING.md).
+    # Margins over seeds (one thread; the trajectory also depends on the thread count, through the order of
+    # floating-point sums): bench/bench_learning_margin.py, figures in docs/LEARNING.md.
     steps = 4
     (ppo, ppo_len, ppo_eos), history, (base, base_len, base_eos) = learning_run(lm32, reward, reward, steps,
                                                                                base_too=True)
