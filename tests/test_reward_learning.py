@@ -53,14 +53,16 @@ def banana_pairs():
 @pytest.fixture(scope="module")
 def banana(rlm):
     pairs = banana_pairs()
-    train = [p for i, p in enumerate(pairs) if i % 3 != 0][::2][:24]    # 24 pairs over all 10 prompts
-    test = [p for i, p in enumerate(pairs) if i % 3 == 0][:12]
-    prompts = [p for p, _, _ in train + test for _ in (0, 1)]
-    comps = [t for _, c, r in train + test for t in (c, r)]
+    train = [p for i, p in enumerate(pairs) if i % 3 != 0][::2][:24]    # 20 pairs over all 10 prompts
+    test = [p for p in pairs if p not in train]                          # the other 40
+    # an older preference for the deep tier to start from: the same texts, the one ending in " Enjoy!" wins
+    older = [(p, t + " Enjoy!", t) for p, c, r in train for t in (c, r.removesuffix(" Enjoy!"))]
+    prompts = [p for p, _, _ in train + test + older for _ in (0, 1)]
+    comps = [t for _, c, r in train + test + older for t in (c, r)]
     X = extract_features(rlm, prompts, comps, batch_size=16, max_tokens=MAX_TOKENS)
-    n = len(train)
+    n, m = len(train), len(train) + len(test)
     return {"train": train, "test": test, "Xc": X[0:2 * n:2], "Xr": X[1:2 * n:2],
-            "Tc": X[2 * n::2], "Tr": X[2 * n + 1::2]}
+            "Tc": X[2 * n:2 * m:2], "Tr": X[2 * n + 1:2 * m:2], "Oc": X[2 * m::2], "Or": X[2 * m + 1::2]}
 
 
 def test_final_hidden_is_after_the_final_norm(rlm):
@@ -114,16 +116,23 @@ def test_deep_tier_learns_banana_reloads_and_leaves_the_base_alone(rlm, banana):
     enc = rlm.tokenizer(["The weather today is"], return_tensors="pt")
     with torch.no_grad():
         before = rlm.model.generate(**enc, max_new_tokens=8, do_sample=False)
-    probe = FastRewardModel().fit(banana["Xc"], banana["Xr"])
+    # It starts from the probe of an older preference, held weakly (the answer ending in " Enjoy!" wins; its head
+    # scaled to 0.3), which gets most held-out banana pairs wrong: training on the banana labels must beat its
+    # own starting point there. (Scaled to 1, six steps turned about a third of those pairs.)
+    probe = FastRewardModel().fit(banana["Oc"], banana["Or"])
+    w, b, mean, std = probe.to_torch_head()
+    weak = (0.3 * w, 0.3 * b, mean, std)
     cfg = DeepRewardConfig(lora_layers=2, epochs=2, max_tokens=MAX_TOKENS, batch_size=8, micro_batch_size=4,
-                           lr=5e-4, head_lr=5e-4)
-    trainer = DeepRewardTrainer(rlm, cfg, adapter_name="reward", probe=probe)
+                           lr=5e-4, head_lr=2e-3)
+    trainer = DeepRewardTrainer(rlm, cfg, adapter_name="reward", probe=weak)
     test = banana["test"]
     tp = [p for p, _, _ in test for _ in (0, 1)]
     tc = [t for _, c, r in test for t in (c, r)]
     s0 = trainer.score(tp, tc)
     ps, _ = probe.score(np.stack([x for pair in zip(banana["Tc"], banana["Tr"]) for x in pair]))
-    assert np.allclose(s0, ps, atol=1e-3)             # a new deep model starts exactly at the probe
+    assert np.allclose(s0, 0.3 * ps, atol=1e-3)       # a new deep model starts exactly at the probe
+    wrong = s0[0::2] <= s0[1::2]                      # the held-out pairs its starting point gets wrong
+    assert wrong.sum() >= 8, wrong.sum()
 
     steps = []
     metrics = trainer.train([(p, c, r, None) for p, c, r in banana["train"]], [],
@@ -131,12 +140,17 @@ def test_deep_tier_learns_banana_reloads_and_leaves_the_base_alone(rlm, banana):
     assert metrics["steps"] == 6 and steps[-1] == (6, 6) and metrics["skipped_steps"] == 0
     assert np.isfinite(metrics["loss"])
     s1 = trainer.score(tp, tc)
-    assert not np.allclose(s1, s0)                   # it trained
-    assert pairwise_accuracy(s1[0::2], s1[1::2]) >= 0.8
     pw, cfg.probe_weight = cfg.probe_weight, 0.0    # the fine-tuned part on its own
     alone = trainer.score(tp, tc)
     cfg.probe_weight = pw
-    assert pairwise_accuracy(alone[0::2], alone[1::2]) >= 0.8
+    acc0, acc1 = pairwise_accuracy(s0[0::2], s0[1::2]), pairwise_accuracy(s1[0::2], s1[1::2])
+    fixed = float(np.mean((alone[0::2] > alone[1::2])[wrong]))
+    print(f"\nheld-out accuracy {acc0:.2f} -> {acc1:.2f} (scored as the app does, probe mixed in); fine-tuned "
+          f"part alone {pairwise_accuracy(alone[0::2], alone[1::2]):.2f}, {fixed:.2f} of the {int(wrong.sum())} "
+          f"pairs the start got wrong")
+    assert acc1 >= acc0 + 0.15, (acc0, acc1)          # scored as the app does: the probe is 0.6 of it
+    assert fixed >= 0.8, fixed
+    assert pairwise_accuracy(alone[0::2], alone[1::2]) >= 0.9
 
     # bytes: a standalone model (another adapter name on the same base) scores identically
     blob = trainer.state_bytes()

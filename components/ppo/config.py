@@ -132,8 +132,12 @@ class PPOConfig:
     """Target sequence-level KL (nats, summed over response tokens) of the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (in samples) of the adaptive controller: larger = slower adaptation."""
-    missing_eos_penalty: float = 1.0
-    """Subtracted from the score of responses that end without EOS (truncated at `max_new_tokens`)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses that end without EOS (truncated at `max_new_tokens`). Off by
+    default: the embedded model's everyday answers run longer than the few dozen new tokens a CPU run can afford,
+    so nearly every rollout pays the penalty and the few that end early escape it; the penalty then teaches
+    "stop early", whatever the labels asked. Turn it on when `max_new_tokens` covers the answers the labels
+    judged (docs/LEARNING.md)."""
     score_clip: float = 0.0
     """Clip reward-model scores to [-score_clip, score_clip] before use; 0 = off."""
     whiten_rewards: bool = False
