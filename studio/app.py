@@ -136,7 +136,7 @@ def build_app(studio, role: str = "owner", max_queue: int | None = DEFAULT_MAX_Q
             owner_only.append(lockouts)
             demo.load(lambda: lockout_line(studio), None, lockouts, api_visibility="private")
         # ... and in blind mode, what names a policy or shows a reward score, unless an owner logged in
-        blind_hidden = [c for part in (gen, rew, cmp, dash) for c in part.get("blind_hidden", [])]
+        blind_hidden = [c for part in (gen, rew, cmp, dash, evl) for c in part.get("blind_hidden", [])]
 
         def apply_role(request: gr.Request):
             is_owner = role_of(studio, request) == "owner"

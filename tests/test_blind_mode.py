@@ -106,3 +106,21 @@ def test_blind_mode_without_logins_makes_every_visitor_an_annotator(studio):
         assert role_of(studio, visitor) == "annotator" and blind_view(studio, visitor)
     finally:
         demo.close()
+
+
+def test_blind_evaluate_tab_names_no_policy_to_an_annotator(blind_studio):
+    """The Evaluate tab's results name policies and give win rates: an annotator in blind mode gets the held-out
+    prompts and the pairs to vote on, nothing else; an owner gets the results."""
+    studio, ids = blind_studio
+    aid = int(studio.adapters()["id"].iloc[0])
+    prompt_id = int(studio.completions()["prompt_id"].iloc[0])
+    studio.store.add_evaluation(dict(policy=POLICY, baseline="base", policy_adapter_id=aid, judge="callable:x"),
+                                [dict(prompt_id=prompt_id, policy_completion_id=ids[2],
+                                      baseline_completion_id=ids[0], policy_first=True, judge_winner="policy")])
+    by_id, fns = _app(studio)
+    bo, ana = gr.Request(username="bo"), gr.Request(username="ana")
+    on_open = _handler(fns, "on_open", by_id["eval-history"]).fn
+    refresh = _handler(fns, "on_refresh", by_id["eval-history"]).fn
+    for sent in (on_open(request=bo), refresh(request=bo)):
+        assert POLICY not in _values(sent) and "win_rate" not in _values(sent)
+    assert POLICY in _values(on_open(request=ana)) and "win_rate" in _values(refresh(request=ana))

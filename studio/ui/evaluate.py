@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..auth import require_owner
 from ..errors import StudioError
-from .common import annotator_of, fail, ok, policy_names, session_of
+from .common import annotator_of, blind_view, fail, md_text, ok, policy_names, session_of
 
 JUDGES = [("Reward model", "reward"), ("Blind human votes", "human")]
 WINNERS = [("Left is better", "a"), ("Right is better", "b"), ("Tie", "tie"), ("Both bad", "both_bad")]
@@ -36,11 +36,13 @@ def build(studio, role: str = "owner"):
             seed = gr.Number(0, precision=0, label="Seed", elem_id="eval-seed")
             run_btn = gr.Button("Run evaluation", variant="primary", elem_id="eval-run")
     status = gr.Markdown(elem_id="eval-status")
-    result = gr.Markdown(elem_id="eval-result")
-    with gr.Row():
-        by_criterion = gr.Dataframe(label="Newest result per criterion", interactive=False, elem_id="eval-criteria")
-    history = gr.Dataframe(label="Evaluations", interactive=False, elem_id="eval-history")
-    refresh_btn = gr.Button("Refresh", size="sm", elem_id="eval-refresh")
+    with gr.Column() as results_box:      # names policies and shows win rates: hidden in blind mode
+        result = gr.Markdown(elem_id="eval-result")
+        with gr.Row():
+            by_criterion = gr.Dataframe(label="Newest result per criterion", interactive=False,
+                                        elem_id="eval-criteria")
+        history = gr.Dataframe(label="Evaluations", interactive=False, elem_id="eval-history")
+        refresh_btn = gr.Button("Refresh", size="sm", elem_id="eval-refresh")
     with gr.Accordion("Vote on queued pairs (blind)", open=True):
         pair_prompt = gr.Markdown(elem_id="eval-vote-prompt")
         with gr.Row():
@@ -74,20 +76,22 @@ def build(studio, role: str = "owner"):
         return mark_heldout(studio, text, request)
 
     def on_open(request: gr.Request):
-        return choices(studio) + [latest_result(studio)] + tables(studio) + list(next_pair(studio, request))
+        return choices(studio, request) + results(studio, request) + list(next_pair(studio, request))
+
+    def on_refresh(request: gr.Request):
+        return results(studio, request)
 
     tables_out = [history, by_criterion, heldout]
     pair_out = [pair_prompt, left, right, pair, vote_status]
     run_btn.click(on_run, [policy, baseline, judge, criterion, n, max_new, seed], [status, result] + tables_out,
                   concurrency_limit=1, concurrency_id="evaluate", api_name="evaluate")
-    refresh_btn.click(lambda: [latest_result(studio)] + tables(studio), None, [result] + tables_out,
-                      api_visibility="private")
+    refresh_btn.click(on_refresh, None, [result] + tables_out, api_visibility="private")
     next_btn.click(on_next, None, pair_out, api_name="evaluation_next_pair")
     for btn, (_, w) in zip(vote_btns, WINNERS):
         btn.click(on_vote(w), [pair], pair_out, api_name=f"evaluation_vote_{w}")
     mark_btn.click(on_mark, [mark_text], [vote_status, mark_text, heldout], api_name="hold_out")
     return dict(on_load=(on_open, None, [policy, baseline, criterion, result] + tables_out + pair_out),
-                owner_only=[run_box, mark_box])
+                owner_only=[run_box, mark_box], blind_hidden=[results_box])
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -116,10 +120,11 @@ def _whole(v, name: str, minimum: int) -> int:
 
 def result_markdown(r: dict) -> str:
     """One evaluation's result in words."""
-    head = f"**Evaluation {r['id']}**: {r['policy']} vs {r['baseline']}, judge {r['judge']}, criterion {r['criterion']}"
+    head = (f"**Evaluation {r['id']}**: {md_text(r['policy'])} vs {md_text(r['baseline'])}, judge "
+            f"{md_text(r['judge'])}, criterion {md_text(r['criterion'])}")
     if not r["judged"]:
         return head + f"\n\nNo verdicts yet: {r['pending']} pairs wait for votes."
-    rate = (f"win rate of {r['policy']}: **{r['win_rate']:.0%}** (95% interval {r['ci_low']:.0%}–{r['ci_high']:.0%}; "
+    rate = (f"win rate of {md_text(r['policy'])}: **{r['win_rate']:.0%}** (95% interval {r['ci_low']:.0%}–{r['ci_high']:.0%}; "
             f"{r['wins']} wins, {r['losses']} losses, {r['ties']} ties of {r['judged']})")
     lengths = f"mean length: {_num(r['policy_tokens'])} tokens vs {_num(r['baseline_tokens'])}"
     lines = [head, rate, lengths]
@@ -154,7 +159,17 @@ def tables(studio) -> list:
 _ROUNDED = dict.fromkeys(["win_rate", "ci_low", "ci_high", "policy_tokens", "baseline_tokens", "agreement"], 3)
 
 
-def choices(studio) -> list:
+def results(studio, request=None) -> list:
+    """[result in words, every evaluation, the newest result per criterion, the held-out prompts]; in blind mode
+    an annotator gets the held-out prompts only (results name policies)."""
+    if blind_view(studio, request):
+        return [gr.skip(), gr.skip(), gr.skip(), studio.heldout_prompts()]
+    return [latest_result(studio)] + tables(studio)
+
+
+def choices(studio, request=None) -> list:
+    if blind_view(studio, request):
+        return [gr.skip()] * 3
     names = policy_names(studio)
     crit = list(studio.criteria()["name"]) or ["overall"]
     return [gr.update(choices=names, value=names[-1]), gr.update(choices=names), gr.update(choices=crit)]
@@ -165,7 +180,7 @@ def next_pair(studio, request=None) -> tuple:
     nxt = studio.next_evaluation_pair(annotator_of(request, studio.annotator))
     if nxt is None:
         return "", "", "", None, ok("no pairs waiting for your vote")
-    prompt = f"**Prompt** (criterion *{nxt['criterion']}*): {nxt['prompt']}"
+    prompt = f"**Prompt** (criterion *{md_text(nxt['criterion'])}*): {md_text(nxt['prompt'])}"
     return prompt, nxt["left_text"], nxt["right_text"], nxt, ""
 
 
