@@ -92,7 +92,7 @@ def test_roles_refusals_and_concurrent_labelling(shared_db):
         assert "withdrew label" in undone[1] and "2 stars for" in undone[1], undone
         assert "Nothing to undo" in undone[2], undone
         refusals = " | ".join(bo.predict(i, "", api_name="/withdraw_label") for i in (1, 2))   # ana's, his
-        assert "already withdrawn" in refusals and "given by &#x27;ana&#x27;" in refusals, refusals
+        assert "already withdrawn" in refusals and "given by 'ana'" in refusals, refusals
 
     with duckdb.connect(db, read_only=True) as con:
         rows = con.execute("SELECT annotator, completion_id, stars FROM feedback WHERE kind = 'stars' "

@@ -321,7 +321,7 @@ class PPOTrainer:
                          f"model ({why})")
         longest = self.config.max_prompt_tokens + self.config.max_new_tokens
         dec_cfg = causal_lm_of(self.model).get_decoder().config
-        if self.config.pack_rows and not self.pack_rows:
+        if self.config.pack_rows and not packing_supported(dec_cfg, longest):   # not where the prefix is shared
             notes.append(f"training passes run padded rows, not packed ones: not supported for this model "
                          f"({dec_cfg.model_type}, or a sliding window shorter than {longest} tokens)")
         if self.config.share_prompt_prefix and not prefix_sharing_supported(dec_cfg, longest):

@@ -145,8 +145,8 @@ def base_classifier(lm):
     Copied from the model in memory (its adapters left out, wrapped layers unwrapped), which also skips a
     random initialisation; a 4/8-bit base is read again from its folder in full precision instead."""
     from transformers import AutoModelForSequenceClassification
-    from .extract import is_peft_model
-    src = lm.model.get_base_model() if is_peft_model(lm.model) else lm.model
+    from ..model_utils import is_peft
+    src = lm.model.get_base_model() if is_peft(lm.model) else lm.model
     if lm.quantization:
         return _classifier_from_folder(lm)
     cfg = copy.deepcopy(src.config)

@@ -202,7 +202,7 @@ def test_hostile_text_is_shown_as_text_everywhere(app):
         _no_injection(page, "Train (PPO)")
 
         _open_tab(page, "Blind compare", "#blind-winrates")
-        expect(page.locator("#blind-winrates")).to_contain_text("adapter-")          # the owner sees policies
+        expect(page.locator("#blind-winrates")).to_contain_text(HOSTILE_ADAPTER)     # the owner sees policies
         _no_injection(page, "Blind compare")
 
         # History tab: labels, completions, prompts tables
