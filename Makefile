@@ -15,7 +15,7 @@ run: install
 	.venv/bin/rlhf-studio $(ARGS)
 
 test: install-dev
-	.venv/bin/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder tests
+	.venv/bin/python -m pytest -q -rs --durations=25 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install-dev
 	.venv/bin/python bench/bench_foundation.py

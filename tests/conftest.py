@@ -7,9 +7,13 @@ import pytest
 # sharing its fixtures). These files are the longest (on a 2-core CPU); they go first, so that the two workers
 # finish together instead of one running a long file alone at the end (`--no-loadscope-reorder`: else xdist
 # orders the files by their number of tests).
-LONGEST_FIRST = ["tests/test_ppo_learning.py", "tests/faults/test_load.py", "tests/test_ppo_studio.py",
-                 "tests/test_train_browser.py", "tests/test_ppo_speedups.py", "tests/test_reward_studio.py",
-                 "tests/test_fastgen.py", "tests/test_app_browser.py", "tests/faults/test_crash.py"]
+LONGEST_FIRST = ["tests/test_ppo_learning.py", "tests/faults/test_load.py", "tests/test_watch_studio.py",
+                 "tests/test_ppo_studio.py", "tests/test_train_browser.py", "tests/test_cluster.py",
+                 "tests/test_ppo_speedups.py", "tests/test_reward_learning.py", "tests/test_watch_proof.py",
+                 "tests/test_reward_studio.py", "tests/test_reward_export.py", "tests/faults/test_app_faults.py",
+                 "tests/test_architectures.py", "tests/test_fastgen.py", "tests/test_algorithms_studio.py",
+                 "tests/test_app_browser.py", "tests/test_evaluation.py", "tests/test_job_channel.py",
+                 "tests/faults/test_crash.py"]
 
 
 def pytest_configure(config):
