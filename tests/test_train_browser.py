@@ -139,7 +139,7 @@ def test_train_tab_messages_fields_estimate_and_policy_lists(studio):
     demo, by_id, fns = _app(studio)
     action, status = by_id["ppo-action"], by_id["ppo-status"]
     ticks = [f for f in fns if any(isinstance(b, gr.Timer) and e == "tick" for b, e in _triggers(demo, f))]
-    assert len(ticks) == 2                                    # the Train and Reward tabs' refreshes
+    assert len(ticks) == 3                    # the Train and Reward tabs' refreshes, and the Train tab's watch panel
     assert all(f.show_progress == "hidden" for f in ticks)
     assert all(action not in f.outputs for f in ticks)
     for name in ("on_launch", "on_cancel", "on_resume"):

@@ -165,7 +165,8 @@ def build(studio, timer: gr.Timer, run_id_fn, owner: bool = True) -> None:
             return on_audit_vote(studio, pairs_, winner, annotator_of(request, studio.annotator))
         return handler
 
-    timer.tick(refresh, [seen], [status, plot, examples, buttons, seen], show_progress="hidden")
+    timer.tick(refresh, [seen], [status, plot, examples, buttons, seen], show_progress="hidden",
+               api_visibility="private")
     resume.click(run_action(on_resume), None, msg)
     rollback.click(run_action(on_rollback), None, msg)
     stop.click(run_action(on_stop), None, msg)
