@@ -122,3 +122,21 @@ def test_train_tab_shows_a_pause_with_its_examples_and_buttons(studio):
     assert s.store.run(rid)["status"] == "cancelled"
     with gr.Blocks():
         train.build(s)                     # the panel is wired into the tab
+
+
+def test_watch_buttons_refuse_an_annotator_on_the_server(studio):
+    import gradio as gr
+    from studio.auth import Account, Accounts
+    from studio.ui import train
+    studio.accounts = Accounts({"ana": Account("ana", "pw-owner", "owner"), "bo": Account("bo", "pw-bo")})
+    with gr.Blocks() as demo:
+        train.build(studio)
+    actions = [f for f in demo.fns.values() if not f.inputs and any(
+        getattr(o, "elem_id", None) == "watch-msg" for o in f.outputs)]
+    assert len(actions) == 4                       # resume, roll back, stop, audit
+
+    class Req:
+        username = "bo"
+    for f in actions:
+        out = f.fn(Req())
+        assert "your role (annotator) may not" in (out[0] if isinstance(out, tuple) else out), f.fn

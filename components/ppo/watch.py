@@ -34,8 +34,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-VERDICTS = ("ok", "pause")
-
 
 @dataclass
 class WatchConfig:

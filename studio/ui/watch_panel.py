@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..auth import require_owner
 from ..errors import StudioError
 from .common import fail, ok
 
@@ -150,25 +151,35 @@ def build(studio, timer: gr.Timer, run_id_fn, owner: bool = True) -> None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen_
         return md, checks_figure(checks), ex, vis, key
 
-    def run_action(fn):
-        def handler():
-            rid = run_id_fn()
-            return fail("no run yet") if rid is None else fn(studio, rid)
+    def owner_refusal(request, what: str) -> str | None:
+        try:
+            require_owner(studio, request, what)        # the server refuses, not only the hidden buttons
+        except StudioError as e:
+            return fail(e)
+        return None
+
+    def run_action(fn, what: str):
+        def handler(request: gr.Request):
+            rid, refused = run_id_fn(), owner_refusal(request, what)
+            return refused or (fail("no run yet") if rid is None else fn(studio, rid))
         return handler
 
-    def audit_handler():
-        rid = run_id_fn()
-        return (fail("no run yet"), "", "", None) if rid is None else on_audit(studio, rid)
+    def audit_handler(request: gr.Request):
+        rid, refused = run_id_fn(), owner_refusal(request, "start an audit")
+        if refused or rid is None:
+            return refused or fail("no run yet"), "", "", None
+        return on_audit(studio, rid)
 
     def vote(winner):
         def handler(pairs_, request: gr.Request):
             return on_audit_vote(studio, pairs_, winner, annotator_of(request, studio.annotator))
         return handler
 
-    timer.tick(refresh, [seen], [status, plot, examples, buttons, seen], show_progress="hidden")
-    resume.click(run_action(on_resume), None, msg)
-    rollback.click(run_action(on_rollback), None, msg)
-    stop.click(run_action(on_stop), None, msg)
+    timer.tick(refresh, [seen], [status, plot, examples, buttons, seen], show_progress="hidden",
+               api_visibility="private")
+    resume.click(run_action(on_resume, "resume training"), None, msg)
+    rollback.click(run_action(on_rollback, "roll back a run"), None, msg)
+    stop.click(run_action(on_stop, "stop a run"), None, msg)
     audit.click(audit_handler, None, [msg, left, right, pairs])
     for btn, (_, w) in zip(votes, (("", "a"), ("", "b"), ("", "tie"), ("", "both_bad"))):
         btn.click(vote(w), [pairs], [msg, left, right, pairs])
