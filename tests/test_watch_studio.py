@@ -120,8 +120,11 @@ def test_train_tab_shows_a_pause_with_its_examples_and_buttons(studio):
     assert "start a blind audit first" in watch_panel.on_audit_vote(s, None, "a")[0]
     assert "stopped" in watch_panel.on_stop(s, rid) and s.watch_pause(rid) is None
     assert s.store.run(rid)["status"] == "cancelled"
-    with gr.Blocks():
-        train.build(s)                     # the panel is wired into the tab
+    with gr.Blocks() as demo:
+        train.build(s)                     # the panel is wired into the tab, and its timer shows the tab's run
+    tick = next(f for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "refresh"
+                and any(getattr(o, "elem_id", None) == "watch-status" for o in f.outputs))
+    assert tick.fn(None)[0].startswith("Watch: 2 checks")
 
 
 def test_watch_buttons_refuse_an_annotator_on_the_server(studio):

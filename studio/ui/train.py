@@ -196,7 +196,7 @@ def build(studio, role: str = "owner", pinned: gr.State | None = None):
     timer = gr.Timer(2.0)                     # Gradio ticks it only while this tab is open
     inputs = [steps, batch, new_tokens, epochs, lr, kl, lora_r, ckpt, seed]
     with watch_slot:
-        watch_panel.build(studio, timer, lambda: current_run_id(), owner)
+        watch_panel.build(studio, timer, studio.latest_ppo, owner)
 
     def ppo_runs():
         """This tab's runs: PPO only (deep reward-model updates are runs too; the Reward tab shows those)."""
