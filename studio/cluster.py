@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import queue
 import socket
-import threading
 import time
 
 from .errors import StudioError
@@ -98,21 +97,12 @@ class Cluster:
 
     def spawn(self, manager, run_id: int, spec: dict, wait: bool):
         """JobManager._spawn's cluster branch: launch, mark the run running, pump its messages."""
-        from .jobs import RunHandle, _RemoteCancel
         try:
             conn, job = self.launch(spec, run_id)
         except StudioError as e:
             manager.store.set_run_status(run_id, "failed", error=str(e))
             raise
-        manager.store.set_run_status(run_id, "running")
-        handle = RunHandle(run_id=run_id, _manager=manager, _process=job, _cancel=_RemoteCancel(conn))
-        handle._thread = threading.Thread(target=manager._pump, args=(handle, conn, job), daemon=True,
-                                          name=f"ppo-pump-{run_id}")
-        handle._thread.start()
-        manager.current = handle
-        if wait:
-            handle.wait()
-        return handle
+        return manager.follow(run_id, conn, job, wait, spec.get("algorithm") or "ppo")
 
     def shutdown(self) -> None:
         if self._owns_runtime:

@@ -463,10 +463,15 @@ class JobManager:
             conn.close()
             self.store.set_run_status(run_id, "failed", error=f"the training process did not start: {e}")
             raise StudioError(f"the training process did not start: {e}") from None
+        return self.follow(run_id, conn, proc, wait, algorithm)
+
+    def follow(self, run_id: int, conn, process, wait: bool, algorithm: str = "ppo") -> RunHandle:
+        """Mark a started job's run running and write what it streams from a thread (`_pump`); the same for a
+        local process and a Ray actor (studio/cluster.py)."""
         self.store.set_run_status(run_id, "running")
-        handle = RunHandle(run_id=run_id, _manager=self, _process=proc, _cancel=_RemoteCancel(conn),
+        handle = RunHandle(run_id=run_id, _manager=self, _process=process, _cancel=_RemoteCancel(conn),
                            algorithm=algorithm)
-        handle._thread = threading.Thread(target=self._pump, args=(handle, conn, proc), daemon=True,
+        handle._thread = threading.Thread(target=self._pump, args=(handle, conn, process), daemon=True,
                                           name=f"ppo-pump-{run_id}")
         handle._thread.start()
         self.current = handle
