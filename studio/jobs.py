@@ -268,20 +268,11 @@ class JobManager:
         lineage = {"base_model": self.studio.model_id, "base_revision": self.studio.lm.revision,
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
-        if getattr(self.studio, "cluster", None) is not None:
-            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
-        with self._lock:
-            if self.busy():
-                raise StudioError(f"a training job is already running (run {self.current.run_id}); "
-                                  "cancel it or wait for it to finish")
-            library = [str(t) for t in self.store.prompts()["text"]]
-            probes, probe_note = probe_prompts(library, prompts, watch_cfg.probes)
-            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(),
-                                                   "watch_probes": probes,
-                                                   "watch_notes": [probe_note] if probe_note else []}, lineage)
-            if note:
-                self.store.add_run_note(run_id, note)
-            return self._spawn(run_id, cfg, prompts, tier, version, checkpoint=None, wait=wait)
+        library = [str(t) for t in self.store.prompts()["text"]]
+        probes, probe_note = probe_prompts(library, prompts, watch_cfg.probes)
+        config = {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(), "watch_probes": probes,
+                  "watch_notes": [probe_note] if probe_note else []}
+        return self._launch(config, lineage, note, cfg=cfg, prompts=prompts, tier=tier, version=version, wait=wait)
 
     def start_training(self, algorithm: str = "ppo", steps: int = 20, wait: bool = False,
                        prompts: list[str] | None = None, reward_tier: str | None = None,
@@ -314,17 +305,22 @@ class JobManager:
             tier, version = self._reward_snapshot(reward_tier, reward_version)
             lineage.update(reward_tier=tier, reward_version=version, prompts=len(prompts))
             data = {"prompts": prompts}
+        return self._launch({**cfg.to_dict(), "algorithm": algorithm, **data}, lineage, note, cfg=cfg,
+                            prompts=data.get("prompts"), tier=tier, version=version, wait=wait, algorithm=algorithm,
+                            rows=data.get("rows"))
+
+    def _launch(self, config: dict, lineage: dict, note: str | None, **spawn) -> RunHandle:
+        """Create a policy-training run's row and start its job (one at a time); `spawn`: _spawn's arguments."""
         if getattr(self.studio, "cluster", None) is not None:
             self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
                                   "cancel it or wait for it to finish")
-            run_id = self.store.create_run("ppo", {**cfg.to_dict(), "algorithm": algorithm, **data}, lineage)
+            run_id = self.store.create_run("ppo", config, lineage)
             if note:
                 self.store.add_run_note(run_id, note)
-            return self._spawn(run_id, cfg, data.get("prompts"), tier, version, checkpoint=None, wait=wait,
-                               algorithm=algorithm, rows=data.get("rows"))
+            return self._spawn(run_id, checkpoint=None, **spawn)
 
     @staticmethod
     def config_of(algorithm: str, steps, settings: dict):
@@ -343,7 +339,7 @@ class JobManager:
     def _label_snapshot(self, algorithm: str, criterion: str) -> tuple[list[dict], dict]:
         """(rows, lineage) of the labels an offline run trains on: which labels (their feedback ids) and how many."""
         from storage import InvalidInput
-        from storage.exports import preference_sql, unpaired_sql
+        from storage.io.export import preference_sql, unpaired_sql
         try:
             if algorithm == "dpo":
                 df = self.store.query(*preference_sql(self.store, criterion, split="train"))

@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 
-from storage import exports as q
+from storage import reports
 
 from . import dashboards as dash
 
@@ -48,7 +48,7 @@ def cached_scores(store, reward, criterion: str | None, limit: int = SCORED_MAX)
     never runs the model on new texts (that is the reward service's background job)."""
     empty = pd.DataFrame({"id": pd.Series([], dtype="int64"), "score": pd.Series([], dtype="float64")})
     try:
-        ids = q.rated_completion_ids(store, criterion, limit=limit)
+        ids = reports.rated_completion_ids(store, criterion, limit=limit)
         have = store.get_features(reward.revision, ids) if ids else {}
         ids = [i for i in ids if i in have]
         res = reward.visible_scores(ids) if ids else []
