@@ -220,7 +220,7 @@ def _eval_prompts(store, prompts, pol_id, base_id) -> tuple[list[str], bool]:
 
 def _reward_ready(studio) -> bool:
     rs = studio.reward
-    return rs._has_deep() or rs._ensure_fast() is not None
+    return rs.has_deep() or rs.fast_model() is not None
 
 
 def _score_pairs(studio, pairs: list[dict]) -> int | None:
@@ -232,7 +232,7 @@ def _score_pairs(studio, pairs: list[dict]) -> int | None:
     for p in pairs:
         p["policy_reward"] = rs.score(p["policy_completion_id"])[0]
         p["baseline_reward"] = rs.score(p["baseline_completion_id"])[0]
-    return rs.deep_version if rs._has_deep() else rs.fast_version
+    return rs.deep_version if rs.has_deep() else rs.fast_version
 
 
 def _verdict(judge, p: dict) -> str | None:

@@ -78,10 +78,18 @@ class Studio:
             if self.cluster is not None:
                 self.cluster.shutdown()
             raise
+        self._wire_services()
+
+    def _wire_services(self) -> None:
+        """The services get what they need, not the studio: the store, the model loaded now, callbacks."""
+        from .jobs import JobManager, memory_headroom_from_env
         from .reward_service import RewardService
-        self.reward = RewardService(self)
-        from .jobs import JobManager
-        self.jobs = JobManager(self)
+        from .watch import job_spec
+        model = lambda: self.lm      # noqa: E731 - switch_model replaces self.lm; the services follow it
+        self.reward = RewardService(self.store, model)
+        self.jobs = JobManager(self.store, model, reward_snapshot=self.reward.snapshot,
+                               watch_spec=functools.partial(job_spec, self), cluster=self.cluster,
+                               memory_headroom_mb=memory_headroom_from_env())
 
     # ----------------------------------------------------------------- model
     @property

@@ -10,9 +10,13 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from . import channel as ch
 from .errors import StudioError, is_out_of_memory
+
+if TYPE_CHECKING:
+    from components.models import LoadedModel
 
 log = logging.getLogger("rlhf_studio.jobs")
 
@@ -230,16 +234,34 @@ class RunHandle:
         return f"RunHandle(run_id={self.run_id}, status={self.status!r}, adapter_id={self.adapter_id})"
 
 
+def memory_headroom_from_env() -> int | None:
+    """RLHF_STUDIO_JOB_HEADROOM_MB: an optional cap (MB) on how much a training job may grow after start-up."""
+    headroom = os.environ.get("RLHF_STUDIO_JOB_HEADROOM_MB")
+    return int(headroom) if headroom else None
+
+
 class JobManager:
-    def __init__(self, studio):
-        self.studio = studio
-        self.store = studio.store
+    """The training jobs of one store, one at a time. What it needs comes in explicitly: `model` returns the
+    loaded LM now; `reward_snapshot(tier)` -> (tier, version) picks the reward-model version a job scores with
+    (RewardService.snapshot); `watch_spec(run_id, run_config)` the watch's part of a job's spec
+    (studio.watch.job_spec); `cluster` a Ray cluster (studio/cluster.py) or None for a local process;
+    `memory_headroom_mb` caps a job's growth (see cap_address_space)."""
+
+    def __init__(self, store, model: Callable[[], "LoadedModel"], *, reward_snapshot: Callable[[str | None], tuple],
+                 watch_spec: Callable[[int, dict], dict | None], cluster=None, memory_headroom_mb: int | None = None):
+        self.store = store
+        self._model = model
+        self._reward_version = reward_snapshot
+        self._watch_spec = watch_spec
+        self.cluster = cluster
+        self.memory_headroom_mb = memory_headroom_mb
         self.current: RunHandle | None = None
         self._lock = threading.Lock()
         self._loaded_adapters: dict[int, str] = {}
-        # Optional cap on how much a training job may grow after start-up (MB): see cap_address_space.
-        headroom = os.environ.get("RLHF_STUDIO_JOB_HEADROOM_MB")
-        self.memory_headroom_mb: int | None = int(headroom) if headroom else None
+
+    @property
+    def lm(self) -> "LoadedModel":
+        return self._model()
 
     def busy(self) -> bool:
         return bool(self.current and self.current.running())
@@ -265,7 +287,7 @@ class JobManager:
         if not prompts:
             raise StudioError("no prompts to train on: add prompts to the library first")
         tier, version = self._reward_snapshot(reward_tier, reward_version)
-        lineage = {"base_model": self.studio.model_id, "base_revision": self.studio.lm.revision,
+        lineage = {"base_model": self.lm.model_id, "base_revision": self.lm.revision,
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
         library = [str(t) for t in self.store.prompts()["text"]]
@@ -290,8 +312,8 @@ class JobManager:
                                   reward_version=reward_version, **config)
         cfg = self.config_of(algorithm, steps, config)
         self.check_memory(cfg.engine_config())
-        lineage = {"algorithm": algorithm, "base_model": self.studio.model_id,
-                   "base_revision": self.studio.lm.revision,
+        lineage = {"algorithm": algorithm, "base_model": self.lm.model_id,
+                   "base_revision": self.lm.revision,
                    "feedback_labels": int(self.store.stats().get("feedback", 0))}
         if algorithm in OFFLINE:
             rows, labels = self._label_snapshot(algorithm, criterion)
@@ -311,8 +333,8 @@ class JobManager:
 
     def _launch(self, config: dict, lineage: dict, note: str | None, **spawn) -> RunHandle:
         """Create a policy-training run's row and start its job (one at a time); `spawn`: _spawn's arguments."""
-        if getattr(self.studio, "cluster", None) is not None:
-            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
+        if self.cluster is not None:
+            self.cluster.check()     # an unreachable cluster is refused before the run row exists
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
@@ -395,7 +417,7 @@ class JobManager:
     def memory_estimate(self, cfg) -> dict:
         """Estimated peak memory of a PPO run with `cfg` on the loaded model's device, and what is free there."""
         from components.ppo.memory import estimate_memory
-        lm = self.studio.lm
+        lm = self.lm
         return estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
 
     def check_memory(self, cfg) -> dict:
@@ -413,17 +435,8 @@ class JobManager:
         return training_prompts(self.store)
 
     def _reward_snapshot(self, tier: str | None, version: int | None) -> tuple[str, int]:
-        rs = self.studio.reward
         if version is None:
-            if tier in (None, "deep") and rs._has_deep():
-                tier, version = "deep", rs.deep_version
-            else:
-                if tier == "deep":
-                    raise StudioError("no deep reward model yet: train one first (Reward tab) or pick the fast tier")
-                tier = "fast"
-                version = rs.refit_fast(store_weights=True)   # a snapshot of the current fast tier
-                if version is None:
-                    raise StudioError("no reward model yet: give some pairwise/ranking/star labels first")
+            tier, version = self._reward_version(tier)
         v = self.store.reward_version(int(version))
         if v.get("weights") is None:
             raise StudioError(f"reward-model version {version} has no stored weights; train one with "
@@ -436,17 +449,16 @@ class JobManager:
                rows: list | None = None) -> RunHandle:
         """Start `python -m studio.jobs` and hand it the snapshot over an inherited socketpair
         (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
-        from .watch import job_spec
-        lm = self.studio.lm
+        lm = self.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
                     quantization=lm.quantization, config=cfg.to_dict(), prompts=prompts, reward_tier=tier,
                     reward_weights=self.store.reward_version(version)["weights"] if prompts is not None else None,
                     algorithm=algorithm, rows=rows, checkpoint=checkpoint,
                     threads=os.environ.get("RLHF_STUDIO_TRAIN_THREADS"),
                     memory_headroom_mb=self.memory_headroom_mb,
-                    watch=job_spec(self.studio, run_id, self.store.run(run_id)["config"]))
-        if getattr(self.studio, "cluster", None) is not None:   # a Ray actor instead of a local process
-            return self.studio.cluster.spawn(self, run_id, spec, wait)
+                    watch=self._watch_spec(run_id, self.store.run(run_id)["config"]))
+        if self.cluster is not None:   # a Ray actor instead of a local process
+            return self.cluster.spawn(self, run_id, spec, wait)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc, conn = ch.spawn(self.worker_module, JOB_TO_APP, env=env, cwd=root)
@@ -507,7 +519,7 @@ class JobManager:
                 elif kind == "checkpoint":
                     self.store.put_checkpoint(run_id, int(msg[1]), msg[2])
                 elif kind == "adapter":
-                    lm = self.studio.lm
+                    lm = self.lm
                     handle.adapter_id = self.store.add_adapter(
                         name=f"{handle.algorithm}-run{run_id}-step{msg[2]}", weights=msg[1],
                         config={"run_id": run_id, "algorithm": handle.algorithm},
@@ -553,7 +565,7 @@ class JobManager:
                 raise StudioError(f"unknown adapter {adapter!r}: use 'base' or an adapter id from s.adapters()")
             adapter = int(digits)
         aid = int(adapter)
-        lm = self.studio.lm
+        lm = self.lm
         if self._loaded_adapters.get(aid) in getattr(lm.model, "peft_config", {}):
             return aid, self._loaded_adapters[aid]
         try:
@@ -578,7 +590,7 @@ class JobManager:
 
     def _drop_adapter(self, name: str) -> None:
         """Remove a half-loaded adapter so that the model is as it was."""
-        lm = self.studio.lm
+        lm = self.lm
         with lm.lock:
             if name in getattr(lm.model, "peft_config", {}):
                 try:
@@ -605,7 +617,7 @@ class JobManager:
             from peft import PeftModel
             with tempfile.TemporaryDirectory() as d:
                 unpack_adapter(row["weights"], d)
-                lm = load_model(self.studio.model_id, device="cpu", dtype="fp32")
+                lm = load_model(self.lm.model_id, device="cpu", dtype="fp32")
                 model = PeftModel.from_pretrained(lm.model, d).merge_and_unload()
                 model.save_pretrained(path, safe_serialization=True)
                 lm.tokenizer.save_pretrained(path)

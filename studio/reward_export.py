@@ -39,7 +39,7 @@ def export_reward_model(studio, version: int, path: str) -> dict:
     others = [int(i) for i in studio.store.completions()["id"].iloc[::-1]]
     keep = [int(i) for i in np.concatenate([held["chosen_id"], held["rejected_id"]])] + ids + others
     ids = list(dict.fromkeys(keep))[:MAX_FIT_TEXTS]
-    prompts, texts = rs._texts(ids)
+    prompts, texts = rs.texts(ids)
     H = int(studio.lm.model.config.hidden_size)
     last = None
     if rec["tier"] == "fast":

@@ -8,10 +8,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .exports import import_preferences
+
+if TYPE_CHECKING:
+    from components.models import LoadedModel
 
 log = logging.getLogger("rlhf_studio.reward")
 
@@ -44,10 +48,13 @@ class Progress:
 
 
 class RewardService:
-    def __init__(self, studio):
-        self.studio = studio
-        self.store = studio.store
-        self.settings = RewardSettings()
+    """The reward model of one store. `model` returns the loaded LM now (the studio may switch models); the
+    service holds neither the studio nor the app."""
+
+    def __init__(self, store, model: Callable[[], "LoadedModel"], settings: RewardSettings | None = None):
+        self.store = store
+        self._model = model
+        self.settings = settings or RewardSettings()
         self.fast = None                      # components.reward.fast.FastRewardModel
         self.fast_version: int | None = None
         self.fast_l2: float | None = None
@@ -71,10 +78,16 @@ class RewardService:
 
     # --------------------------------------------------------------- features
     @property
-    def revision(self) -> str:
-        return self.studio.lm.revision
+    def lm(self) -> "LoadedModel":
+        """The loaded model the features, scores and the deep tier use."""
+        return self._model()
 
-    def _texts(self, ids: list[int]) -> tuple[list[str], list[str]]:
+    @property
+    def revision(self) -> str:
+        return self.lm.revision
+
+    def texts(self, ids: list[int]) -> tuple[list[str], list[str]]:
+        """(prompts, completion texts) of completion ids, in their order."""
         df = self.store.completion_texts(ids)
         by_id = {int(r.id): (r.prompt, r.text) for r in df.itertuples()}
         return [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
@@ -89,8 +102,8 @@ class RewardService:
             missing = [i for i in missing if i not in self._features]
         for start in range(0, len(missing), 256):
             chunk = missing[start:start + 256]
-            prompts, texts = self._texts(chunk)
-            X = extract_features(self.studio.lm, prompts, texts, batch_size=self.settings.feature_batch,
+            prompts, texts = self.texts(chunk)
+            X = extract_features(self.lm, prompts, texts, batch_size=self.settings.feature_batch,
                                  max_tokens=self.settings.feature_max_tokens, stop=stop,
                                  progress=(lambda d, t, s=start: progress(s + d, len(missing))) if progress else None)
             self.store.put_features(self.revision, chunk, X)
@@ -289,7 +302,9 @@ class RewardService:
         return out
 
     # -------------------------------------------------------------- scoring
-    def _ensure_fast(self):
+    def fast_model(self):
+        """The fast tier: in memory, else the newest stored version of this model, else refitted now; None while
+        there are too few training pairs."""
         if self.fast is None:
             if int((~self.pairs()["heldout"]).sum()) < MIN_TRAIN:    # the newest version may predate withdrawals
                 return None
@@ -310,7 +325,7 @@ class RewardService:
             self.fast, self.fast_version = FastRewardModel.from_bytes(v["weights"]), int(v["id"])
         else:
             from components.reward.deep import DeepRewardModel
-            self.deep = DeepRewardModel.from_bytes(self.studio.lm, v["weights"], replace_adapter=True)
+            self.deep = DeepRewardModel.from_bytes(self.lm, v["weights"], replace_adapter=True)
             self.deep_version = int(v["id"])
 
     def visible_scores(self, ids) -> list[tuple[float, float, str] | None]:
@@ -319,7 +334,7 @@ class RewardService:
         if not ids:
             return []
         try:
-            model = self._ensure_fast()
+            model = self.fast_model()
             if model is None:
                 return [None] * len(ids)
             feats = self.features(ids)
@@ -332,13 +347,13 @@ class RewardService:
 
     def score(self, completion_id: int, tier: str | None = None) -> tuple[float, float]:
         from .errors import StudioError
-        tier = tier or ("deep" if self._has_deep() else "fast")
-        if tier == "deep" and self._has_deep():
-            prompts, texts = self._texts([int(completion_id)])
+        tier = tier or ("deep" if self.has_deep() else "fast")
+        if tier == "deep" and self.has_deep():
+            prompts, texts = self.texts([int(completion_id)])
             s = float(self.deep.score(prompts, texts)[0])
             _, std = self._fast_score_ids([int(completion_id)])
             return s, float(std[0]) if std is not None else float("nan")
-        model = self._ensure_fast()
+        model = self.fast_model()
         if model is None:
             raise StudioError("no reward model yet: give a few labels (pairs) first")
         self.store.get_completion(int(completion_id))
@@ -346,7 +361,7 @@ class RewardService:
         return float(mean[0]), float(std[0])
 
     def _fast_score_ids(self, ids):
-        if self._ensure_fast() is None:
+        if self.fast_model() is None:
             return None, None
         feats = self.features(ids)
         return self.fast.score(np.stack([feats[i] for i in ids]))
@@ -356,15 +371,16 @@ class RewardService:
         from .errors import StudioError
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise StudioError("prompt and completion must be text")
-        if self._ensure_fast() is None:
+        if self.fast_model() is None:
             raise StudioError("no reward model yet: give a few labels (pairs) first")
-        X = extract_features(self.studio.lm, [prompt], [completion], max_tokens=self.settings.feature_max_tokens)
+        X = extract_features(self.lm, [prompt], [completion], max_tokens=self.settings.feature_max_tokens)
         mean, std = self.fast.score(X)
-        if (tier or ("deep" if self._has_deep() else "fast")) == "deep" and self._has_deep():
+        if (tier or ("deep" if self.has_deep() else "fast")) == "deep" and self.has_deep():
             return float(self.deep.score([prompt], [completion])[0]), float(std[0])
         return float(mean[0]), float(std[0])
 
-    def _has_deep(self) -> bool:
+    def has_deep(self) -> bool:
+        """Whether a deep version of this model exists (loading the newest stored one if none is in memory)."""
         if self.deep is None:
             try:
                 self._load_latest("deep")
@@ -372,10 +388,27 @@ class RewardService:
                 self.last_error = f"deep load: {e}"
         return self.deep is not None
 
+    def deep_training(self) -> bool:
+        """Whether a deep update is training in the background now."""
+        return self._deep_thread is not None and self._deep_thread.is_alive()
+
+    def snapshot(self, tier: str | None = None) -> tuple[str, int]:
+        """(tier, version) a training job should score with: the newest deep version (tier None or "deep"), else
+        the fast tier refitted now with its weights stored; a StudioError where there is no such model."""
+        from .errors import StudioError
+        if tier in (None, "deep") and self.has_deep():
+            return "deep", self.deep_version
+        if tier == "deep":
+            raise StudioError("no deep reward model yet: train one first (Reward tab) or pick the fast tier")
+        version = self.refit_fast(store_weights=True)
+        if version is None:
+            raise StudioError("no reward model yet: give some pairwise/ranking/star labels first")
+        return "fast", version
+
     # -------------------------------------------------------- active learning
     def suggest_pair(self, prompt_id: int | None = None) -> dict | None:
         """The unlabelled pair of completions (same prompt) where the fast tier is least certain."""
-        model = self._ensure_fast()
+        model = self.fast_model()
         cands = self.store.unlabelled_pairs(prompt_id=prompt_id, limit=2000)
         if len(cands) == 0:
             return None
@@ -395,7 +428,7 @@ class RewardService:
     # -------------------------------------------------------------- deep tier
     def _maybe_train_deep(self) -> None:
         every = self.settings.deep_every
-        if not every or (self._deep_thread and self._deep_thread.is_alive()):
+        if not every or self.deep_training():
             return
         n = int((~self.pairs()["heldout"]).sum())
         if n - self._deep_pairs_at_last >= every:
@@ -431,8 +464,8 @@ class RewardService:
         old_idx = [i for i, k in enumerate(keys) if k in seen]
         rng = np.random.default_rng(len(keys))
         replay_idx = list(rng.permutation(old_idx)[: self.settings.deep_replay]) if old_idx else []
-        prompts_c, texts_c = self._texts([int(i) for i in train["chosen_id"]])
-        _, texts_r = self._texts([int(i) for i in train["rejected_id"]])
+        prompts_c, texts_c = self.texts([int(i) for i in train["chosen_id"]])
+        _, texts_r = self.texts([int(i) for i in train["rejected_id"]])
         margins = bt_margins(train["margin"].to_numpy(dtype=np.float32))
         as_tuples = lambda idx: [(prompts_c[i], texts_c[i], texts_r[i], float(margins[i])) for i in idx]  # noqa: E731
         # Each update is a run row: 'running' while it trains, so that a process killed mid-update leaves it
@@ -440,7 +473,7 @@ class RewardService:
         # the next update warm-starts from the newest of them and still counts the lost update's pairs as new).
         run_id = self.store.create_run("reward", {"tier": "deep", **cfg.__dict__}, {
             "parent_version": parent["id"] if parent is not None else None, "new_pairs": len(new_idx),
-            "replayed_pairs": len(replay_idx), "warm_start": warm, "base_model": self.studio.model_id,
+            "replayed_pairs": len(replay_idx), "warm_start": warm, "base_model": self.lm.model_id,
             "base_revision": self.revision})
         self.store.set_run_status(run_id, "running")
         try:
@@ -458,7 +491,7 @@ class RewardService:
         from components.reward.deep import DeepRewardTrainer
         # The head starts from the current fast-tier probe; a parent version warm-starts adapter and head.
         # (the service owns the "reward" adapter: another shape asked for replaces it; versions live in the DB)
-        trainer = DeepRewardTrainer(self.studio.lm, cfg, adapter_name="reward", probe=self.fast, replace_adapter=True)
+        trainer = DeepRewardTrainer(self.lm, cfg, adapter_name="reward", probe=self.fast, replace_adapter=True)
         if warm:
             trainer.load_state_bytes(parent["weights"])
         t0 = time.perf_counter()
@@ -476,8 +509,8 @@ class RewardService:
             metrics.update(heldout_accuracy=None, heldout_loss=None,
                            note="stopped when the app closed: held-out pairs not scored")
         elif len(test):
-            pc, tc = self._texts([int(i) for i in test["chosen_id"]])
-            _, tr = self._texts([int(i) for i in test["rejected_id"]])
+            pc, tc = self.texts([int(i) for i in test["chosen_id"]])
+            _, tr = self.texts([int(i) for i in test["rejected_id"]])
             from components.reward.bt import bt_loss
             import torch
             sc, sr = trainer.score(pc, tc), trainer.score(pc, tr)
@@ -517,7 +550,7 @@ class RewardService:
             return vid
         if wait:
             return self.train_deep(**config)
-        if self._deep_thread and self._deep_thread.is_alive():
+        if self.deep_training():
             raise StudioError("a deep reward-model update is already running")
         self._deep_thread = threading.Thread(target=self._train_deep_safe, kwargs=config, daemon=True)
         self._deep_thread.start()

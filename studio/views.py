@@ -29,9 +29,8 @@ def reward_status(reward) -> dict:
     """The reward service right now: the background feature job's progress, whether a deep update is training,
     the last problem met, the deep-update interval and the fast tier's version in memory."""
     p = reward.progress
-    thread = reward._deep_thread
     return {"running": p.running, "done": p.done, "total": p.total, "message": p.message,
-            "deep_training": thread is not None and thread.is_alive(), "last_error": reward.last_error,
+            "deep_training": reward.deep_training(), "last_error": reward.last_error,
             "deep_every": reward.settings.deep_every, "fast_version": reward.fast_version}
 
 
@@ -39,7 +38,7 @@ def deep_reward_version(reward, look_up: bool = True) -> int | bool | None:
     """The newest deep reward-model version; False where none exists; None where it is not in memory and
     look_up is False (a cheap answer for timers)."""
     if look_up:
-        return reward.deep_version if reward._has_deep() else False
+        return reward.deep_version if reward.has_deep() else False
     return reward.deep_version if reward.deep is not None else None
 
 
