@@ -94,8 +94,6 @@ class StoreBase:
         the change in error messages ("the rated completions from ...")."""
         return self._write(fn, what, check)
 
-    _records = staticmethod(db.records)   # the name the aggregates' methods used before the split
-
     def schema_version(self) -> int:
         return int(self._rows("SELECT max(version) FROM schema_version")[0][0])
 

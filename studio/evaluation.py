@@ -20,6 +20,8 @@ from typing import Callable
 
 import pandas as pd
 
+from storage import records
+
 from .errors import StudioError
 
 HELDOUT_ONE_IN = 5           # one prompt in five is held out by its hash
@@ -134,7 +136,7 @@ def evaluations_frame(store) -> pd.DataFrame:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     pairs, votes = store.evaluation_pairs(), store.evaluation_votes()
     rows = [summarize(ev, pairs[pairs["evaluation_id"] == ev["id"]], votes[votes["evaluation_id"] == ev["id"]])
-            for ev in store._records(evs)]
+            for ev in records(evs)]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 

@@ -38,8 +38,8 @@ APP_TO_JOB = {"spec": (dict,), "cancel": ()}
 
 
 # ------------------------------------------------------------------------ the worker process
-class _CancelFlag:
-    """The app asks for a cancel by sending ("cancel",) on the duplex connection."""
+class CancelFlag:
+    """The job's side of a cancel: the app asks for one by sending ("cancel",) on the duplex connection."""
 
     def __init__(self, conn):
         self.conn, self._set = conn, False
@@ -54,13 +54,16 @@ class _CancelFlag:
         return self._set
 
 
+_CancelFlag = CancelFlag     # the name studio/cluster.py imports until it uses CancelFlag
+
+
 def worker_main(argv: list[str]) -> None:
     """`python -m studio.jobs --channel-fd N`: receive the spec on the inherited channel, train."""
     conn = ch.inherited(argv, APP_TO_JOB)
     msg = conn.recv()
     if msg[0] != "spec":
         raise SystemExit(f"the studio sent {msg[0]!r} before the job's spec")
-    ppo_worker(conn, _CancelFlag(conn), msg[1])
+    ppo_worker(conn, CancelFlag(conn), msg[1])
 
 
 def ppo_worker(conn, cancel, spec: dict) -> None:

@@ -18,7 +18,8 @@ def _integer_ticks(fig: go.Figure, values) -> None:
     fig.update_xaxes(tick0=0, dtick=next(m * scale for m in (1, 2, 5, 10) if m * scale >= want))
 
 
-def _empty(title: str, note: str) -> go.Figure:
+def empty(title: str, note: str) -> go.Figure:
+    """A figure that says `note` where its data would be."""
     fig = go.Figure()
     fig.update_layout(title=title, height=320, margin=dict(l=40, r=20, t=50, b=40),
                       annotations=[dict(text=note, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")])
@@ -28,7 +29,7 @@ def _empty(title: str, note: str) -> go.Figure:
 def reward_curves(metrics: pd.DataFrame) -> go.Figure:
     """Held-out accuracy and BT loss against the number of labels, one line per tier."""
     if metrics is None or len(metrics) == 0 or metrics["heldout_accuracy"].isna().all():
-        return _empty("Held-out accuracy and loss", "no held-out pairs yet: keep labelling")
+        return empty("Held-out accuracy and loss", "no held-out pairs yet: keep labelling")
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for tier, df in metrics.dropna(subset=["heldout_accuracy"]).groupby("tier"):
         df = df.sort_values("labels_seen")
@@ -46,7 +47,7 @@ def reward_curves(metrics: pd.DataFrame) -> go.Figure:
 
 def reliability(bins) -> go.Figure:
     if not bins:
-        return _empty("Calibration", "no held-out pairs yet")
+        return empty("Calibration", "no held-out pairs yet")
     if isinstance(bins, str):
         bins = json.loads(bins)
     if isinstance(bins, dict):
@@ -69,7 +70,7 @@ def reliability(bins) -> go.Figure:
 
 def score_histogram(scores: np.ndarray) -> go.Figure:
     if scores is None or len(scores) == 0:
-        return _empty("Scores", "no scored completions yet")
+        return empty("Scores", "no scored completions yet")
     fig = go.Figure(go.Histogram(x=scores, nbinsx=40))
     fig.update_layout(title="Distribution of reward scores", height=320, margin=dict(l=40, r=20, t=50, b=40))
     return fig
@@ -82,7 +83,7 @@ PPO_PANELS = [("reward_mean", "reward (mean ± std)"), ("kl", "KL to reference")
 
 def ppo_curves(metrics: pd.DataFrame) -> go.Figure:
     if metrics is None or len(metrics) == 0:
-        return _empty("PPO", "no steps yet")
+        return empty("PPO", "no steps yet")
     fig = make_subplots(rows=2, cols=4, subplot_titles=[t for _, t in PPO_PANELS])
     for k, (col, _) in enumerate(PPO_PANELS):
         if col not in metrics:

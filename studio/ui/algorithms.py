@@ -73,7 +73,7 @@ def curves(metrics, algorithm: str) -> go.Figure:
         return plots.ppo_curves(metrics)
     name = algorithm.upper()
     if metrics is None or len(metrics) == 0:
-        return plots._empty(name, "no steps yet")
+        return plots.empty(name, "no steps yet")
     panels = PANELS[algorithm]
     fig = make_subplots(rows=2, cols=3, subplot_titles=[t for _, t in panels])
     for i, (col, _) in enumerate(panels):
