@@ -506,33 +506,7 @@ class JobManager:
                     log.warning("PPO run %s: %s", run_id, handle.error)
                     final = "failed"
                     break
-                kind = msg[0]
-                if kind == "metrics":
-                    metrics, samples = msg[1], msg[2]
-                    step = int(metrics.get("step", 0))
-                    self.store.add_run_metrics(run_id, step, metrics)
-                    if samples:
-                        self.store.add_run_samples(run_id, step, samples)
-                elif kind == "watch":
-                    from .watch import record
-                    record(self.store, run_id, msg[1])
-                elif kind == "note":
-                    log.warning("PPO run %s: %s", run_id, msg[1])
-                    self.store.add_run_note(run_id, msg[1])
-                elif kind == "checkpoint":
-                    self.store.put_checkpoint(run_id, int(msg[1]), msg[2])
-                elif kind == "adapter":
-                    lm = self.lm
-                    handle.adapter_id = self.store.add_adapter(
-                        name=f"{handle.algorithm}-run{run_id}-step{msg[2]}", weights=msg[1],
-                        config={"run_id": run_id, "algorithm": handle.algorithm},
-                        base_model_id=lm.model_id, base_revision=lm.revision, run_id=run_id, step=int(msg[2]))
-                elif kind == "done":
-                    final = msg[1]
-                elif kind == "error":
-                    handle.error = msg[1]
-                    log.warning("PPO run %s failed: %s\n%s", run_id, msg[1], msg[2] if len(msg) > 2 else "")
-                    final = "failed"
+                final = self._write_message(handle, msg) or final
         except Exception as e:   # e.g. the DB is gone while closing: the run will be marked at next start
             handle.error = f"{type(e).__name__}: {e}"
             final = "failed"
@@ -556,6 +530,38 @@ class JobManager:
                     self.store.set_run_status(run_id, final, error=handle.error)
             except Exception:
                 pass
+
+    def _write_message(self, handle: RunHandle, msg: tuple) -> str | None:
+        """Write one message of the worker into the DuckDB file; returns the run's final status where it says one
+        ("done", "error")."""
+        run_id, kind = handle.run_id, msg[0]
+        if kind == "metrics":
+            metrics, samples = msg[1], msg[2]
+            step = int(metrics.get("step", 0))
+            self.store.add_run_metrics(run_id, step, metrics)
+            if samples:
+                self.store.add_run_samples(run_id, step, samples)
+        elif kind == "watch":
+            from .watch import record
+            record(self.store, run_id, msg[1])
+        elif kind == "note":
+            log.warning("PPO run %s: %s", run_id, msg[1])
+            self.store.add_run_note(run_id, msg[1])
+        elif kind == "checkpoint":
+            self.store.put_checkpoint(run_id, int(msg[1]), msg[2])
+        elif kind == "adapter":
+            lm = self.lm
+            handle.adapter_id = self.store.add_adapter(
+                name=f"{handle.algorithm}-run{run_id}-step{msg[2]}", weights=msg[1],
+                config={"run_id": run_id, "algorithm": handle.algorithm},
+                base_model_id=lm.model_id, base_revision=lm.revision, run_id=run_id, step=int(msg[2]))
+        elif kind == "done":
+            return msg[1]
+        elif kind == "error":
+            handle.error = msg[1]
+            log.warning("PPO run %s failed: %s\n%s", run_id, msg[1], msg[2] if len(msg) > 2 else "")
+            return "failed"
+        return None
 
     # -------------------------------------------------------------- adapters
     def activate_adapter(self, adapter) -> tuple[int | None, str | None]:
