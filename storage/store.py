@@ -27,4 +27,4 @@ __all__ = ["Store", "StoreBase", "TABLES", "FEEDBACK_KINDS", "WINNERS", "FINISH_
 
 
 class Store(Corpus, Labels, RewardModels, WatchChecks, Runs, Evaluations, StoreBase):
-    """One RLHF Studio database file. See docs/ARCHITECTURE.md (storage.Store contract)."""
+    """One RLHF Studio database file. See docs/INTERNALS.md (storage.Store contract)."""
