@@ -39,7 +39,8 @@ def _config_summary(c: dict) -> str:
     if not isinstance(c, dict):
         return _cell(c)
     parts = [("algorithm", "algorithm"), ("steps", "steps"), ("batch_size", "prompts/step"),
-             ("max_new_tokens", "new tokens"), ("ppo_epochs", "epochs"), ("lr", "lr"), ("kl_coef", "β"), ("lora_r", "LoRA r"), ("compile", "compile")]
+             ("max_new_tokens", "new tokens"), ("ppo_epochs", "epochs"), ("lr", "lr"), ("kl_coef", "β"),
+             ("lora_r", "LoRA r"), ("compile", "compile")]
     return " · ".join(f"{label} {_cell(c[k])}" for k, label in parts if k in c)
 
 
