@@ -69,14 +69,29 @@ def browser():
             b.close()
 
 
+# The page's state while it loads: "ready" once the Generate tab is there and no progress overlay covers a
+# component; "failed: ..." where a page-load event failed (its overlay then shows "Error" and never clears, e.g.
+# an event refused by a full queue: Gradio's "currently busy" pop-up); otherwise "" (still loading).
+_PAGE_STATE = """() => {
+  const shown = (t) => t.offsetParent !== null;
+  const toasts = [...document.querySelectorAll('[data-testid=toast-body]')].filter(shown).map(t => t.innerText);
+  const open = [...document.querySelectorAll('[data-testid=status-tracker]')]
+    .filter(t => !t.classList.contains('hide') && shown(t));
+  const failed = open.filter(t => /\\bError\\b/.test(t.innerText)).map(t => t.innerText);
+  if (toasts.length || failed.length) return 'failed: ' + JSON.stringify({toasts, overlays: failed});
+  return document.querySelector('#library') !== null && open.length === 0 ? 'ready' : '';
+}"""
+
+
 def open_app(page, url: str, timeout_ms: float = 180_000) -> None:
     """Go to the app and wait for its page-load events: until they finish, Gradio's progress overlays cover the
-    components and take the clicks (on a loaded CI machine that lasted past Playwright's 30 s default)."""
+    components and take the clicks (on a loaded CI machine that lasted past Playwright's 30 s default). A page-load
+    event that fails (an error pop-up, an overlay showing "Error") fails the test at once with what the page
+    said, instead of waiting out the timeout for an overlay that never clears."""
     page.goto(url)
-    page.wait_for_function(
-        "() => document.querySelector('#library') !== null && ![...document.querySelectorAll("
-        "'[data-testid=status-tracker]')].some(t => !t.classList.contains('hide') && t.offsetParent !== null)",
-        timeout=timeout_ms)
+    state = page.wait_for_function(_PAGE_STATE, timeout=timeout_ms).json_value()
+    if state != "ready":
+        raise AssertionError(f"the page did not load cleanly: {state}")
 
 
 def generate_in_page(page, prompt: str, max_new_tokens: int, seed: int) -> None:

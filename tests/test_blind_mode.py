@@ -70,7 +70,7 @@ def test_blind_handlers_reveal_policies_and_scores_to_a_logged_in_owner_only(bli
         policies = _handler(fns, name, by_id["blind-winrates"]).fn
         assert "adapter-" not in _values(policies(request=bo))
         assert "adapter-" in _values(policies(request=ana))
-    vote = next(f.fn for f in fns if f.fn.__name__ == "handler" and by_id["blind-reveal"] in f.outputs)
+    vote = next(f.fn for f in fns if f.fn.__name__ == "on_vote" and by_id["blind-reveal"] in f.outputs)
     secret = {"left": ids[0], "right": ids[2], "left_policy": "base", "right_policy": f"adapter-{ids[2]}"}
     assert "adapter-" not in _values(vote(dict(secret), request=bo))
     assert "adapter-" in _values(vote(dict(secret), request=ana))

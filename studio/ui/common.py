@@ -1,7 +1,9 @@
 """Small helpers shared by the tabs: who is labelling, and how results are shown."""
 from __future__ import annotations
 
+import functools
 import html
+import inspect
 import re
 import string
 
@@ -88,3 +90,20 @@ def unless_sent(sent: dict, now: dict, name: str, key, make=None) -> list:
     if name in sent and sent[name] == k:
         return [gr.skip()]
     return [make(key) if make else key]
+
+
+def bind(fn, *bound):
+    """fn with its first arguments bound (the studio, a card's index), for wiring a module-level handler to an
+    event. Unlike functools.partial it keeps what Gradio reads: the remaining signature with its annotations
+    (gr.Request and gr.SelectData are passed by annotation) and whether fn is a generator (streamed outputs)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            yield from fn(*bound, *args, **kwargs)
+    else:
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return fn(*bound, *args, **kwargs)
+    sig = inspect.signature(fn)
+    call.__signature__ = sig.replace(parameters=list(sig.parameters.values())[len(bound):])
+    return call
