@@ -59,10 +59,12 @@ def worker_main(argv: list[str]) -> None:
     ppo_worker(conn, _CancelFlag(conn), msg[1])
 
 
-def ppo_worker(conn, cancel, spec: dict) -> None:
+def ppo_worker(conn, cancel, spec: dict, prepare=None) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
     ("note", text), ("watch", check dict), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status),
-    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused"."""
+    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused".
+    `prepare(trainer)`, where given, readies the built trainer before the first step (a data-parallel worker on a
+    Ray cluster: studio/cluster.py)."""
     try:
         import torch
         from components.models import load_model
@@ -73,6 +75,8 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         cfg, trainer = trainer_from_spec(lm, spec)
         if spec.get("checkpoint"):
             trainer.load_state_bytes(spec["checkpoint"])
+        if prepare is not None:
+            prepare(trainer)
         if spec.get("memory_headroom_mb"):
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
@@ -269,7 +273,7 @@ class JobManager:
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
         if getattr(self.studio, "cluster", None) is not None:
-            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
+            self.studio.cluster.check(cfg)  # unreachable, or a batch its workers cannot split: refused here
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
@@ -315,7 +319,7 @@ class JobManager:
             lineage.update(reward_tier=tier, reward_version=version, prompts=len(prompts))
             data = {"prompts": prompts}
         if getattr(self.studio, "cluster", None) is not None:
-            self.studio.cluster.check()     # an unreachable cluster is refused before the run row exists
+            self.studio.cluster.check(cfg)  # unreachable, or a batch its workers cannot split: refused here
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "
