@@ -1,8 +1,9 @@
 """The studio's own training jobs in data parallel on a Ray cluster (`Studio(cluster=..., cluster_workers=N)`),
 with a real local Ray runtime (CPU, gloo) and a tiny random-weight Llama (tests/tiny_models.py) that every worker
-loads from its folder: DPO on 2 workers takes the same steps as on 1 worker with the same global batch; an RLOO
-run on 2 workers streams, survives a killed worker by failing with a clear message, resumes and generates; the
-setting is refused where it cannot work, before any run row exists. One Ray runtime serves the whole file."""
+loads from its folder: DPO on 2 workers takes the same steps as 1 worker with the same global batch, and cancels
+and resumes; an RLOO run on 2 workers streams, fails with a clear message when a worker is killed, resumes and
+generates; the setting is refused where it cannot work, before any run row exists. One Ray runtime serves the
+whole file."""
 import os
 import signal
 import time
@@ -46,6 +47,18 @@ def tiny_studio(ray_runtime, tmp_path_factory, lm):
         s.close()
 
 
+def _one_worker(s, run_id: int):
+    """The run's two steps in this process, by the code a job runs (studio.jobs.trainer_from_spec) on a fresh
+    load of the model: one worker, the whole global batch. Returns (losses, adapter tensors)."""
+    from components.models import load_model
+    from studio.jobs import trainer_from_spec
+    config = dict(s.store.run(run_id)["config"])
+    spec = {"algorithm": config.pop("algorithm"), "rows": config.pop("rows"), "config": config}
+    cfg, trainer = trainer_from_spec(load_model(s.model_id, device="cpu", dtype="fp32"), spec)
+    losses = [trainer.step()["loss"] for _ in range(cfg.steps)]
+    return losses, {k: v.clone() for k, v in trainer._adapter_state().items()}
+
+
 def _adapter(s, adapter_id, tmp_path) -> dict:
     from safetensors.torch import load_file
     from components.adapters import unpack_adapter
@@ -53,27 +66,30 @@ def _adapter(s, adapter_id, tmp_path) -> dict:
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
-def test_dpo_on_two_workers_takes_the_steps_of_one(tiny_studio, tmp_path):
-    """Two DPO steps of a global batch of 4 pairs: on 1 worker (one actor) and on 2 workers (2 pairs each,
-    gradients averaged before the clip): the same losses each step and the same adapter weights."""
+def test_dpo_on_two_workers_takes_the_steps_of_one_and_cancels(tiny_studio, tmp_path):
+    """Two DPO steps of a global batch of 4 pairs on 2 workers (2 pairs each, gradients averaged before the
+    clip) give the losses and adapter weights of the same two steps on one worker with the whole batch. The
+    2-worker run is first cancelled (the cancel is sent before its first step, so it lands there: both workers
+    stop) and resumed from that checkpoint, which must not change a thing."""
     s = tiny_studio
-    s.cluster.workers = 1
-    one = s.train("dpo", steps=2, wait=True, **DPO)
-    s.cluster.workers = 2
-    two = s.train("dpo", steps=2, wait=True, **DPO)
-    assert one.status == two.status == "completed", (one.error, two.error)
-    m1, m2 = one.metrics().set_index("step"), two.metrics().set_index("step")
-    assert list(m1.index) == list(m2.index) == [1, 2]
-    a1, a2 = _adapter(s, one.adapter_id, tmp_path), _adapter(s, two.adapter_id, tmp_path)
+    run = s.train("dpo", steps=2, wait=False, **DPO)
+    run.cancel()
+    assert run.wait(timeout=300) == "cancelled", run.error
+    assert run.metrics().empty and s.store.latest_checkpoint(run.run_id)[0] == 0
+    two = s.resume_ppo(run.run_id, wait=True)
+    assert two.status == "completed", two.error
+    m2 = two.metrics().set_index("step")
+    assert list(m2.index) == [1, 2] and m2.loc[1, "pairs_per_s"] > 0
+    losses, a1 = _one_worker(s, run.run_id)
+    a2 = _adapter(s, two.adapter_id, tmp_path)
     assert set(a1) == set(a2) and a1
     diff = max((a1[k] - a2[k]).abs().max().item() for k in a1)
     moved = max(a1[k].abs().max().item() for k in a1 if "lora_B" in k)      # B starts at zero
-    loss_diff = max(abs(m1.loc[i, "loss"] - m2.loc[i, "loss"]) for i in (1, 2))
-    print(f"DPO losses 1 worker {m1['loss'].tolist()}, 2 workers {m2['loss'].tolist()}; adapter max |diff| "
-          f"{diff:.2e} (LoRA B moved by {moved:.2e}); loss max |diff| {loss_diff:.2e}")
-    assert moved > 1e-3 and m1.loc[2, "loss"] != m1.loc[1, "loss"]     # the steps did something
+    loss_diff = max(abs(losses[i] - m2.loc[i + 1, "loss"]) for i in (0, 1))
+    print(f"DPO losses 1 worker {losses}, 2 workers {m2['loss'].tolist()}; adapter max |diff| {diff:.2e} "
+          f"(LoRA B moved by {moved:.2e}); loss max |diff| {loss_diff:.2e}")
+    assert moved > 1e-3 and losses[1] != losses[0]        # the steps did something
     assert diff < 1e-5 and loss_diff < 1e-5
-    assert m2.loc[1, "pairs_per_s"] > 0
 
 
 def test_refused_before_any_run_row(tiny_studio, tmp_path, lm):
@@ -94,12 +110,15 @@ def test_refused_before_any_run_row(tiny_studio, tmp_path, lm):
 
 
 def test_rloo_on_two_workers_streams_fails_on_a_killed_worker_resumes_and_generates(tiny_studio):
+    """One run through the promises (each start costs a Ray Train worker group and a model load per worker):
+    live metrics averaged by rank 0; SIGKILL of worker 1 fails the run with a clear message; resumed, it
+    completes from its checkpoint and its adapter generates in the app."""
     s = tiny_studio
     run = s.train("rloo", steps=2, wait=False, **RLOO)
     t0 = time.time()
     while run.metrics().empty and run.running() and time.time() - t0 < 300:
         time.sleep(0.3)
-    assert len(run.metrics()) >= 1, run.error          # live metrics, averaged over the workers by rank 0
+    assert len(run.metrics()) >= 1, run.error            # live metrics
     pids = run._process.worker_pids()
     assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
     os.kill(pids[1], signal.SIGKILL)
