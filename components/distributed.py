@@ -251,7 +251,7 @@ def make_data_parallel(trainer, rank: int, world: int) -> GradientAverager:
     weights everywhere, gradients averaged before the clip, metrics averaged; an offline trainer (a `next_rows`
     sampler over the whole data, the same order on every worker) gives each worker its share of each step's
     rows, so the workers together take the rows one worker would. Online trainers get their share of the
-    prompts when built (`studio.cluster`)."""
+    prompts when built (`studio.cluster`), and each worker but rank 0 a sampling seed of its own."""
     params = trainable_parameters(trainer)
     broadcast_parameters(params)
     averager = GradientAverager(params, world)
@@ -262,6 +262,8 @@ def make_data_parallel(trainer, rank: int, world: int) -> GradientAverager:
         def next_rows(n: int) -> list:
             return whole(n * world)[rank * n:(rank + 1) * n]
         trainer.next_rows = next_rows
+    if rank:     # sampling: a stream of its own on each worker (rank 0 keeps the one its checkpoints carry)
+        torch.manual_seed((int(trainer.config.seed) + 7919 * rank + trainer.step_count) % 2**63)
     step = trainer.step
     trainer.step = lambda: mean_metrics(step(), world)
     return averager
