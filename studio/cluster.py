@@ -183,7 +183,7 @@ class _JobActor:
     def __init__(self):
         self.outbox: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
-        self.ended = False                 # a "done" or "error" went out
+        self.ended: str | None = None      # "done" or "error", once one went out
         self.pids: dict[int, int] = {}     # rank -> process id of each data-parallel worker
 
     def pid(self) -> int:
@@ -198,14 +198,15 @@ class _JobActor:
             fit_data_parallel(ray.put(spec), workers, use_gpu, ray.get_runtime_context().current_actor, run_id)
         except Exception as e:  # noqa: BLE001 - WorkerGroupError, ControllerError, ...
             message, died = _failure_message(e)
-            if died or not self.ended:     # a death outranks what a surviving worker said of it
+            if not self.ended or (died and self.ended == "error"):   # a death outranks what a survivor said of it
                 self.put(("error", message, traceback.format_exc()[-4000:]))
         finally:
             self.outbox.put(None)          # end of stream
 
     def put(self, msg) -> None:
         self.outbox.put(msg)
-        self.ended = self.ended or msg[0] in ("done", "error")
+        if msg[0] in ("done", "error") and not self.ended:
+            self.ended = msg[0]
 
     def wait_inbox(self, timeout: float) -> bool:
         return _ActorConn(self.outbox, self.inbox).poll(timeout)
@@ -326,7 +327,10 @@ def _failure_message(e: BaseException) -> tuple[str, bool]:
     """(the run's error, whether a worker died) for a data-parallel job that failed: a worker that died (killed,
     out of memory, its node lost) rather than one that raised and said why (`_data_parallel_worker`), or one
     whose collective broke because a peer was gone."""
-    failures = getattr(e, "worker_failures", None) or {0: e}
+    failures = getattr(e, "worker_failures", None)
+    if not failures:                   # Ray Train itself (no worker group, a scheduling failure, ...)
+        text = " ".join(str(e).split())[:400]
+        return f"the training job on the Ray cluster failed: {type(e).__name__}: {text}", False
     said = {r: f for r, f in failures.items() if re.search(r"training worker \d+ of \d+ failed", str(f))}
     gone = sorted(set(failures) - set(said))
     if not gone and not any(_PEER_LOST.search(str(f)) for f in said.values()):
