@@ -15,7 +15,7 @@ from studio import StudioError
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-DPO = dict(batch_size=4, lr=0.02, max_completion_tokens=8, lora_r=4, lora_alpha=8, max_grad_norm=1.0)
+DPO = dict(batch_size=4, grad_accum=2, lr=0.02, max_completion_tokens=8, lora_r=4, lora_alpha=8, max_grad_norm=1.0)
 RLOO = dict(prompts_per_step=2, k=2, mini_batch_size=4, max_new_tokens=4, lora_r=4, lora_alpha=8, lr=0.01,
             checkpoint_every=1)
 
@@ -67,8 +67,9 @@ def _adapter(s, adapter_id, tmp_path) -> dict:
 
 
 def test_dpo_on_two_workers_takes_the_steps_of_one_and_cancels(tiny_studio, tmp_path):
-    """Two DPO steps of a global batch of 4 pairs on 2 workers (2 pairs each, gradients averaged before the
-    clip) give the losses and adapter weights of the same two steps on one worker with the whole batch. The
+    """Two DPO steps of a global batch of 4 pairs on 2 workers (2 pairs each, in micro-batches of 1; gradients
+    averaged before the clip) give the losses and adapter weights of the same two steps on one worker with the
+    whole batch (in micro-batches of 2: grad_accum=2 on both). The
     2-worker run is first cancelled (the cancel is sent before its first step, so it lands there: both workers
     stop) and resumed from that checkpoint, which must not change a thing."""
     s = tiny_studio
