@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="run training jobs on a Ray cluster: 'local' starts Ray on this machine, else a Ray address "
                         "such as ray://head:10001 (see docs/CLUSTER.md)")
+    p.add_argument("--cluster-workers", type=int, default=1, metavar="N",
+                   help="with --cluster: train each job on N data-parallel workers (one CPU, or one GPU, each; "
+                        "default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -107,6 +110,9 @@ def main(argv=None) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         print("error: --max-queue must be at least 1", file=sys.stderr)
         return 2
+    if args.cluster_workers != 1 and not args.cluster or args.cluster_workers < 1:
+        print("error: --cluster-workers N needs --cluster ADDRESS (or --cluster local) and N >= 1", file=sys.stderr)
+        return 2
     if args.auth and ":" not in args.auth:
         print("error: --auth must look like USER:PASSWORD", file=sys.stderr)
         return 2
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     print(f"Loading model {args.model!r} and opening {os.path.abspath(args.db)} ...", flush=True)
     try:
         s = Studio(args.db, model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                   export_dir=args.export_dir, cluster=args.cluster)
+                   export_dir=args.export_dir, cluster=args.cluster, cluster_workers=args.cluster_workers)
     except (StorageError, ModelLoadError, StudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ class Studio:
     def __init__(self, db: str = "rlhf-studio.duckdb", model: str | LoadedModel = EMBEDDED, *, device: str | None = None,
                  dtype: str | None = None, quantization: str | None = None, annotator: str = "local",
                  read_only: bool = False, export_dir: str | None = None,
-                 cluster: str | None = None):
+                 cluster: str | None = None, cluster_workers: int = 1):
         self.db_path = str(db)
         from .files import Downloads, default_export_dir
         self.export_dir = os.path.abspath(export_dir) if export_dir else default_export_dir(self.db_path)
@@ -65,9 +65,12 @@ class Studio:
         self.session_id = uuid.uuid4().hex[:12]
         self.cluster = None           # training jobs run here unless a Ray cluster is given (studio/cluster.py)
         try:
-            if cluster is not None:
+            if cluster is None and cluster_workers != 1:
+                raise StudioError(f"cluster_workers={cluster_workers!r} needs a Ray cluster: pass cluster='local' "
+                                  "(Ray on this machine) or a Ray address (docs/CLUSTER.md)")
+            if cluster is not None:       # cluster_workers: data-parallel workers per job (s.cluster.workers)
                 from .cluster import Cluster
-                self.cluster = Cluster(cluster)
+                self.cluster = Cluster(cluster, workers=cluster_workers)
             if not read_only:
                 self.store.mark_running_interrupted()
             # A LoadedModel can be passed in (a notebook that already holds one, or tests sharing one).

@@ -54,7 +54,6 @@ class CancelFlag:
         return self._set
 
 
-_CancelFlag = CancelFlag     # the name studio/cluster.py imports until it uses CancelFlag
 
 
 def worker_main(argv: list[str]) -> None:
@@ -66,10 +65,12 @@ def worker_main(argv: list[str]) -> None:
     ppo_worker(conn, CancelFlag(conn), msg[1])
 
 
-def ppo_worker(conn, cancel, spec: dict) -> None:
+def ppo_worker(conn, cancel, spec: dict, prepare=None) -> None:
     """Entry point of the training process. Messages sent: ("started",), ("metrics", dict, samples),
     ("note", text), ("watch", check dict), ("checkpoint", step, bytes), ("adapter", bytes, step), ("done", status),
-    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused"."""
+    ("error", message). A "pause" verdict of the reward-hacking watch (studio/watch.py) ends with status "paused".
+    `prepare(trainer)`, where given, readies the built trainer before the first step (a data-parallel worker on a
+    Ray cluster: studio/cluster.py)."""
     try:
         import torch
         from components.models import load_model
@@ -80,6 +81,8 @@ def ppo_worker(conn, cancel, spec: dict) -> None:
         cfg, trainer = trainer_from_spec(lm, spec)
         if spec.get("checkpoint"):
             trainer.load_state_bytes(spec["checkpoint"])
+        if prepare is not None:
+            prepare(trainer)
         if spec.get("memory_headroom_mb"):
             cap_address_space(int(spec["memory_headroom_mb"]))
         conn.send(("started", trainer.step_count))
@@ -337,7 +340,8 @@ class JobManager:
     def _launch(self, config: dict, lineage: dict, note: str | None, **spawn) -> RunHandle:
         """Create a policy-training run's row and start its job (one at a time); `spawn`: _spawn's arguments."""
         if self.cluster is not None:
-            self.cluster.check()     # an unreachable cluster is refused before the run row exists
+            self.cluster.check(spawn["cfg"])  # unreachable, or a batch its workers cannot split: refused before
+                                              # the run row exists
         with self._lock:
             if self.busy():
                 raise StudioError(f"a training job is already running (run {self.current.run_id}); "

@@ -9,6 +9,7 @@ import pytest
 # orders the files by their number of tests).
 LONGEST_FIRST = ["tests/test_ppo_learning.py", "tests/faults/test_load.py", "tests/test_watch_studio.py",
                  "tests/test_ppo_studio.py", "tests/test_train_browser.py", "tests/test_cluster.py",
+                 "tests/test_cluster_ddp.py",
                  "tests/test_ppo_speedups.py", "tests/test_reward_learning.py", "tests/test_watch_proof.py",
                  "tests/test_reward_studio.py", "tests/test_reward_export.py", "tests/faults/test_app_faults.py",
                  "tests/test_architectures.py", "tests/test_fastgen.py", "tests/test_algorithms_studio.py",

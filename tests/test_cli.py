@@ -35,7 +35,7 @@ def test_every_readme_flag_parses_to_its_setting():
     argv = {"--db": "x.duckdb", "--model": "some/model", "--host": "0.0.0.0", "--port": "8001", "--share": None,
             "--auth": "u:p", "--auth-file": "users.json", "--export-dir": "out", "--blind": None,
             "--no-browser": None, "--max-queue": "3", "--device": "cpu", "--dtype": "fp32", "--quantization": "4bit",
-            "--cluster": "ray://head:10001"}
+            "--cluster": "ray://head:10001", "--cluster-workers": "2"}
     assert set(argv) == readme_flags()                      # a flag added to the README is added here too
     a = parse_args([x for k, v in argv.items() for x in ([k] if v is None else [k, v])])
     assert (a.db, a.model, a.host, a.port, a.share, a.auth, a.auth_file, a.export_dir, a.blind, a.no_browser,
@@ -43,6 +43,7 @@ def test_every_readme_flag_parses_to_its_setting():
         ("x.duckdb", "some/model", "0.0.0.0", 8001, True, "u:p", "users.json", "out", True, True, 3, "cpu", "fp32",
          "4bit")
     assert a.cluster == "ray://head:10001" and parse_args([]).cluster is None
+    assert a.cluster_workers == 2 and parse_args([]).cluster_workers == 1
     d = parse_args([])
     assert (d.db, d.model, d.host, d.port, d.share, d.blind, d.max_queue, d.export_dir, d.quantization) == \
         ("rlhf-studio.duckdb", "embedded", "127.0.0.1", 7860, False, False, None, None, None)
@@ -59,6 +60,7 @@ def test_every_readme_flag_parses_to_its_setting():
     (["--export-dir", "/proc/no-exports-here"], "--export-dir /proc/no-exports-here"),
     (["--model", "/nonexistent/model-folder"], "does not exist"),
     (["--device", "cpu", "--quantization", "8bit"], "8bit quantization needs a CUDA GPU"),
+    (["--cluster-workers", "2"], "--cluster-workers N needs --cluster"),
 ])
 def test_flags_with_bad_values_are_refused_before_serving(tmp_path, capsys, argv, says):
     """In-process: each is refused with exit code 2 before a model is loaded or a port opened."""

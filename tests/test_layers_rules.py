@@ -13,10 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS = ("studio", "storage", "components")
 
 # A private name still imported across modules, with the reason it stays for now. Empty is the goal.
-KNOWN = {
-    # studio/cluster.py belongs to another branch; jobs.CancelFlag is the public name it should import
-    ("studio/cluster.py", "studio.jobs._CancelFlag"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def sources(*packages: str) -> list[Path]:
