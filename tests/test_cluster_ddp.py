@@ -98,7 +98,7 @@ def test_refused_before_any_run_row(tiny_studio, tmp_path, lm):
     s = tiny_studio
     runs = len(s.runs())
     with pytest.raises(StudioError, match=r"batch_size \(3\) must be a multiple of the 2 workers"):
-        s.train("dpo", steps=1, **dict(DPO, batch_size=3))
+        s.train("dpo", steps=1, **dict(DPO, batch_size=3, grad_accum=1))
     s.cluster.workers = 4
     try:
         with pytest.raises(StudioError, match="has 3 CPUs, fewer than the 4 training workers"):
