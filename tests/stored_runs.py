@@ -41,7 +41,7 @@ def tiny_llama(folder: Path, tokenizer_dir: str):
 
 def reward():
     """A reward that needs no model: counts frequent tokens (the k samples of a prompt score differently)."""
-    from components.ppo.rewards import TokenCountReward
+    from components.training.rewards import TokenCountReward
     return TokenCountReward(range(2000))
 
 

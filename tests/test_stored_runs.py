@@ -37,3 +37,50 @@ def test_a_run_stored_before_the_split_resumes_where_it_stopped(tiny, algorithm)
     assert set(after) == set(want)
     for k in want:
         torch.testing.assert_close(after[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_shuffled_pass_resumes_its_order_and_restarts_on_other_data():
+    """One sampler for prompts and rows (engine/checkpoint.py), under the keys stored runs hold."""
+    from components.training.engine.checkpoint import ShuffledPass
+    a = ShuffledPass(5, torch.Generator().manual_seed(3), "prompts.perm", "prompt_pos", "n_prompts")
+    first = a.take(7)                                   # one pass of 5 and two of the next
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and len(set(first[5:])) == 2
+    t, meta = {}, {}
+    a.save(t, meta)
+    assert set(t) == {"prompts.perm"} and meta == {"prompt_pos": 2, "n_prompts": 5}
+    b = ShuffledPass(5, torch.Generator().manual_seed(3), "prompts.perm", "prompt_pos", "n_prompts")
+    b.gen.set_state(a.gen.get_state())
+    b.load(t, meta)
+    assert b.take(6) == a.take(6)                       # the rest of the pass, then the same reshuffle
+    c = ShuffledPass(4, torch.Generator().manual_seed(3), "rows.perm", "row_pos", "n_rows")
+    fresh = c.perm.clone()
+    c.load({"rows.perm": torch.tensor([4, 3, 2, 1, 0])}, {"row_pos": 3, "n_rows": 5})
+    assert torch.equal(c.perm, fresh) and c.pos == 0     # other data: its own order from the start
+
+
+def test_a_stored_adapter_exports_merged_as_the_policy_it_was(studio, tmp_path):
+    """The studio's merged export (studio/jobs.py) and the trainer's share one merge (engine/adapter.py): the
+    merged folder loads with transformers alone and computes what base + adapter computes."""
+    from transformers import AutoModelForCausalLM
+    from components.adapters import pack_adapter_dir
+    from components.models import load_model
+    from components.training.engine.adapter import attach_policy_adapter, save_adapter_folder
+    from components.training.ppo_config import PPOConfig
+    own = load_model("embedded", device="cpu", dtype="fp32")
+    torch.manual_seed(0)
+    model = attach_policy_adapter(own, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="exported"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    folder = save_adapter_folder(own, model, "exported", tmp_path / "adapter")
+    aid = studio.store.add_adapter("exported", pack_adapter_dir(folder), {}, base_model_id=studio.model_id)
+    merged = studio.export_adapter(aid, str(tmp_path / "merged"), merged=True)
+    ids = own.tokenizer("Name a fruit, please.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-3                      # the adapter changes the outputs...
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # ...and the merged model computes them
