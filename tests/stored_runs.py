@@ -1,9 +1,11 @@
 """Checkpoints of runs stored before the engine/algorithm split (tests/test_stored_runs.py resumes them).
 
 The blobs in tests/fixtures/stored_runs/ were written by the code of commit 1301dc8 (before the split) with
-`python tests/stored_runs.py`; each `<algorithm>.safetensors` is a `state_bytes()` checkpoint taken after one
-step, and `<algorithm>.next.safetensors` holds what the next step made of it there (the adapter's tensors, and
-the step's metrics in the metadata), so a resumed run can be compared with the one that was not interrupted.
+`python tests/stored_runs.py` (its imports then named components.ppo; do not rewrite them with later code: they
+stand for what users' databases hold). Each `<algorithm>.safetensors` is a `state_bytes()` checkpoint taken
+after one step, and `<algorithm>.next.safetensors` holds what the next step made of it there (the adapter's
+tensors, and the step's metrics in the metadata), so a resumed run can be compared with the one that was not
+interrupted.
 The model is a tiny random-weight Llama (tests/tiny_models.py, seed 0) with the embedded tokenizer.
 """
 from __future__ import annotations

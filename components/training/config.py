@@ -82,9 +82,10 @@ class TrainConfig:
 
     # subclasses: largest accepted value of each numeric field (far above anything useful on one machine, low
     # enough that a typo with extra zeros is refused with a message instead of allocating until the process dies)
-    UPPER_BOUNDS: ClassVar[dict] = {"steps": 1_000_000, "lr": 1.0, "weight_decay": 10.0, "max_grad_norm": 1e6, "lora_r": 1024,
-                    "lora_alpha": 65536, "max_prompt_tokens": 32768, "seed": 2**63 - 1,
-                    "checkpoint_every": 1_000_000}
+    UPPER_BOUNDS: ClassVar[dict] = {
+        "steps": 1_000_000, "lr": 1.0, "weight_decay": 10.0, "max_grad_norm": 1e6, "lora_r": 1024,
+        "lora_alpha": 65536, "max_prompt_tokens": 32768, "seed": 2**63 - 1,
+        "checkpoint_every": 1_000_000}
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):        # types first: a string or NaN from a form must not slip through
@@ -198,8 +199,8 @@ class OnlineConfig(TrainConfig):
     """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes:
     "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
     rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
-    peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it.
-    Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
+    peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other
+    lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
     rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first
     step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches"). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward

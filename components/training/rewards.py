@@ -1,4 +1,5 @@
-"""The reward protocol the online engine calls (defined in components/reward/ppo_reward.py), and two small reward functions that implement it.
+"""The reward protocol the online engine calls (defined in components/reward/ppo_reward.py), and two small reward
+functions that implement it.
 
 The app's reward functions live in `components.reward.ppo_reward`; the ones here are for tests, benchmarks and
 the GPU script: a linear head on pooled base features (`LinearHeadReward`) and a token counter
@@ -68,7 +69,7 @@ class LinearHeadReward:
     @torch.no_grad()
     def __call__(self, *, model, input_ids, attention_mask, response_mask, base_hidden=None) -> torch.Tensor:
         if base_hidden is None:
-            from .rollout import causal_lm_of, position_ids_from_mask
+            from ..model_utils import causal_lm_of, position_ids_from_mask
             lm = causal_lm_of(model)
             ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
             with ctx:

@@ -522,7 +522,7 @@ class OnlineEngine(PolicyAdapter):
         "has_eos": [B] bool, "score": [B] float (raw reward model), "kl": [B] float (sum over the response of
         log pi - log ref, the trainer's KL estimate), "features": tensor [B, 2H] (pooled base features, what the
         fast reward tier reads)}."""
-        from ..reward.features import pool_features
+        from ...reward.features import pool_features
         cfg = self.config
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
