@@ -42,7 +42,7 @@ CHAR_PENALTY = 0.01
 
 
 class ShorterIsBetter:
-    """The reward: -CHAR_PENALTY per character of the response (a RewardFn, components/ppo/rewards.py). By
+    """The reward: -CHAR_PENALTY per character of the response (a RewardFn, components/training/rewards.py). By
     characters, not tokens, so that completions cut at the same token limit still score differently."""
     uses_base_hidden = False
 
@@ -66,7 +66,7 @@ def make_labels(args) -> tuple[list[dict], list[dict]]:
     """Two sampled completions a train prompt (up to twice the run's new tokens); each gives a pair: its first
     half (ended there: shorter) chosen over the whole. -> (pairs, unpaired rows: chosen good, rejected bad)."""
     import torch
-    from components.ppo.rollout import encode_prompts, left_pad, mask_after_eos, sample
+    from components.training.engine.rollout import encode_prompts, left_pad, mask_after_eos, sample
     lm = load()
     torch.manual_seed(0)
     prompts = [p for p in TRAIN_PROMPTS for _ in range(2)]
@@ -89,7 +89,7 @@ def make_labels(args) -> tuple[list[dict], list[dict]]:
 def evaluate(lm, model, args) -> dict:
     """Mean reward gained over the base and the KL to the base on held-out prompts (one sample each, seeded)."""
     import torch
-    from components.ppo.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
     model.eval()
     q, qm = left_pad(encode_prompts(lm, HELDOUT_PROMPTS * args.eval_samples, 128), lm.pad_token_id, lm.device)
     out = {}

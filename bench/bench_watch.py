@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(int(os.environ.get("RLHF_STUDIO_TRAIN_THREADS") or 1))
     from components.models import load_model
-    from components.ppo.watch import WatchConfig
+    from components.training.watch import WatchConfig
     from tests.layers import keep_first_layers
     from tests.watch_sim import simulate
 

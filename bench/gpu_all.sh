@@ -42,7 +42,7 @@ grep -E "RESULT|Error" "$OUT/trl.log" | cut -c1-900
 # lr: 3e-4 (the quick runs' rate) moves random weights so far in 4 epochs that the ratios overflow; 1e-5 is near
 # TRL's 3e-6 default, and the step time does not depend on it
 # ours with its defaults (on CUDA: rollouts with the LoRA merged, LoRA matmuls in bf16, eager training)
-timeout 100 python3 bench/gpu_ppo.py --shapes 135m --quant none --batch 64 --mini-batch 64 --epochs 4 \
+timeout 100 python3 bench/bench_ppo.py --device cuda --shapes 135m --quant none --batch 64 --mini-batch 64 --epochs 4 \
     --new-tokens 128 --steps 5 --max-seconds 60 --lr 1e-5 \
     --json "$OUT/ours_135m_b64_t128.json" > "$OUT/ours_135m_b64_t128.log" 2>&1
 grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_135m_b64_t128.log" | tail -3 | cut -c1-600
@@ -50,7 +50,7 @@ grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_135m_b64_t128.log" | tail -3 | cut -c
 
 section_3() {
 stamp "3. short PPO on CUDA: bf16 / 8-bit / 4-bit x 135M / 0.5B / 1.7B (issue 4)"
-timeout 150 python3 bench/gpu_ppo.py --steps 6 --max-seconds 14 --json "$OUT/gpu_ppo.json" > "$OUT/gpu_ppo.log" 2>&1
+timeout 150 python3 bench/bench_ppo.py --device cuda --steps 6 --max-seconds 14 --json "$OUT/gpu_ppo.json" > "$OUT/gpu_ppo.log" 2>&1
 grep -E "^\||Error|error" "$OUT/gpu_ppo.log" | tail -16
 }
 
@@ -62,7 +62,7 @@ stamp "4. the PPO trainer on the 1.7B shape, bf16, 64 prompts x 128 tokens, 2 ep
 IFS=';' read -ra variants <<< "${VARIANTS:-on auto 64 on on;off auto 32 on on}"
 for v in "${variants[@]}"; do set -- $v
 tag="compile_$1_lora_$2_mb$3_pack_${4:-on}_siblings_${5:-on}"
-timeout 200 python3 bench/gpu_ppo.py --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
+timeout 200 python3 bench/bench_ppo.py --device cuda --shapes 1.7b --quant none --batch 64 --mini-batch $3 --epochs 2 \
     --new-tokens 128 --steps 5 --max-seconds 45 --lr 1e-5 --compile $1 --lora-precision $2 \
     --pack-rows ${4:-on} --lora-siblings ${5:-on} --json "$OUT/ours_1.7b_$tag.json" > "$OUT/ours_1.7b_$tag.log" 2>&1
 grep -E "^\| (135m|1.7b)|Error" "$OUT/ours_1.7b_$tag.log" | tail -3 | cut -c1-600

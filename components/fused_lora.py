@@ -15,7 +15,7 @@ enabling, disabling or switching adapters inside the block behaves exactly as wi
 
 Mixed precision (a bf16/fp16 base with peft's fp32 adapters, the GPU case): peft casts each LoRA layer's input
 to fp32 and autograd keeps that copy, 4 bytes per input feature per token in every adapted layer (~11 GiB by
-components/ppo/memory.py's count for a PPO micro-batch of 32 x 192 tokens at the 1.7B shape, whose measured peak
+components/training/memory.py's count for a PPO micro-batch of 32 x 192 tokens at the 1.7B shape, whose measured peak
 was 31 GiB). `_AdapterTerm` computes the same fp32 LoRA term in one autograd node that
 keeps the half-precision input (2 bytes) and the [N, r] product instead, and casts in the backward pass.
 

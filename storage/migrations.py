@@ -319,7 +319,7 @@ CREATE TABLE evaluation_pairs (
 );
 """
 
-# 6: the reward-hacking watch (components/ppo/watch.py). One row per check of a PPO run: its signals, verdict and
+# 6: the reward-hacking watch (components/training/watch.py). One row per check of a PPO run: its signals, verdict and
 # examples; `adapter` holds the policy at the best check so far (for a roll back), pruned on the others;
 # `paused_at` is set when that check paused the run. A run's status cannot take a new value (DuckDB cannot change
 # the CHECK on `runs.status`): a paused run is stored 'cancelled' and reads as 'paused' while its pause is its

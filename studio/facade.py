@@ -535,7 +535,7 @@ class Studio:
 
     def ppo_memory_estimate(self, **settings) -> dict:
         """Estimated peak memory of a PPO run with these PPOConfig settings: {"bytes", "available_bytes", ...}."""
-        from components.ppo.config import PPOConfig
+        from components.training.ppo_config import PPOConfig
         return self.jobs.memory_estimate(PPOConfig(**settings))
 
     def running_ppo(self) -> int | None:

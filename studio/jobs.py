@@ -276,7 +276,7 @@ class JobManager:
     def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
                   reward_tier: str | None = None, reward_version: int | None = None, watch=None,
                   **config) -> RunHandle:
-        from components.ppo.config import PPOConfig
+        from components.training.ppo_config import PPOConfig
         from .watch import parse_config, probe_prompts
         watch_cfg = parse_config(watch)
         cfg_fields = PPOConfig.__dataclass_fields__
@@ -400,7 +400,7 @@ class JobManager:
         return {"reward_tier": str(v["tier"].iloc[-1]), "reward_version": int(v["id"].iloc[-1])}
 
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
-        from components.ppo.config import PPOConfig
+        from components.training.ppo_config import PPOConfig
         run = self.store.run(int(run_id))
         if run["kind"] != "ppo":
             raise StudioError(f"run {run_id} is a {run['kind']} run, not a PPO run; only PPO runs resume here")
@@ -423,7 +423,7 @@ class JobManager:
 
     def memory_estimate(self, cfg) -> dict:
         """Estimated peak memory of a PPO run with `cfg` on the loaded model's device, and what is free there."""
-        from components.ppo.memory import estimate_memory
+        from components.training.memory import estimate_memory
         lm = self.lm
         return estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
 
@@ -627,13 +627,13 @@ class JobManager:
                 return unpack_adapter(row["weights"], path)
             import tempfile
             from components.models import load_model
+            from components.training.engine.adapter import save_adapter_folder
             from peft import PeftModel
             with tempfile.TemporaryDirectory() as d:
                 unpack_adapter(row["weights"], d)
                 lm = load_model(self.lm.model_id, device="cpu", dtype="fp32")
-                model = PeftModel.from_pretrained(lm.model, d).merge_and_unload()
-                model.save_pretrained(path, safe_serialization=True)
-                lm.tokenizer.save_pretrained(path)
+                model = PeftModel.from_pretrained(lm.model, d, adapter_name="export")
+                save_adapter_folder(lm, model, "export", path, merged=True)
             return path
         except AdapterFormatError as e:
             raise StudioError(f"adapter {adapter_id} cannot be exported: {e}") from None

@@ -1,7 +1,7 @@
 """The reward-hacking watch in the studio: what a PPO job needs to run it (probe prompts, a second judge), the
 job's side of a check, and the app's side (store every check, keep the best policy, pause, roll back, audit).
 
-The rule and the signals live in components/ppo/watch.py. Here:
+The rule and the signals live in components/training/watch.py. Here:
 - probes: library prompts the run does not train on where there are enough of them, else the first training
   prompts in a fixed hash order (the check says so); stored with the run, so a resume probes the same prompts.
 - second judge: a fast-tier reward model fitted on the held-out split of the labels only (the `heldout` ~20% of
@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 
-from components.ppo.watch import WatchConfig, probe_check
+from components.training.watch import WatchConfig, probe_check
 
 from .errors import StudioError
 

@@ -44,7 +44,7 @@ def _model_logp(model, q, qm, resp, rm, temperature):
 def test_generation_and_the_fast_sampler(tiny, arch):
     from components import fastgen
     from components.generation import SamplingParams, generate
-    from components.ppo.rollout import encode_prompts, left_pad, shared_prefix_length
+    from components.training.engine.rollout import encode_prompts, left_pad, shared_prefix_length
     lm = tiny(arch)
     assert lm.has_chat_template == (arch != "llama_no_template")
     outs = generate(lm, "Name a fruit.", SamplingParams(n=2, max_new_tokens=4, seed=0))
@@ -67,9 +67,9 @@ def test_policy_passes_equal_the_models_own_forward(tiny, arch):
     inside forward_response (the shared prefix) or refused before (packing: `packing_supported`)."""
     from components.attention import packing_supported, prefix_sharing_supported
     from components.fused_lora import fused_lora
-    from components.ppo import PPOConfig
-    from components.ppo.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
-    from components.ppo.trainer import attach_policy_adapter
+    from components.training.ppo_config import PPOConfig
+    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from components.training.engine.adapter import attach_policy_adapter
     lm = tiny(arch)
     torch.manual_seed(0)
     model = attach_policy_adapter(lm, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="arch-test"))
@@ -121,7 +121,7 @@ def test_both_reward_tiers(tiny, arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_one_ppo_step_with_notes_on_what_it_skipped(tiny, arch):
-    from components.ppo import PPOConfig, PPOTrainer
+    from components.training.ppo import PPOConfig, PPOTrainer
     from components.reward.extract import extract_features
     from components.reward.fast import FastRewardModel
     lm = tiny(arch)

@@ -68,7 +68,7 @@ def lm_short():
 @torch.no_grad()
 def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
     """Base-model samples and their pooled base features, exactly as the PPO reward sees them."""
-    from components.ppo.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
     from components.reward.features import pool_features
     torch.manual_seed(seed)
     q, qm = left_pad(encode_prompts(lm, prompts, 256), lm.pad_token_id)
@@ -140,8 +140,8 @@ def learning_run(lm, reward_fn, judge, steps: int, seed: int = 0, base_too: bool
     """A short PPO run with `reward_fn` on TRAIN_PROMPTS, judged by `judge` (the real reward model) on
     HELDOUT_PROMPTS: (held-out (score, length, eos share) after training, the history, and before training
     from the base model when base_too)."""
-    from components.ppo.config import PPOConfig
-    from components.ppo.trainer import PPOTrainer
+    from components.training.ppo_config import PPOConfig
+    from components.training.ppo import PPOTrainer
     # The value head starts at zero in both runs: started from the reward head, it would hand the true reward
     # to the control run as its baseline (advantages = shuffled score - true value), and the control would
     # learn from it.
@@ -190,9 +190,9 @@ def test_ppo_learns_the_reward_beyond_a_control_run(lm32):
 # ------------------------------------------------------------------------------------------------------------
 
 def small_trainer(lm, **kw):
-    from components.ppo.config import PPOConfig
-    from components.ppo.rewards import LinearHeadReward
-    from components.ppo.trainer import PPOTrainer
+    from components.training.ppo_config import PPOConfig
+    from components.training.rewards import LinearHeadReward
+    from components.training.ppo import PPOTrainer
     H = lm.model.config.hidden_size
     g = torch.Generator().manual_seed(7)
     reward = LinearHeadReward(torch.randn(2 * H, generator=g) / H, 0.1)
@@ -203,7 +203,7 @@ def small_trainer(lm, **kw):
 
 
 def test_state_bytes_resume_is_identical(lm_short):
-    from components.ppo.trainer import safetensors_metadata
+    from components.model_utils import safetensors_metadata
     a = small_trainer(lm_short)
     a.step()
     blob = a.state_bytes()
@@ -258,7 +258,7 @@ def test_train_loop_stop_and_checkpoint_callback(lm_short):
 def test_save_adapter_loads_with_peft_and_merged(lm32, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from components.ppo.trainer import generate_with_adapter
+    from components.training.engine.adapter import generate_with_adapter
     tr = small_trainer(lm32, steps=1, ppo_epochs=1, lr=3e-3)
     tr.step()
     ids = torch.tensor([lm32.prompt_ids("Name a colour.") + [504, 3240, 28]])
@@ -294,9 +294,9 @@ def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
     """old_logprobs="generation" reads the heads off the hidden states recorded while sampling; in fp32 they must
     equal a fresh forward over prompt + response (the first PPO ratio is then 1 to rounding), with either sampler."""
     monkeypatch.setenv("RLHF_STUDIO_FASTGEN", fastgen)
-    from components.ppo.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
+    from components.training.engine.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
         mask_after_eos, sample
-    from components.ppo.trainer import causal_lm_of
+    from components.model_utils import causal_lm_of
     torch.manual_seed(0)
     q, qm = left_pad(encode_prompts(lm32, TRAIN_PROMPTS[:4], 256), lm32.pad_token_id)
     resp, hidden = sample(lm32.model, q, qm, 12, 1.0, 1.0, lm32.eos_token_id, lm32.pad_token_id,
@@ -403,7 +403,7 @@ def test_compiled_training_passes_match_eager(lm_short):
     assert [s["response"] for s in got["samples"]] == [s["response"] for s in want["samples"]]
     for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):
         assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-5), k
-    from components.ppo.trainer import decoder_layer_list
+    from components.training.engine.acceleration import decoder_layer_list
     layers = decoder_layer_list(lm_short.model.get_base_model().get_decoder())
     assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in layers)
     # Adam moves near-zero gradients by a full lr step, so compare each tensor's update as a whole
@@ -432,7 +432,7 @@ def test_packed_rows_train_as_padded_rows(lm_short):
     init = packed._adapter_state()
     from transformers import AttentionInterface
 
-    import components.ppo.rollout as rollout
+    import components.training.engine.rollout as rollout
     real_packed, packed_with_host_lengths = rollout._packed, []
 
     def spy_packed(*args):
@@ -486,7 +486,7 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm_short, failure
     (no gradient at all) or zeroing it (zero gradients). Either way the first update is redone eagerly before its
     step: it equals an eager run's, and later steps do not try to compile again."""
     import torch._dynamo
-    from components.ppo.trainer import decoder_layer_list
+    from components.training.engine.acceleration import decoder_layer_list
     from torch._dynamo.backends.registry import list_backends
     calls = []
     def plain(gm, example_inputs):
@@ -550,7 +550,7 @@ def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm_short):
 
 def test_a_failed_cuda_graph_capture_is_in_the_notes(lm32, monkeypatch):
     """The fast sampler then decodes eagerly (tests/test_fastgen.py); the run's notes say so, and why."""
-    import components.ppo.trainer as trainer_module
+    import components.training.engine.online as trainer_module
     tr = small_trainer(lm32, steps=1)
     assert tr.notes == []
     monkeypatch.setattr(trainer_module, "graph_capture_failure",

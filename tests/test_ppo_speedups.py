@@ -1,6 +1,6 @@
 """The PPO trainer's two computation shortcuts compute what the plain passes compute.
 
-- Shared prompt prefix (components/ppo/rollout.py): the chat template's common prefix runs once and the rest of
+- Shared prompt prefix (components/training/engine/rollout.py): the chat template's common prefix runs once and the rest of
   each row on its repeated cache. Log-probs, values, hidden states and LoRA gradients must equal the full pass.
 - Fused LoRA forward (components/fused_lora.py): the LoRA product added inside the base matmul. Outputs and
   gradients must equal peft's forward, and every case it does not handle must go to peft's forward.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from components.fused_lora import fused_lora
-from components.ppo.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
+from components.training.engine.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
                                     shared_prefix_length)
 from tests.layers import keep_first_layers
 
@@ -44,8 +44,8 @@ def _policy_batch(dtype: str, layers: int | None = None, prompts: list[str] = PR
     keeps only the first decoder layers (real weights): what these tests compare is per-layer math, and a bf16
     matmul is ~30x slower than fp32 on a CPU without bf16 instructions (a full bf16 pass took a minute in CI)."""
     from components.models import load_model
-    from components.ppo import PPOConfig
-    from components.ppo.trainer import attach_policy_adapter
+    from components.training.ppo_config import PPOConfig
+    from components.training.engine.adapter import attach_policy_adapter
     lm = load_model("embedded", dtype=dtype)
     if layers is not None:
         keep_first_layers(lm, layers)
@@ -151,7 +151,7 @@ def test_left_aligned_training_layout_equals_the_masked_pass(policy):
 
 
 def test_packed_layout_on_hand_made_rows():
-    from components.ppo.rollout import _packed
+    from components.training.engine.rollout import _packed
     pad = 0
     q = torch.tensor([[pad, pad, 5, 6],
                       [7, 8, 9, 1]])
@@ -473,7 +473,8 @@ def test_a_new_fused_block_reuses_the_compiled_layer(policy_bf16, half):
         graphs.append(gm)
         return gm.forward
 
-    from components.ppo.trainer import causal_lm_of, decoder_layer_list
+    from components.model_utils import causal_lm_of
+    from components.training.engine.acceleration import decoder_layer_list
     layer = decoder_layer_list(causal_lm_of(lm.model).get_decoder())[3]
     mlp = torch.compile(layer.mlp, backend=recording_backend, dynamic=True)
     x = torch.randn(2, 5, lm.model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)

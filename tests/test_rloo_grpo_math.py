@@ -78,7 +78,7 @@ def cut_lm():
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_one_step_trains_the_adapter_only_and_resumes(cut_lm, algorithm):
-    from components.ppo.rewards import TokenCountReward
+    from components.training.rewards import TokenCountReward
     from components.training import build_trainer, config_class
     cfg = config_class(algorithm)(steps=2, prompts_per_step=2, k=2, mini_batch_size=4, max_new_tokens=4,
                                   lr=1e-3, lora_r=4, lora_alpha=8)

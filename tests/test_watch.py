@@ -1,11 +1,11 @@
-"""The reward-hacking watch's signals and rule (components/ppo/watch.py) on hand-built numbers."""
+"""The reward-hacking watch's signals and rule (components/training/watch.py) on hand-built numbers."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from components.ppo.watch import WatchConfig, distinct_n, examples, pearson, signals, verdict
+from components.training.watch import WatchConfig, distinct_n, examples, pearson, signals, verdict
 
 
 def test_distinct_n_counts_repeats():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.ppo.watch import WatchConfig
+from components.training.watch import WatchConfig
 from tests.layers import keep_first_layers
 from tests.watch_sim import simulate
 

@@ -58,7 +58,7 @@ def base_samples(trainer, prompts: list[str], rounds: int) -> list[dict]:
 
 def spurious_cue(samples: list[dict], min_count: int = 4) -> int:
     """The token whose count per answer correlates most with the true preference over the labelled samples."""
-    from components.ppo.watch import pearson
+    from components.training.watch import pearson
     t = [s["truth"] for s in samples]
     counts: dict[int, list[int]] = {}
     for k, s in enumerate(samples):
@@ -83,10 +83,10 @@ def simulate(lm, kind: str, steps: int, watch_cfg, seed: int = 0, rounds: int = 
     watch_cfg.every steps. It runs all `steps` (the verdicts are recorded, not obeyed) to see what the true
     preference did after a pause. Returns {"steps", "truth", "reward", "verdicts", "flags", "paused_at", "cue",
     "judge_pairs"}: one entry per check; paused_at is the step of the first "pause" (None if none)."""
-    from components.ppo.config import PPOConfig
-    from components.ppo.rewards import TokenCountReward
-    from components.ppo.trainer import PPOTrainer
-    from components.ppo.watch import probe_check
+    from components.training.ppo_config import PPOConfig
+    from components.training.rewards import TokenCountReward
+    from components.training.ppo import PPOTrainer
+    from components.training.watch import probe_check
     cfg = PPOConfig(**{**dict(steps=steps, batch_size=len(PROMPTS), mini_batch_size=len(PROMPTS), ppo_epochs=1,
                               max_new_tokens=12, temperature=1.0, lr=5e-3, kl_coef=0.02, missing_eos_penalty=0.0,
                               seed=seed), **ppo})

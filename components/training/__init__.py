@@ -1,4 +1,14 @@
-"""Training algorithms on one shared base with a LoRA adapter: PPO (components/ppo), RLOO, GRPO, DPO, KTO.
+"""Training algorithms on one shared base with a LoRA adapter: PPO, RLOO, GRPO, DPO, KTO.
+
+    engine/          what every algorithm runs on: rollout.py (sampling, the policy/reference passes), online.py
+                     (OnlineEngine: collect, the mini-batch update loop, evaluation, checkpoints), offline.py
+                     (OfflineEngine: labelled rows -> sequence log-probs -> update), adapter.py (the LoRA policy,
+                     export), acceleration.py (compiled layers, packed rows), checkpoint.py, ops.py (shared math)
+    ppo.py, rloo.py, grpo.py, dpo.py, kto.py     one algorithm each: its math (pure functions) and its step
+    group.py         what RLOO and GRPO share (k completions a prompt)
+    config.py        the config fields the algorithms share; ppo_config.py: PPOConfig (also the engine's)
+    rewards.py       reward functions for the online algorithms; memory.py: peak-memory estimate;
+    watch.py         the reward-hacking watch
 
     from components.training import config_class, build_trainer
     cfg = config_class("dpo")(steps=20, beta=0.1)
@@ -17,7 +27,7 @@ OFFLINE = ("dpo", "kto")        # learn from labels; the others sample and score
 def config_class(algorithm: str):
     """The config dataclass of `algorithm`."""
     if algorithm == "ppo":
-        from ..ppo.config import PPOConfig
+        from .ppo_config import PPOConfig
         return PPOConfig
     if algorithm == "dpo":
         from .dpo import DPOConfig
@@ -37,9 +47,9 @@ def config_class(algorithm: str):
 def build_trainer(lm, algorithm: str, config, *, rows: list | None = None, prompts: list | None = None,
                   reward_fn=None):
     """The trainer of `algorithm`: offline ones take `rows` (labelled texts), online ones `prompts` and a
-    `reward_fn` (components/ppo/rewards.py)."""
+    `reward_fn` (components/training/rewards.py)."""
     if algorithm == "ppo":
-        from ..ppo.trainer import PPOTrainer
+        from .ppo import PPOTrainer
         return PPOTrainer(lm, reward_fn, config, prompts)
     if algorithm == "dpo":
         from .dpo import DPOTrainer

@@ -1,10 +1,16 @@
 """The settings every algorithm shares (adapter, optimiser, lengths, bookkeeping) and their checks.
 
-Each algorithm's config (DPOConfig, KTOConfig, RLOOConfig, GRPOConfig; PPO keeps components.ppo.PPOConfig)
-subclasses `TrainConfig`, adds its own fields, each documented, and is stored with the run as JSON:
+    TrainConfig                 every algorithm: run length, optimiser, LoRA, prompt length, shortcuts, seed
+      OnlineConfig              the sampling ones: batch shape, sampling, reward shaping, clip, compile
+        PPOConfig (ppo_config.py), GroupConfig (group.py: RLOOConfig, GRPOConfig)
+      OfflineConfig             the labelled ones: batch shape, completion length, beta (DPOConfig, KTOConfig)
+
+Each algorithm's config subclasses one of them, adds its own fields, each documented (or overrides a default),
+and is stored with the run as JSON:
 `to_dict()` gives plain values, `from_dict()` rebuilds it and refuses unknown keys (a typo must not silently
-fall back to a default). `engine_config()` maps it onto the PPOConfig the shared engine and the memory estimate
-understand (same LoRA, same lengths, the batch shapes this algorithm runs).
+fall back to a default; keys of retired fields, which runs stored before their removal hold, are dropped).
+`engine_config()` maps it onto the PPOConfig the online engine and the memory estimate understand (same LoRA,
+same lengths, the batch shapes this algorithm runs).
 """
 from __future__ import annotations
 
@@ -12,8 +18,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-
-from ..ppo.config import PPOConfig
+from typing import ClassVar
 
 
 def need(ok: bool, msg: str) -> None:
@@ -34,7 +39,7 @@ class TrainConfig:
     """"constant" or "linear" (annealed linearly to 0 over `steps`)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    """Global gradient-norm clip over the LoRA parameters; 0 = off."""
+    """Global gradient-norm clip over all trained parameters; 0 = off."""
 
     # ---- LoRA adapter of the policy ---------------------------------------------------------------------
     lora_r: int = 16
@@ -49,13 +54,22 @@ class TrainConfig:
     max_prompt_tokens: int = 256
     """Prompts longer than this (in tokens, after the chat template) are truncated from the left."""
 
-    # ---- the engine's shortcuts (same math; components/ppo/rollout.py, components/fused_lora.py) -----------
+    # ---- the engine's shortcuts (same math; engine/rollout.py, components/fused_lora.py) -------------------
     share_prompt_prefix: bool = True
-    """Run the prompt prefix all rows share (a chat template's system prompt) once per pass."""
+    """Forward passes run the prompt prefix that all rows share (a chat template's system prompt) once and the
+    rest of each row on its cache (components/training/engine/rollout.py); same math. False: every row in full."""
     fused_lora: bool = True
-    """Add the LoRA product inside the base layer's matmul in training passes (peft's forward when False)."""
+    """Training passes add the LoRA product inside the base layer's matrix multiply (components/fused_lora.py)
+    instead of peft's separate scale and add; same weights and math. False: peft's own forward."""
     pack_rows: bool = True
-    """Where no prefix is shared, run the rows packed into one sequence without padding."""
+    """Forward passes that do not share a prompt prefix (compiled training passes, prompts with no common prefix,
+    the reference pass) run the rows packed one after another into a single sequence with no padding; attention
+    stays inside each row (FlashAttention's variable-length kernel on CUDA in bf16/fp16, SDPA row by row
+    elsewhere; components/attention.py). Same results; the padding to the longest prompt is not computed (with
+    prompts of 16..64 tokens and 128-token responses, one position in eight). Only for decoders known to allow
+    it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
+    the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
+    padded rows."""
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     seed: int = 0
@@ -66,10 +80,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # subclasses: largest accepted value of each numeric field (a typo with extra zeros is refused)
-    UPPER_BOUNDS = {"steps": 1_000_000, "lr": 1.0, "weight_decay": 10.0, "max_grad_norm": 1e6, "lora_r": 1024,
-                    "lora_alpha": 65536, "max_prompt_tokens": 32768, "seed": 2**63 - 1,
-                    "checkpoint_every": 1_000_000}
+    # subclasses: largest accepted value of each numeric field (far above anything useful on one machine, low
+    # enough that a typo with extra zeros is refused with a message instead of allocating until the process dies)
+    UPPER_BOUNDS: ClassVar[dict] = {
+        "steps": 1_000_000, "lr": 1.0, "weight_decay": 10.0, "max_grad_norm": 1e6, "lora_r": 1024,
+        "lora_alpha": 65536, "max_prompt_tokens": 32768, "seed": 2**63 - 1,
+        "checkpoint_every": 1_000_000}
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):        # types first: a string or NaN from a form must not slip through
@@ -98,10 +114,16 @@ class TrainConfig:
     def check(self) -> None:
         """The algorithm's own rules (subclasses)."""
 
+    def need_micro_batches(self, name: str) -> None:
+        """Field `name` (the rows of one optimiser step) is >= 1 and splits into `grad_accum` micro-batches."""
+        n, parts = getattr(self, name), getattr(self, "grad_accum", 1)
+        need(n >= 1, f"{name} must be >= 1")
+        need(parts >= 1 and n % parts == 0, f"{name} ({n}) must be a multiple of grad_accum ({parts})")
+
     def lr_at(self, step: int) -> float:
         return self.lr * max(0.0, 1.0 - step / self.steps) if self.lr_schedule == "linear" else self.lr
 
-    def engine_config(self) -> PPOConfig:
+    def engine_config(self) -> "PPOConfig":  # noqa: F821 - components/training/ppo_config.py
         """The PPOConfig of the same LoRA, lengths and batch shape (for the engine and the memory estimate)."""
         raise NotImplementedError
 
@@ -115,12 +137,129 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
-        json.dumps(d)
+        json.dumps(d)  # JSON-safe by construction; fail loudly here rather than in storage
         return d
+
+    # keys of fields removed from a config that runs stored before still hold (subclasses)
+    RETIRED_KEYS: ClassVar[frozenset] = frozenset()
 
     @classmethod
     def from_dict(cls, d: dict):
+        d = {k: v for k, v in d.items() if k not in cls.RETIRED_KEYS}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
         return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """What the algorithms that sample and score share (PPO, RLOO, GRPO)."""
+    # ---- batch shape --------------------------------------------------------------------------------------
+    mini_batch_size: int = 8
+    """Sequences per optimiser step; the step's sequences must be a multiple of it."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch: the minibatch is split in `grad_accum` forward/backward passes before one
+    optimiser step (memory knob, same maths). `mini_batch_size` must be a multiple of it."""
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    max_new_tokens: int = 48
+    """Response length limit; responses that reach it without EOS get `missing_eos_penalty`."""
+    temperature: float = 0.7
+    """Sampling temperature. The same temperature divides the logits when log-probabilities are computed."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 = off. (top-k is always off.) Log-probabilities are those of the untruncated,
+    temperature-scaled distribution, as in TRL."""
+
+    # ---- reward and KL ------------------------------------------------------------------------------------
+    kl_coef: float = 0.05
+    """beta: weight of the KL to the reference (where it enters is the algorithm's: see its module)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses that end without EOS (truncated at `max_new_tokens`). Off by
+    default for PPO: the embedded model's everyday answers run longer than the few dozen new tokens a CPU run can
+    afford, so nearly every rollout pays the penalty and the few that end early escape it; the penalty then
+    teaches "stop early", whatever the labels asked. Turn it on when `max_new_tokens` covers the answers the
+    labels judged (docs/LEARNING.md)."""
+    score_clip: float = 0.0
+    """Clip reward-model scores to [-score_clip, score_clip] before use; 0 = off."""
+    cliprange: float = 0.2
+    """Clip epsilon of the probability ratio to the sampling policy."""
+
+    # ---- engine -------------------------------------------------------------------------------------------
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, slower); for large models on a GPU."""
+    compile: str = "off"
+    """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes:
+    "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
+    rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
+    peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other
+    lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
+    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first
+    step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches"). The first update
+    checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
+    pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
+    the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
+    (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
+    n_display_samples: int = 4
+    """(prompt, response, reward) triples returned in each step's metrics for display."""
+
+    UPPER_BOUNDS: ClassVar[dict] = {
+        **TrainConfig.UPPER_BOUNDS, "mini_batch_size": 4096, "grad_accum": 4096, "max_new_tokens": 8192,
+        "temperature": 10.0, "kl_coef": 100.0, "missing_eos_penalty": 1e4, "score_clip": 1e6, "cliprange": 10.0,
+        "n_display_samples": 4096}
+
+    def check(self) -> None:
+        self.need_micro_batches("mini_batch_size")
+        need(self.max_new_tokens >= 1, "token limits must be >= 1")
+        need(self.temperature > 0, "temperature must be > 0")
+        need(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        need(self.kl_coef >= 0, "kl_coef must be >= 0")
+        need(self.missing_eos_penalty >= 0 and self.score_clip >= 0, "missing_eos_penalty and score_clip must be >= 0")
+        need(self.cliprange > 0, "clip ranges must be > 0")
+        need(self.compile in ("auto", "on", "off"), "compile must be auto, on or off")
+        need(not (self.compile == "on" and self.gradient_checkpointing),
+             "compile and gradient_checkpointing cannot be combined; turn one off")
+        need(self.n_display_samples >= 0, "n_display_samples must be >= 0")
+
+
+@dataclass
+class OfflineConfig(TrainConfig):
+    """What the algorithms that learn from labelled rows share (DPO, KTO)."""
+    # ---- batch shape --------------------------------------------------------------------------------------
+    batch_size: int = 8
+    """Labelled rows (DPO: preference pairs) per optimiser step."""
+    grad_accum: int = 1
+    """Micro-batches per step (memory knob, same math); `batch_size` must be a multiple of it."""
+    max_completion_tokens: int = 128
+    """Completions longer than this (in tokens, EOS included) are cut."""
+
+    # ---- the loss ------------------------------------------------------------------------------------------
+    beta: float = 0.1
+    """Strength of the pull towards the reference: larger = stay closer."""
+
+    UPPER_BOUNDS: ClassVar[dict] = {**TrainConfig.UPPER_BOUNDS, "batch_size": 4096, "grad_accum": 4096,
+                                    "max_completion_tokens": 8192, "beta": 100.0}
+
+    def check(self) -> None:
+        self.need_micro_batches("batch_size")
+        need(self.max_completion_tokens >= 1, "max_completion_tokens must be >= 1")
+        need(self.beta > 0, "beta must be > 0")
+
+    def engine_config(self) -> "PPOConfig":  # noqa: F821
+        """The LoRA, lengths and one pass a step, in the engine's terms (for the memory estimate); the rows a
+        pass scores: `scored_rows` (DPO scores a pair's two completions together)."""
+        from .ppo_config import PPOConfig
+        n = self.scored_rows()
+        return PPOConfig(steps=self.steps, batch_size=n, mini_batch_size=n, grad_accum=self.grad_accum,
+                         ppo_epochs=1, max_new_tokens=self.max_completion_tokens, merge_for_generation="off",
+                         **self._shared_engine_fields())
+
+    def scored_rows(self) -> int:
+        return self.batch_size

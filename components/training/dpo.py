@@ -10,7 +10,7 @@ Bradley-Terry:
            = -log sigmoid(beta * (m_w - m_l) - gamma)     "simpo"    (Meng et al., 2024; m = mean token log-prob
                                                                       of the policy alone: no reference pass)
 
-The reference is the base with the adapter off (components/training/offline.py). One step:
+The reference is the base with the adapter off (components/training/engine/offline.py). One step:
     1. rows      the next `batch_size` pairs of a shuffled pass over the studio's compiled pairs
     2. policy    one forward over the 2N completions (chosen and rejected together), with gradients
     3. reference one no-grad forward with the adapter off (not for simpo)
@@ -19,56 +19,38 @@ The reference is the base with the adapter off (components/training/offline.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..ppo.config import PPOConfig
-from .config import TrainConfig, need
-from .offline import OfflineTrainer
+from .config import OfflineConfig, need
+from .engine.offline import OfflineEngine
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    # ---- batch shape --------------------------------------------------------------------------------------
-    batch_size: int = 8
-    """Preference pairs per optimiser step."""
-    grad_accum: int = 1
-    """Micro-batches per step (memory knob, same math); `batch_size` must be a multiple of it."""
-    max_completion_tokens: int = 128
-    """Completions longer than this (in tokens, EOS included) are cut."""
-
-    # ---- the loss ------------------------------------------------------------------------------------------
-    beta: float = 0.1
-    """Strength of the pull towards the reference: larger = stay closer (DPO's and IPO's beta, SimPO's scale)."""
+class DPOConfig(OfflineConfig):
+    # batch_size, grad_accum, max_completion_tokens, beta: OfflineConfig (batch_size counts preference pairs)
     loss_type: str = "sigmoid"
-    """"sigmoid" (DPO), "ipo" or "simpo" (reference-free; see the module docs)."""
+    """"sigmoid" (DPO), "ipo" or "simpo" (reference-free; see the module docs). beta is DPO's and IPO's beta,
+    SimPO's scale."""
     label_smoothing: float = 0.0
     """Sigmoid loss only: the assumed chance that a label is flipped (conservative DPO); 0 = off."""
     simpo_gamma: float = 0.5
     """SimPO only: gamma, the target reward margin (beta times mean token log-prob) the chosen must win by."""
 
-    UPPER_BOUNDS = {**TrainConfig.UPPER_BOUNDS, "batch_size": 4096, "grad_accum": 4096,
-                    "max_completion_tokens": 8192, "beta": 100.0, "simpo_gamma": 100.0}
+    UPPER_BOUNDS: ClassVar[dict] = {**OfflineConfig.UPPER_BOUNDS, "simpo_gamma": 100.0}
 
     def check(self) -> None:
-        need(self.batch_size >= 1, "batch_size must be >= 1")
-        need(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
-             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        need(self.max_completion_tokens >= 1, "max_completion_tokens must be >= 1")
-        need(self.beta > 0, "beta must be > 0")
+        super().check()
         need(self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}")
         need(0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
         need(self.simpo_gamma >= 0, "simpo_gamma must be >= 0")
 
-    def engine_config(self) -> PPOConfig:
-        # two completions a pair, scored with gradients in micro-batches of 2 * batch_size / grad_accum
-        n = 2 * self.batch_size
-        return PPOConfig(steps=self.steps, batch_size=n, mini_batch_size=n, grad_accum=self.grad_accum,
-                         ppo_epochs=1, max_new_tokens=self.max_completion_tokens, merge_for_generation="off",
-                         **self._shared_engine_fields())
+    def scored_rows(self) -> int:
+        return 2 * self.batch_size          # a pair's two completions are scored together
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,7 +92,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
 
-class DPOTrainer(OfflineTrainer):
+class DPOTrainer(OfflineEngine):
     """DPO on `rows` = [{"prompt", "chosen", "rejected"}] (the studio's compiled pairs)."""
 
     algorithm = "dpo"

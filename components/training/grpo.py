@@ -9,7 +9,7 @@ with the unbiased, always-positive k3 estimator:
     KL_t     = pi_ref(y_t) / pi(y_t) - log(pi_ref(y_t) / pi(y_t)) - 1
     loss     = mean_i  1/|y_i| sum_t -( min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta KL_t )
 
-One step = the engine's rollout of P*k completions (components/training/online.py), the advantages below, then
+One step = the engine's rollout of P*k completions (components/training/group.py), the advantages below, then
 `epochs` passes of the loss.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .online import OnlineConfig, OnlineTrainer, groups_of
+from .group import GroupConfig, GroupTrainer, groups_of
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(GroupConfig):
     kl_coef: float = 0.04
     """beta: weight of the per-token KL to the reference in the loss (the paper's 0.04)."""
     scale_rewards: bool = True
@@ -63,7 +63,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
 
-class GRPOTrainer(OnlineTrainer):
+class GRPOTrainer(GroupTrainer):
     algorithm = "grpo"
 
     def advantages(self, scores, seq_kl):

@@ -7,7 +7,7 @@ differentiated through, KTO's value function is
     desirable:   v = w_d * sigmoid(beta * (r - z))     undesirable:   v = w_u * sigmoid(beta * (z - r))
     loss = mean over rows of (w - v)      i.e. w_d * (1 - sigmoid(beta (r - z))) and w_u * (1 - sigmoid(beta (z - r)))
 
-The reference is the base with the adapter off (components/training/offline.py). One step:
+The reference is the base with the adapter off (components/training/engine/offline.py). One step:
     1. rows      the next `batch_size` labelled rows of a shuffled pass (s.export("unpaired")'s rows)
     2. policy    one forward over the completions, with gradients
     3. reference one no-grad forward, adapter off
@@ -17,28 +17,18 @@ The reference is the base with the adapter off (components/training/offline.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..ppo.config import PPOConfig
-from .config import TrainConfig, need
-from .offline import OfflineTrainer
+from .config import OfflineConfig, need
+from .engine.offline import OfflineEngine
 
 
 @dataclass
-class KTOConfig(TrainConfig):
-    # ---- batch shape --------------------------------------------------------------------------------------
-    batch_size: int = 8
-    """Labelled rows per optimiser step."""
-    grad_accum: int = 1
-    """Micro-batches per step (memory knob); `batch_size` must be a multiple of it. The KL estimate z is taken
-    over each micro-batch."""
-    max_completion_tokens: int = 128
-    """Completions longer than this (in tokens, EOS included) are cut."""
-
-    # ---- the loss ------------------------------------------------------------------------------------------
-    beta: float = 0.1
-    """Strength of the pull towards the reference: larger = stay closer."""
+class KTOConfig(OfflineConfig):
+    # batch_size, grad_accum, max_completion_tokens, beta: OfflineConfig (the KL estimate z is taken over each
+    # micro-batch)
     desirable_weight: float = 1.0
     """w_d: weight of the desirable rows' losses (raise it where good labels are rarer than bad ones)."""
     undesirable_weight: float = 1.0
@@ -47,23 +37,12 @@ class KTOConfig(TrainConfig):
     """Estimate z from mismatched rows (two more no-grad passes a step); False: z = 0 (cheaper, the paper's
     reference point dropped)."""
 
-    UPPER_BOUNDS = {**TrainConfig.UPPER_BOUNDS, "batch_size": 4096, "grad_accum": 4096,
-                    "max_completion_tokens": 8192, "beta": 100.0, "desirable_weight": 1e3,
-                    "undesirable_weight": 1e3}
+    UPPER_BOUNDS: ClassVar[dict] = {**OfflineConfig.UPPER_BOUNDS, "desirable_weight": 1e3, "undesirable_weight": 1e3}
 
     def check(self) -> None:
-        need(self.batch_size >= 1, "batch_size must be >= 1")
-        need(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
-             f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        need(self.max_completion_tokens >= 1, "max_completion_tokens must be >= 1")
-        need(self.beta > 0, "beta must be > 0")
+        super().check()
         need(self.desirable_weight > 0 and self.undesirable_weight > 0,
              "desirable_weight and undesirable_weight must be > 0")
-
-    def engine_config(self) -> PPOConfig:
-        return PPOConfig(steps=self.steps, batch_size=self.batch_size, mini_batch_size=self.batch_size,
-                         grad_accum=self.grad_accum, ppo_epochs=1, max_new_tokens=self.max_completion_tokens,
-                         merge_for_generation="off", **self._shared_engine_fields())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,7 +72,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
 
-class KTOTrainer(OfflineTrainer):
+class KTOTrainer(OfflineEngine):
     """KTO on `rows` = [{"prompt", "completion", "label"}] (label True = desirable)."""
 
     algorithm = "kto"

@@ -9,7 +9,7 @@ k - 1 completions of the same prompt, so no value head is needed:
     loss  = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps))     rho_i = pi(y_i) / pi_old(y_i)
 
 rho is the whole completion's probability ratio; on the first pass it is 1 and the gradient is REINFORCE's,
--A_i * grad log pi(y_i). One step = the engine's rollout of P*k completions (components/training/online.py), the
+-A_i * grad log pi(y_i). One step = the engine's rollout of P*k completions (components/training/group.py), the
 advantages below, then `epochs` passes of the loss.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .online import OnlineConfig, OnlineTrainer, groups_of
+from .group import GroupConfig, GroupTrainer, groups_of
 
 
 @dataclass
-class RLOOConfig(OnlineConfig):
+class RLOOConfig(GroupConfig):
     normalize_advantages: bool = False
     """Whiten the advantages over the step's batch (mean 0, std 1) before the loss; off in the paper."""
 
@@ -56,7 +56,7 @@ def rloo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 # The trainer
 # ----------------------------------------------------------------------------------------------------------
 
-class RLOOTrainer(OnlineTrainer):
+class RLOOTrainer(GroupTrainer):
     algorithm = "rloo"
 
     def advantages(self, scores, seq_kl):

@@ -39,10 +39,10 @@ def _relative_errors(got: dict, want: dict) -> list[float]:
 @pytest.fixture(scope="module")
 def gradients():
     """gradients(compiled, layout) -> {tensor name: gradient or None} for one fixed micro-batch."""
-    from bench.gpu_ppo import random_trainer
+    from bench.random_models import random_trainer
     from components.model_utils import causal_lm_of
-    from components.ppo.rollout import forward_response, rollout
-    from components.ppo.trainer import swapped_layers
+    from components.training.engine.rollout import forward_response, rollout
+    from components.training.engine.acceleration import swapped_layers
     device = torch.device(DEVICE)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     trainer, prompts = random_trainer(SHAPE, device, dtype, ROWS, batch_size=ROWS,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import PPOConfig
+from .ppo_config import PPOConfig
 
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 GIB = 1024 ** 3

@@ -28,14 +28,13 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
-import os
-
 import torch
 
-from ..attention import (PACKED, attention_implementation, prefix_sharing_supported, register_packed_attention,
-                         varlen_available)
-from ..fastgen import FastGenUnsupported, cache_kwarg, fast_generate
-from .core import entropy_from_logits, logprobs_from_logits
+from ...attention import (PACKED, attention_implementation, prefix_sharing_supported, register_packed_attention,
+                          varlen_available)
+from ...fastgen import FastGenUnsupported, cache_kwarg, fast_generate, fast_path_enabled
+from ...model_utils import causal_lm_of, position_ids_from_mask
+from .ops import entropy_from_logits, logprobs_from_logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,11 +78,6 @@ def mask_after_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     mask = (before == 0).long()
     return mask, is_eos.any(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded row sees the same positions as unpadded."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,11 +124,6 @@ class ForwardOut:
     values: torch.Tensor | None = None      # [B, R] float32
     entropy: torch.Tensor | None = None     # [B, R] float32
     hidden: torch.Tensor | None = None      # [B, P + R, H] final hidden states (after the final norm)
-
-
-def causal_lm_of(model) -> torch.nn.Module:
-    """The transformers CausalLM inside a peft PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 MIN_SHARED_PREFIX = 8
@@ -372,12 +361,6 @@ def generation_config(max_new_tokens: int, temperature: float, top_p: float, eos
                             max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
 
 
-def fast_sampling_enabled() -> bool:
-    """The fast sampler (components/fastgen.py) is the default on every device; RLHF_STUDIO_FASTGEN=0 falls back
-    to `model.generate`."""
-    return os.environ.get("RLHF_STUDIO_FASTGEN", "1") != "0"
-
-
 log = logging.getLogger(__name__)
 # models the fast sampler refused (FastGenUnsupported), with its reason: they sample with `generate`
 _FAST_UNSUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -406,7 +389,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     # Hidden states are recorded by a hook on the final norm, which sees one call per sampled token in eager
     # decoding (either sampler on the CPU, or `generate`), but not inside a CUDA graph: there the trainer runs
     # its one policy forward instead.
-    use_fast = fast_sampling_enabled() and model not in _FAST_UNSUPPORTED
+    use_fast = fast_path_enabled() and model not in _FAST_UNSUPPORTED
     record = capture_hidden and not (use_fast and query_ids.is_cuda)
     store: list[torch.Tensor] = []
     handle = None

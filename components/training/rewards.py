@@ -1,4 +1,5 @@
-"""The reward protocol the PPO trainer calls, and two small reward functions that implement it.
+"""The reward protocol the online engine calls (defined in components/reward/ppo_reward.py), and two small reward
+functions that implement it.
 
 The app's reward functions live in `components.reward.ppo_reward`; the ones here are for tests, benchmarks and
 the GPU script: a linear head on pooled base features (`LinearHeadReward`) and a token counter
@@ -18,19 +19,11 @@ the policy adapter afterwards.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Protocol, runtime_checkable
 
 import torch
 
-from components.reward.features import pool_features
-
-
-@runtime_checkable
-class RewardFn(Protocol):
-    uses_base_hidden: bool
-
-    def __call__(self, *, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_mask: torch.Tensor, base_hidden: torch.Tensor | None = None) -> torch.Tensor: ...
+from ..reward.features import pool_features
+from ..reward.ppo_reward import RewardFn  # noqa: F401 - the one protocol, beside the app's reward functions
 
 
 def value_head_from_pooled_head(weight: torch.Tensor, bias: float | torch.Tensor, mean: torch.Tensor | None = None,
@@ -76,7 +69,7 @@ class LinearHeadReward:
     @torch.no_grad()
     def __call__(self, *, model, input_ids, attention_mask, response_mask, base_hidden=None) -> torch.Tensor:
         if base_hidden is None:
-            from .rollout import causal_lm_of, position_ids_from_mask
+            from ..model_utils import causal_lm_of, position_ids_from_mask
             lm = causal_lm_of(model)
             ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
             with ctx:

@@ -3,9 +3,10 @@
 An offline trainer never samples. Each step it takes the next rows of a shuffled pass over its data, scores
 (prompt, completion) texts with the policy (base + LoRA adapter) and with the reference (the same base with the
 adapter off: no second copy of the model), and lets the algorithm turn those sums into a loss. Everything that
-is not the algorithm lives here: tokenising, the forward passes (through the PPO engine's `forward_response`,
-so the shared prompt prefix, packed rows and fused LoRA apply as in PPO), the optimiser step, checkpoints and
-the adapter export.
+is not the algorithm lives here: tokenising, the forward passes (through the engine's `forward_response`, so
+the shared prompt prefix, packed rows and fused LoRA apply as in PPO), the optimiser step, checkpoints and
+the adapter export. An algorithm (components/training/dpo.py, kto.py) subclasses `OfflineEngine` with
+`loss_and_metrics`.
 
 Layout of a batch of N (prompt, completion) rows:
 
@@ -23,12 +24,15 @@ from pathlib import Path
 
 import torch
 
-from ..attention import avoid_cudnn_attention, packing_supported, varlen_available
-from ..fused_lora import fused_lora
-from ..ppo.rollout import causal_lm_of, encode_prompts, forward_response, left_pad
-from ..ppo.trainer import _reset_lora, _save_merged, adapter_params, attach_policy_adapter, safetensors_metadata
+from ...attention import avoid_cudnn_attention
+from ...fused_lora import fused_lora
+from ...model_utils import causal_lm_of, safetensors_metadata
+from .acceleration import packs_rows
+from .adapter import PolicyAdapter, save_adapter_folder
+from .checkpoint import ShuffledPass, check_lora_shape, load_optimizer, optimizer_tensors
+from .rollout import encode_prompts, forward_response, left_pad
 
-STATE_FORMAT = "rlhf-studio-train-state/1"
+STATE_FORMAT = "rlhf-studio-train-state/1"     # a stored format: runs stored under it must keep loading
 
 
 @dataclass
@@ -61,7 +65,7 @@ def encode_rows(lm, prompts: list[str], completions: list[str], max_prompt_token
     return TextBatch(q, qm, r_ids.to(device), r_mask.to(device), qm.sum(1).tolist())
 
 
-class OfflineTrainer:
+class OfflineEngine(PolicyAdapter):
     """A LoRA adapter trained on fixed rows (dicts of plain values) by `loss_and_metrics` (subclasses).
 
     `step()` runs one optimiser step and returns its metrics; `state_bytes()` / `load_state_bytes()` checkpoint
@@ -82,36 +86,21 @@ class OfflineTrainer:
         torch.manual_seed(config.seed)
         self._gen = torch.Generator().manual_seed(config.seed)
         with lm.lock:
-            self.model = attach_policy_adapter(lm, config)
-            torch.manual_seed(config.seed)          # same init whether or not an adapter was trained before
-            _reset_lora(self.model, config.adapter_name)
-            self.model.eval()
-            self.adapter_name = config.adapter_name
-            self._params = adapter_params(self.model, self.adapter_name)
+            self._attach_policy(lm, config)
+            self._params = self._lora
             decoder = causal_lm_of(self.model).get_decoder()
-            # packed rows as in PPO: on CUDA only where one varlen kernel does it (not a kernel per row)
-            self.pack_rows = config.pack_rows and packing_supported(
-                decoder.config, config.max_prompt_tokens + config.max_completion_tokens) and (
-                varlen_available(self.device, decoder.get_input_embeddings().weight.dtype)
-                if self.device.type == "cuda" else True)
+            self.pack_rows = packs_rows(config.pack_rows, decoder,
+                                        config.max_prompt_tokens + config.max_completion_tokens, self.device, False)
         self.optimizer = torch.optim.AdamW(self._params, lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda" or None)
         self.step_count = 0
-        self._perm = torch.randperm(len(self.rows), generator=self._gen)
-        self._pos = 0
+        self.order = ShuffledPass(len(self.rows), self._gen, "rows.perm", "row_pos", "n_rows")
         self.notes: list[str] = []
 
     # ---- data order -----------------------------------------------------------------------------------------
     def next_rows(self, n: int) -> list[dict]:
         """The next `n` rows of a shuffled pass over the data (reshuffled after each pass)."""
-        out = []
-        while len(out) < n:
-            if self._pos >= len(self._perm):
-                self._perm = torch.randperm(len(self.rows), generator=self._gen)
-                self._pos = 0
-            out.append(self.rows[int(self._perm[self._pos])])
-            self._pos += 1
-        return out
+        return [self.rows[i] for i in self.order.take(n)]
 
     # ---- the two passes ---------------------------------------------------------------------------------------
     def encode(self, prompts: list[str], completions: list[str]) -> TextBatch:
@@ -145,7 +134,7 @@ class OfflineTrainer:
             g["lr"] = lr
         sums: dict[str, float] = {}
         with self.lm.lock:
-            self._activate()
+            self._activate_policy()
             self.model.train(cfg.lora_dropout > 0)
             try:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -168,33 +157,19 @@ class OfflineTrainer:
         return {"step": self.step_count, **sums, "grad_norm": float(gn), "lr": lr, "t_step": dt,
                 self.rows_per_step_key: cfg.batch_size / max(dt, 1e-9)}
 
-    def _activate(self) -> None:
-        if list(self.model.active_adapters) != [self.adapter_name]:
-            self.model.set_adapter(self.adapter_name)
-        for p in self._params:
-            p.requires_grad_(True)
-
     # ---- checkpoints and export --------------------------------------------------------------------------------
-    def _adapter_state(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-        sd = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
-        return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-
     def state_bytes(self) -> bytes:
         """Adapter, optimizer state, RNG and data order in one safetensors blob (nothing pickled); JSON metadata
-        holds the algorithm, config and step."""
+        holds the algorithm, config and step. The format is STATE_FORMAT's (tests/test_stored_runs.py)."""
         from safetensors.torch import save
         t = {"adapter." + k: v for k, v in self._adapter_state().items()}
-        osd = self.optimizer.state_dict()
-        for i, st in osd["state"].items():
-            for k, v in st.items():
-                t[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        optim, groups = optimizer_tensors(self.optimizer)
+        t.update(optim)
         t["rng.torch"] = torch.get_rng_state().clone()
         t["rng.trainer"] = self._gen.get_state().clone()
-        t["rows.perm"] = self._perm.clone()
         meta = {"format": STATE_FORMAT, "algorithm": self.algorithm, "config": self.config.to_dict(),
-                "step": self.step_count, "row_pos": self._pos, "n_rows": len(self.rows),
-                "optim_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]}
+                "step": self.step_count, "optim_groups": groups}
+        self.order.save(t, meta)
         return save(t, metadata={"format": "pt", "train_state": json.dumps(meta)})
 
     def load_state_bytes(self, blob: bytes) -> dict:
@@ -203,44 +178,19 @@ class OfflineTrainer:
         meta = json.loads(safetensors_metadata(blob).get("train_state", "{}"))
         if meta.get("format") != STATE_FORMAT or meta.get("algorithm") != self.algorithm:
             raise ValueError(f"not a {self.algorithm.upper()} checkpoint")
-        for k in ("lora_r", "lora_alpha", "target_modules"):
-            if meta["config"].get(k) != getattr(self.config, k):
-                raise ValueError(f"checkpoint has {k}={meta['config'].get(k)!r}, trainer has "
-                                 f"{getattr(self.config, k)!r}")
+        check_lora_shape(meta["config"], self.config)
         t = load(blob)
         with self.lm.lock:
             adapter = {k[len("adapter."):]: v for k, v in t.items() if k.startswith("adapter.")}
             set_peft_model_state_dict(self.model, adapter, adapter_name=self.adapter_name)
-            state: dict[int, dict] = {}
-            for k, v in t.items():
-                if k.startswith("optim."):
-                    _, i, name = k.split(".", 2)
-                    state.setdefault(int(i), {})[name] = v
-            osd = self.optimizer.state_dict()
-            groups = [{**saved, "params": g["params"], **{k: g[k] for k in ("fused", "foreach") if k in g}}
-                      for g, saved in zip(osd["param_groups"], meta["optim_groups"])]
-            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+            load_optimizer(self.optimizer, t, meta["optim_groups"])
         self.step_count = int(meta["step"])
-        if meta.get("n_rows") == len(self.rows):
-            self._perm, self._pos = t["rows.perm"].clone(), int(meta["row_pos"])
+        self.order.load(t, meta)
         self._gen.set_state(t["rng.trainer"].clone())
         torch.set_rng_state(t["rng.torch"].clone())
         return meta
 
     def save_adapter(self, path, merged: bool = False) -> Path:
         """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), or merged=True a full model."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         with self.lm.lock:
-            if merged:
-                _save_merged(self.model, self.adapter_name, path, getattr(self.lm, "quantization", None))
-                self.lm.tokenizer.save_pretrained(str(path))
-                return path
-            save_file(self._adapter_state(), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-            cfg = self.model.peft_config[self.adapter_name].to_dict()
-            cfg["inference_mode"] = True
-            cfg["base_model_name_or_path"] = getattr(self.lm, "source_path", "") or cfg.get("base_model_name_or_path")
-            (path / "adapter_config.json").write_text(
-                json.dumps(cfg, indent=2, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-        return path
+            return save_adapter_folder(self.lm, self.model, self.adapter_name, path, merged)

@@ -1,26 +1,25 @@
-"""PPOTrainer: LoRA PPO on one shared base model, readable top to bottom.
+"""The online engine: sample from the LoRA policy, score, and update it in mini-batches, as fast as the math allows.
 
 One base model serves four roles:
     policy     = base + LoRA adapter `config.adapter_name` (peft; other adapters on `lm.model` are kept)
     reference  = the same base with adapters disabled (`with model.disable_adapter():`)
     value      = a linear head on the policy's final hidden states (shared trunk: one forward gives
-                 log-probs and values)
-    reward     = `reward_fn` (see rewards.py); when `reward_fn.uses_base_hidden`, it reads the base's hidden
-                 states from the reference pass, so scoring costs no extra forward.
+                 log-probs and values; only PPO trains it)
+    reward     = `reward_fn` (components/training/rewards.py); when `reward_fn.uses_base_hidden`, it reads the
+                 base's hidden states from the reference pass, so scoring costs no extra forward.
 
-One `step()` (Huang et al., "The N Implementation Details of RLHF with PPO"):
-    1. rollout       sample one response per prompt (dropout off, temperature T, stop at EOS)
-    2. policy pass   old log-probs (at temperature T) + values + entropy: the output and value heads on the
-                     final hidden states recorded while sampling (fp32), or one no-grad forward (bf16, 4/8-bit)
-    3. reference     ref log-probs (+ base hidden states for the reward), one no-grad forward, adapters off
-    4. reward        score at the last response token; -missing_eos_penalty when no EOS; per-token -beta*KL
-    5. GAE           advantages and returns; advantages whitened over the batch
-    6. optimise      ppo_epochs x shuffled minibatches (x grad_accum micro-batches): clipped policy loss
-                     + vf_coef * clipped value loss - ent_coef * entropy; grad-norm clip; AdamW on LoRA + head
+What the engine does for an algorithm (components/training/ppo.py, rloo.py, grpo.py):
+    collect      1. rollout: sample one response per prompt (dropout off, temperature T, stop at EOS)
+                 2. policy pass: old log-probs (at temperature T) + values + entropy, from the final hidden
+                    states recorded while sampling (fp32) or one no-grad forward (bf16, 4/8-bit)
+                 3. reference pass: ref log-probs (+ base hidden states for the reward), adapters off
+                 4. scores at the last response token, -missing_eos_penalty where no EOS, clipped
+    _optimise    epochs x shuffled mini-batches x grad_accum micro-batches of the algorithm's `_micro_step`,
+                 through the fused LoRA / compiled / packed passes; grad-norm clip; AdamW
+    train, generate_samples, probe, state_bytes / load_state_bytes, save_adapter
 
 After training the adapter stays on `lm.model` under `config.adapter_name`: generate with it through
-`generate_with_adapter(lm, prompts, adapter_name)` (or `lm.model.set_adapter(name)`; the base alone is
-`with lm.model.disable_adapter(): ...`).
+`generate_with_adapter(lm, prompts, adapter_name)` (engine/adapter.py).
 """
 from __future__ import annotations
 
@@ -28,176 +27,44 @@ import json
 import logging
 import math
 import os
-import struct
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..attention import avoid_cudnn_attention, packing_supported, prefix_sharing_supported, varlen_available
-from ..fastgen import graph_capture_failure, quantized_base
-from ..fused_lora import fused_lora
-from . import core
-from .config import PPOConfig
-from .rewards import value_head_from_pooled_head
-from .rollout import Rollout, causal_lm_of, encode_prompts, forward_response, heads_on_hidden, left_pad, \
-    fast_sampling_enabled, fast_sampling_unsupported, mask_after_eos, output_softcap, sample
+from ...attention import avoid_cudnn_attention, packing_supported, prefix_sharing_supported
+from ...fastgen import fast_path_enabled, graph_capture_failure, quantized_base
+from ...fused_lora import fused_lora
+from ...model_utils import causal_lm_of, safetensors_metadata
+from ..ppo_config import PPOConfig
+from ..rewards import value_head_from_pooled_head
+from .acceleration import CompiledGradientsMissing, compile_failure, compile_layers, packs_rows, swapped_layers
+from .adapter import PolicyAdapter, adapter_config_dict, adapter_state, decode, merged_adapter, save_adapter_folder
+from .checkpoint import ShuffledPass, check_lora_shape, load_optimizer, optimizer_tensors
+from .ops import logprobs_from_logits
+from .rollout import (Rollout, encode_prompts, fast_sampling_unsupported, forward_response, heads_on_hidden,
+                      left_pad, mask_after_eos, output_softcap, sample)
 
-STATE_FORMAT = "rlhf-studio-ppo-state/1"
+STATE_FORMAT = "rlhf-studio-ppo-state/1"     # a stored format: runs stored under it must keep loading
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The policy adapter on a shared base
-# ----------------------------------------------------------------------------------------------------------
+class OnlineEngine(PolicyAdapter):
+    """What every online algorithm runs on `lm` (a components.models.LoadedModel): the LoRA policy, sampling,
+    the policy and reference passes, scoring (`collect`), the update loop (`_optimise`: epochs x shuffled
+    mini-batches x micro-batches, with the compiled / fused / packed passes), evaluation, checkpoints, export.
 
-def lora_config_of(config: PPOConfig):
-    from peft import LoraConfig
-    tm = config.target_modules
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=tm if isinstance(tm, str) else list(tm), bias="none", task_type="CAUSAL_LM")
-
-
-def attach_policy_adapter(lm, config: PPOConfig):
-    """Add a fresh LoRA adapter `config.adapter_name` to `lm.model` (wrapping it in a PeftModel if needed) and
-    make it the active one. Other adapters stay. An existing adapter of that name is replaced by a fresh one.
-    Returns the PeftModel (also stored back into `lm.model`)."""
-    from peft import PeftModel, get_peft_model
-    name, lcfg = config.adapter_name, lora_config_of(config)
-    model = lm.model
-    if isinstance(model, PeftModel):
-        if name in model.peft_config:
-            if len(model.peft_config) == 1:
-                # peft cannot delete the only adapter: re-initialise it in place (shape must match)
-                old = model.peft_config[name]
-                if (old.r, old.lora_alpha) != (lcfg.r, lcfg.lora_alpha):
-                    raise ValueError(f"adapter {name!r} already exists with another shape; reload the model "
-                                     "or choose another adapter_name")
-                _reset_lora(model, name)
-            else:
-                model.delete_adapter(name)
-                model.add_adapter(name, lcfg)
-        else:
-            model.add_adapter(name, lcfg)
-        model.set_adapter(name)
-    else:
-        model = get_peft_model(model, lcfg, adapter_name=name)
-        lm.model = model
-    return model
-
-
-def _reset_lora(model, name: str) -> None:
-    from peft.tuners.lora import LoraLayer
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and name in m.lora_A:
-            m.reset_lora_parameters(name, True)
-
-
-@contextmanager
-def merged_adapter(model, name: str):
-    """Inside: adapter `name` is folded into temporary copies of the base weights and all adapters are disabled,
-    so generation runs plain linear layers. The original weight tensors are put back on exit (no drift)."""
-    from peft.tuners.lora import LoraLayer
-    saved = []
-    try:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, LoraLayer) and name in m.lora_A:
-                    base = m.get_base_layer()
-                    w = base.weight
-                    merged = (w.float() + m.get_delta_weight(name).float()).to(w.dtype)
-                    saved.append((base, w))
-                    base.weight = torch.nn.Parameter(merged, requires_grad=False)
-        with model.disable_adapter():
-            yield
-    finally:
-        for base, w in saved:
-            base.weight = w
-
-
-def decoder_layer_list(decoder) -> torch.nn.ModuleList:
-    """The decoder's list of transformer blocks (`layers` in Llama-like models, `h` in GPT-2-like ones)."""
-    n = getattr(getattr(decoder, "config", None), "num_hidden_layers", None)
-    for name in ("layers", "h", "blocks"):
-        mods = getattr(decoder, name, None)
-        if isinstance(mods, torch.nn.ModuleList) and len(mods) and (n is None or len(mods) == n):
-            return mods
-    raise ValueError(f"compile: no list of decoder layers found on {type(decoder).__name__}; set compile='off'")
-
-
-def compile_layers(decoder, backend: str) -> list:
-    """torch.compile'd wrappers of each decoder layer (compiled lazily, dynamic shapes). Compiling block by
-    block instead of the whole decoder lets every layer reuse the first one's compiled code (parameters are
-    graph inputs): on this CPU the first pass of the 30-layer SmolLM2 took 11 s to trace instead of 152 s."""
-    return [torch.compile(layer, backend=backend, dynamic=True) for layer in decoder_layer_list(decoder)]
-
-
-def _needs_grad(module, inputs, output):
-    # with frozen embeddings the first layer's input needs no gradient and every other layer's does: torch.compile
-    # would build that layer a graph of its own; asking for it (one [tokens, hidden] gradient) keeps one graph
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
-        return output.requires_grad_()
-    return output
-
-
-@contextmanager
-def swapped_layers(decoder, replacements: list):
-    """Inside: the decoder runs `replacements` (the compiled wrappers, same weights) in place of its layers."""
-    mods = decoder_layer_list(decoder)
-    original = list(mods)
-    for i, m in enumerate(replacements):
-        mods[i] = m
-    embed = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
-    hook = embed.register_forward_hook(_needs_grad) if embed is not None else None
-    try:
-        yield
-    finally:
-        if hook is not None:
-            hook.remove()
-        for i, m in enumerate(original):
-            mods[i] = m
-
-
-class CompiledGradientsMissing(RuntimeError):
-    """The compiled training passes left a trainable tensor without a gradient (`_check_every_tensor_got_...`)."""
-
-
-def _compile_failure(e: BaseException) -> bool:
-    """An error of torch.compile itself (tracing, a backend that cannot compile: no C++ compiler, no working
-    Triton, a GPU too old for it) or a compiled graph that lost a gradient, as opposed to the math failing."""
-    from torch._dynamo.exc import TorchDynamoException   # loaded already where anything was compiled
-    return isinstance(e, (CompiledGradientsMissing, TorchDynamoException))
-
-
-def _non_finite_norm(gn: float):
-    raise FloatingPointError(f"PPO gradient norm is {gn}: the update was not applied (the adapter keeps its last "
-                             "finite weights); lower lr or check the reward")
-
-
-def adapter_params(model, name: str) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of adapter `name`, in a stable order."""
-    ps = [p for n, p in model.named_parameters() if "lora_" in n and f".{name}." in n + "."]
-    if not ps:
-        raise RuntimeError(f"adapter {name!r} has no LoRA parameters")
-    return ps
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Trainer
-# ----------------------------------------------------------------------------------------------------------
-
-class PPOTrainer:
-    """PPO with a LoRA policy on `lm` (a components.models.LoadedModel).
-
-    reward_fn: the RewardFn protocol (components/ppo/rewards.py); prompts: the training prompts (text, or lists
-    of token ids). `step()` runs one PPO iteration and returns its metrics; `train()` loops with a stop check.
+    reward_fn: the RewardFn protocol (components/training/rewards.py); prompts: the training prompts (text, or
+    lists of token ids); config: a PPOConfig (the engine's settings; other algorithms map theirs onto it).
+    An algorithm subclasses it with `step()`, `_micro_step()` (the loss of one micro-batch) and `LOSS_STATS`.
     """
 
+    algorithm = ""
     # the statistics `_micro_step` adds up (averaged over micro-batches in each step's metrics)
-    LOSS_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "vf_clip_frac")
+    LOSS_STATS: tuple[str, ...] = ()
 
     def __init__(self, lm, reward_fn, config: PPOConfig | None = None, prompts: list | None = None,
                  device=None):
@@ -206,7 +73,7 @@ class PPOTrainer:
         self.config = config or PPOConfig()
         self.config.validate()
         if not prompts:
-            raise ValueError("PPO needs at least one training prompt")
+            raise ValueError(f"{self.algorithm.upper() or 'training'} needs at least one training prompt")
         self.prompts = list(prompts)
         self.device = torch.device(device) if device is not None else torch.device(lm.device)
         avoid_cudnn_attention(self.device)
@@ -220,17 +87,10 @@ class PPOTrainer:
 
         with lm.lock:
             # ---- policy = LoRA adapter on the shared base --------------------------------------------------
-            self.model = attach_policy_adapter(lm, cfg)
-            # a fresh peft wrap and a re-attached adapter draw their init differently: re-draw it here, so a
-            # seed gives the same run whether or not this model has trained an adapter before in this process
-            torch.manual_seed(cfg.seed)
-            _reset_lora(self.model, cfg.adapter_name)
-            self.model.eval()
-            self.adapter_name = cfg.adapter_name
+            self._attach_policy(lm, cfg)
             if cfg.gradient_checkpointing:
                 causal_lm_of(self.model).gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-            self._lora = adapter_params(self.model, self.adapter_name)
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or quantized_base(self.model)
             self.merge_for_generation = cfg.merges_for_sampling(quantized, base_dtype == torch.float32,
@@ -238,7 +98,7 @@ class PPOTrainer:
             # where the merge happens: on CUDA the fast sampler merges in place (its CUDA graphs hold the weights'
             # addresses, so a merged copy would mean a new capture every step); elsewhere a temporary merged copy
             self._merge_in_sampler = self.merge_for_generation and self.device.type == "cuda" and \
-                fast_sampling_enabled()
+                fast_path_enabled()
             # fp32 adapters on a bf16 base: the fused passes' LoRA matmuls in bf16 (`PPOConfig.lora_precision`)
             self.half_lora = cfg.half_lora(self.device.type, base_dtype == torch.bfloat16)
             # ---- training passes through compiled decoder layers (same weights; compiled lazily) -------------
@@ -247,19 +107,15 @@ class PPOTrainer:
             self._compiled_layers = compile_layers(decoder, cfg.compile_backend) if compiled else None
             # and the log-probs from the head's logits: one fused reduction over the bf16 logits [rows, R, V]
             # instead of eager's fp32 copy of them and logsumexp's passes over it, forward and backward
-            self._logprobs_fn = torch.compile(core.logprobs_from_logits, backend=cfg.compile_backend,
+            self._logprobs_fn = torch.compile(logprobs_from_logits, backend=cfg.compile_backend,
                                               dynamic=True) if compiled else None
             # the compiled graphs' gradients are checked once, on the first update (_check_every_tensor_got...)
             self._gradients_unchecked = compiled
             # why training went on eagerly, where the compiled passes failed (`_fall_back_to_eager`)
             self.compile_fallback: str | None = None
-            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`). On CUDA or compiled, only
-            # where one kernel does it: the row-by-row fallback launches a kernel per row and reads the row starts
-            # to the host, which a graph cannot
-            self.pack_rows = cfg.pack_rows and packing_supported(
-                decoder.config, cfg.max_prompt_tokens + cfg.max_new_tokens) and (
-                varlen_available(self.device, decoder.get_input_embeddings().weight.dtype)
-                if compiled or self.device.type == "cuda" else True)
+            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`)
+            self.pack_rows = packs_rows(cfg.pack_rows, decoder, cfg.max_prompt_tokens + cfg.max_new_tokens,
+                                        self.device, compiled)
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 
@@ -276,13 +132,8 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay, fused=self.device.type == "cuda" or None)
 
-        # ---- KL controller --------------------------------------------------------------------------------
-        self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-                       else core.FixedKLController(cfg.kl_coef))
-
         self.step_count = 0
-        self._perm = torch.randperm(len(self.prompts), generator=self._gen)
-        self._pos = 0
+        self.order = ShuffledPass(len(self.prompts), self._gen, "prompts.perm", "prompt_pos", "n_prompts")
 
     # ------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -315,7 +166,7 @@ class PPOTrainer:
     def notes(self) -> list[str]:
         """What this run does otherwise than its config asks, and why (the studio keeps them with the run)."""
         notes = [self.compile_fallback] if self.compile_fallback else []
-        why = fast_sampling_unsupported(self.model) if fast_sampling_enabled() else None
+        why = fast_sampling_unsupported(self.model) if fast_path_enabled() else None
         if why:
             notes.append(f"rollouts sample with model.generate, slower: the fast sampler does not support this "
                          f"model ({why})")
@@ -337,13 +188,6 @@ class PPOTrainer:
         """Training passes run through torch.compile'd decoder layers (`PPOConfig.compile`)."""
         return self._compiled_layers is not None
 
-    def _activate_policy(self) -> None:
-        """Make the policy adapter active and trainable again (a reward function may have switched adapters)."""
-        if list(self.model.active_adapters) != [self.adapter_name]:
-            self.model.set_adapter(self.adapter_name)
-        for p in self._lora:
-            p.requires_grad_(True)
-
     def _policy_for_generation(self):
         """Context in which `self.model.generate` samples from the policy (merged weights when enabled)."""
         if self.merge_for_generation and not self._merge_in_sampler:
@@ -352,20 +196,14 @@ class PPOTrainer:
 
     def _next_prompts(self) -> list:
         """The next batch_size prompts of a shuffled pass over the prompts (reshuffled after each pass)."""
-        out = []
-        while len(out) < self.config.batch_size:
-            if self._pos >= len(self._perm):
-                self._perm = torch.randperm(len(self.prompts), generator=self._gen)
-                self._pos = 0
-            out.append(self.prompts[int(self._perm[self._pos])])
-            self._pos += 1
-        return out
+        return [self.prompts[i] for i in self.order.take(self.config.batch_size)]
 
-    def _current_lr(self) -> float:
-        cfg = self.config
-        if cfg.lr_schedule == "linear":
-            return cfg.lr * max(0.0, 1.0 - self.step_count / cfg.steps)
-        return cfg.lr
+    def _set_lr(self) -> float:
+        """This step's learning rate (`lr_schedule`), set on the optimizer."""
+        lr = self.config.lr_at(self.step_count)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
 
     # ------------------------------------------------------------------------------------------------------
     # Reference pass and reward
@@ -455,68 +293,11 @@ class PPOTrainer:
         raw_scores, scores = self._score(ro, base_hidden)
         return ro, ref_logp, raw_scores, scores, [t_start, t_gen, t_pol, t_ref]
 
-    def step(self) -> dict:
-        cfg = self.config
-        with self.lm.lock:
-            self._activate_policy()
-            self.model.eval()
-            prompts = self._next_prompts()
-            # ---- 1-3. rollout, policy pass, reference pass (`collect`) -------------------------------------
-            ro, ref_logp, raw_scores, scores, (t_start, t_gen, t_pol, t_ref) = self.collect(prompts)
-            rmask, has_eos = ro.response_mask, ro.has_eos
-
-            # ---- 4. reward: the score at the last token (`collect`), per-token KL penalty -----------------
-            mask = rmask.float()
-            beta = self.kl_ctl.value
-            rewards, kl = core.kl_penalized_rewards(scores, ro.old_logp, ref_logp, mask, beta)
-            if cfg.whiten_rewards:
-                rewards = core.masked_whiten(rewards, mask, shift_mean=False) * mask
-            t_score = time.perf_counter()
-
-            # ---- 5. advantages: GAE, then whitened over the batch ------------------------------------------
-            values = ro.values * mask
-            advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = core.masked_whiten(advantages, mask) * mask
-
-            # ---- 6. optimise: ppo_epochs x shuffled minibatches x grad_accum micro-batches ------------------
-            lr = self._current_lr()
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            stats = self._optimise(ro, advantages, returns, mask)
-            t_train = time.perf_counter()
-
-            # ---- 7. KL controller, bookkeeping, metrics ------------------------------------------------------
-            seq_kl = kl.sum(1)
-            self.kl_ctl.update(float(seq_kl.mean()), cfg.batch_size)
-            self.step_count += 1
-            n_tok = mask.sum().clamp(min=1)
-            total = t_train - t_start
-            metrics = {
-                "step": self.step_count,
-                "reward_mean": float(scores.mean()),
-                "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-                "score_mean": float(raw_scores.mean()),
-                "rlhf_reward": float((scores - beta * seq_kl).mean()),
-                "kl": float(seq_kl.mean()),
-                "kl_coef": float(beta),
-                "entropy": float((ro.entropy * mask).sum() / n_tok),
-                "value_mean": float((values.sum() / n_tok)),
-                "return_mean": float((returns.sum() / n_tok)),
-                **stats,
-                "response_len": float(mask.sum(1).mean()),
-                "eos_frac": float(has_eos.float().mean()),
-                "lr": lr,
-                "compiled": float(self.compiled),
-                "t_generate": t_gen - t_start,
-                "t_policy": t_pol - t_gen,
-                "t_reference": t_ref - t_pol,
-                "t_score": t_score - t_ref,
-                "t_train": t_train - t_score,
-                "t_step": total,
-                "samples_per_s": cfg.batch_size / max(total, 1e-9),
-                "samples": self._display(ro, scores),
-            }
-        return metrics
+    def collect_next(self):
+        """`collect` on the step's prompts (`_next_prompts`), the policy active and in eval mode; under `lm.lock`."""
+        self._activate_policy()
+        self.model.eval()
+        return self.collect(self._next_prompts())
 
     @property
     def _share_prefix_in_training(self) -> bool:
@@ -576,7 +357,7 @@ class PPOTrainer:
                         try:
                             n_micro += self._backward(ro, rows, rows_dev, host, advantages, returns, mask, sums)
                         except Exception as e:
-                            if not (self.compiled and _compile_failure(e)):
+                            if not (self.compiled and compile_failure(e)):
                                 raise
                             # the compiled passes failed (compiling, or losing a gradient) before this mini-batch's
                             # step: redo it eagerly, its gradients and statistics so far dropped
@@ -595,7 +376,7 @@ class PPOTrainer:
                             non_finite = torch.maximum(non_finite, (~torch.isfinite(gn)).float())
                             self.optimizer.found_inf = non_finite
                         elif not math.isfinite(gn := float(gn)):   # stop before the step writes NaN
-                            _non_finite_norm(gn)
+                            non_finite_norm(gn, self.algorithm)
                         norms.append(gn)
                         self.optimizer.step()
                         n_opt += 1
@@ -606,12 +387,12 @@ class PPOTrainer:
         norms = torch.stack(norms).tolist() if skip_on_device and norms else norms    # one read for all
         for gn in norms:
             if not math.isfinite(gn):
-                _non_finite_norm(gn)
+                non_finite_norm(gn, self.algorithm)
         out = {k: float(v) / max(n_micro, 1) for k, v in sums.items()}
         out["grad_norm"] = sum(norms) / max(n_opt, 1)
         for k, v in out.items():
             if not math.isfinite(v):
-                raise FloatingPointError(f"PPO {k} is {v}; lower lr or check the reward")
+                raise FloatingPointError(f"{self.algorithm.upper()} {k} is {v}; lower lr or check the reward")
         return out
 
     def _backward(self, ro: Rollout, rows, rows_dev, host, advantages, returns, mask, sums: dict) -> int:
@@ -647,33 +428,6 @@ class PPOTrainer:
             raise CompiledGradientsMissing(f"the compiled training passes gave no gradient to {len(missing)} "
                                            f"trainable tensors (first: {missing[0]}); their update was not applied")
 
-    def _micro_step(self, ro: Rollout, idx: torch.Tensor, cols: tuple[int, int], advantages, returns, mask,
-                    sums: dict, prompt_lengths: list[int] | None = None) -> None:
-        """Forward and backward of the clipped PPO loss on rows `idx`; adds its statistics to `sums`. cols: (first
-        prompt column, response length) that hold a token in some row: the columns outside are trimmed.
-        prompt_lengths: those rows' prompt lengths, on the host (packing then reads nothing back)."""
-        cfg = self.config
-        first, R = cols
-        q, qm = ro.query_ids[idx, first:], ro.query_mask[idx, first:]
-        r, rm = ro.response_ids[idx, :R], ro.response_mask[idx, :R]
-        m = mask[idx, :R]
-        fo = forward_response(self.model, q, qm, r, rm, cfg.temperature, value_head=self.value_head,
-                              want_entropy=cfg.ent_coef > 0, entropy_grad=cfg.ent_coef > 0,
-                              share_prefix=self._share_prefix_in_training, pack=self.pack_rows,
-                              prompt_lengths=prompt_lengths, logprobs_fn=self._logprobs_fn)
-        pl, cf, akl = core.policy_loss(fo.logp, ro.old_logp[idx, :R], advantages[idx, :R], m, cfg.cliprange)
-        vl, vcf = core.value_loss(fo.values, ro.values[idx, :R], returns[idx, :R], m, cfg.cliprange_value)
-        loss = pl + cfg.vf_coef * vl
-        if cfg.ent_coef > 0:
-            loss = loss - cfg.ent_coef * core.masked_mean(fo.entropy, m)
-        (loss / cfg.grad_accum).backward()
-        # kept on the device: a float() here would wait for the GPU five times per micro-batch
-        sums["policy_loss"] += pl.detach()
-        sums["value_loss"] += vl.detach()
-        sums["clip_frac"] += cf.detach()
-        sums["approx_kl"] += akl.detach()
-        sums["vf_clip_frac"] += vcf.detach()
-
     def _display(self, ro: Rollout, scores: torch.Tensor) -> list[dict]:
         n = min(self.config.n_display_samples, len(ro.prompts))
         tok = self.lm.tokenizer
@@ -681,8 +435,8 @@ class PPOTrainer:
         for i in range(n):
             ids = ro.response_ids[i, : int(ro.response_mask[i].sum())].tolist()
             p = ro.prompts[i]
-            out.append({"prompt": p if isinstance(p, str) else _decode(tok, p),
-                        "response": _decode(tok, ids), "reward": float(scores[i])})
+            out.append({"prompt": p if isinstance(p, str) else decode(tok, p),
+                        "response": decode(tok, ids), "reward": float(scores[i])})
         return out
 
     # ------------------------------------------------------------------------------------------------------
@@ -751,8 +505,8 @@ class PPOTrainer:
                 for i in range(len(chunk)):
                     ids = resp[i, : int(rmask[i].sum())].tolist()
                     p = chunk[i]
-                    d = {"prompt": p if isinstance(p, str) else _decode(self.lm.tokenizer, p),
-                         "response": _decode(self.lm.tokenizer, ids), "length": len(ids),
+                    d = {"prompt": p if isinstance(p, str) else decode(self.lm.tokenizer, p),
+                         "response": decode(self.lm.tokenizer, ids), "length": len(ids),
                          "has_eos": bool(has_eos[i])}
                     if score:
                         d["score"], d["reward"] = float(raw[i]), float(sc[i])
@@ -761,14 +515,14 @@ class PPOTrainer:
 
     @torch.no_grad()
     def probe(self, prompts: list, max_new_tokens: int | None = None, seed: int = 0) -> dict:
-        """What the reward-hacking watch (components/ppo/watch.py) reads: one response per prompt, sampled from
+        """What the reward-hacking watch (components/training/watch.py) reads: one response per prompt, sampled from
         the policy at the training temperature with a fixed seed (the same random stream at every check), the
         global RNG restored afterwards so that probing does not change the run. Returns, for B prompts:
         {"prompts": [B] text, "responses": [B] text, "token_ids": [B] lists of response ids (up to EOS),
         "has_eos": [B] bool, "score": [B] float (raw reward model), "kl": [B] float (sum over the response of
         log pi - log ref, the trainer's KL estimate), "features": tensor [B, 2H] (pooled base features, what the
         fast reward tier reads)}."""
-        from ..reward.features import pool_features
+        from ...reward.features import pool_features
         cfg = self.config
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -796,8 +550,8 @@ class PPOTrainer:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         ids = [resp[i, : int(rmask[i].sum())].tolist() for i in range(len(prompts))]
-        return {"prompts": [p if isinstance(p, str) else _decode(self.lm.tokenizer, p) for p in prompts],
-                "responses": [_decode(self.lm.tokenizer, x) for x in ids], "token_ids": ids,
+        return {"prompts": [p if isinstance(p, str) else decode(self.lm.tokenizer, p) for p in prompts],
+                "responses": [decode(self.lm.tokenizer, x) for x in ids], "token_ids": ids,
                 "has_eos": [bool(x) for x in has_eos], "score": [float(x) for x in raw],
                 "kl": [float(x) for x in ((logp - ref_logp) * rmask).sum(1)], "features": feats.cpu()}
 
@@ -805,49 +559,41 @@ class PPOTrainer:
     # Checkpoints and export
     # ------------------------------------------------------------------------------------------------------
 
-    def _adapter_state(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-        sd = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
-        return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-
-    def _adapter_config_dict(self) -> dict:
-        pc = self.model.peft_config[self.adapter_name]
-        d = pc.to_dict()
-        d["inference_mode"] = True
-        return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-
     def adapter_bytes(self) -> bytes:
         """The policy adapter's weights as safetensors bytes (peft key format, as adapter_model.safetensors);
         the adapter config is in the metadata under "adapter_config"."""
         from safetensors.torch import save
-        return save(self._adapter_state(), metadata={"format": "pt",
-                                                     "adapter_config": json.dumps(self._adapter_config_dict())})
+        config = adapter_config_dict(self.model, self.adapter_name)
+        return save(adapter_state(self.model, self.adapter_name),
+                    metadata={"format": "pt", "adapter_config": json.dumps(config)})
+
+    def _algorithm_state(self) -> dict:
+        """What the algorithm adds to a checkpoint's metadata (plain JSON values; subclasses)."""
+        return {}
+
+    def _load_algorithm_state(self, meta: dict) -> None:
+        """Restore `_algorithm_state` from a checkpoint's metadata (subclasses)."""
 
     def state_bytes(self) -> bytes:
         """A complete checkpoint in one safetensors blob: adapter, value head, optimizer state, RNG states,
-        prompt order; JSON metadata holds the config, step, KL controller and optimizer hyper-parameters.
-        Loading never unpickles anything."""
+        prompt order; JSON metadata holds the config, step, the algorithm's state (PPO: its KL controller) and
+        optimizer hyper-parameters. Loading never unpickles anything. The format is STATE_FORMAT's, which runs
+        stored by earlier versions hold (tests/test_stored_runs.py)."""
         from safetensors.torch import save
-        t: dict[str, torch.Tensor] = {}
-        for k, v in self._adapter_state().items():
-            t["adapter." + k] = v
+        t = {"adapter." + k: v for k, v in adapter_state(self.model, self.adapter_name).items()}
         t["value_head.weight"] = self.value_head.weight.detach().cpu().clone()
         t["value_head.bias"] = self.value_head.bias.detach().cpu().clone()
-        osd = self.optimizer.state_dict()
-        for i, st in osd["state"].items():
-            for k, v in st.items():
-                t[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        optim, groups = optimizer_tensors(self.optimizer)
+        t.update(optim)
         t["rng.torch"] = torch.get_rng_state().clone()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 t[f"rng.cuda.{i}"] = s.clone()
         t["rng.trainer"] = self._gen.get_state().clone()
-        t["prompts.perm"] = self._perm.clone()
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
         meta = {"format": STATE_FORMAT, "config": self.config.to_dict(), "step": self.step_count,
-                "prompt_pos": self._pos, "n_prompts": len(self.prompts), "kl_ctl": self.kl_ctl.state_dict(),
-                "optim_groups": groups, "n_params": len(self._params), "adapter_name": self.adapter_name,
-                "value_head_source": self.value_head_source}
+                **self._algorithm_state(), "optim_groups": groups, "n_params": len(self._params),
+                "adapter_name": self.adapter_name, "value_head_source": self.value_head_source}
+        self.order.save(t, meta)
         return save(t, metadata={"format": "pt", "ppo_state": json.dumps(meta)})
 
     def load_state_bytes(self, blob: bytes) -> dict:
@@ -860,11 +606,7 @@ class PPOTrainer:
         meta = json.loads(meta_all["ppo_state"])
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported PPO checkpoint format {meta.get('format')!r}")
-        stored = PPOConfig.from_dict(meta["config"])
-        for k in ("lora_r", "lora_alpha", "target_modules"):
-            if getattr(stored, k) != getattr(self.config, k):
-                raise ValueError(f"checkpoint has {k}={getattr(stored, k)!r}, trainer has "
-                                 f"{getattr(self.config, k)!r}")
+        check_lora_shape(PPOConfig.from_dict(meta["config"]).to_dict(), self.config)
         if meta["n_params"] != len(self._params):
             raise ValueError("checkpoint does not match this trainer's parameters")
         t = load(blob)
@@ -877,22 +619,10 @@ class PPOTrainer:
             with torch.no_grad():
                 self.value_head.weight.copy_(t["value_head.weight"])
                 self.value_head.bias.copy_(t["value_head.bias"])
-            state: dict[int, dict] = {}
-            for k, v in t.items():
-                if k.startswith("optim."):
-                    _, i, name = k.split(".", 2)
-                    state.setdefault(int(i), {})[name] = v
-            osd = self.optimizer.state_dict()
-            groups = []
-            for g, saved in zip(osd["param_groups"], meta["optim_groups"]):
-                # hyper-parameters from the checkpoint; the implementation (fused on CUDA) is this device's
-                groups.append({**saved, "params": g["params"], **{k: g[k] for k in ("fused", "foreach") if k in g}})
-            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-            self.kl_ctl.load_state_dict(meta["kl_ctl"])
+            load_optimizer(self.optimizer, t, meta["optim_groups"])
+            self._load_algorithm_state(meta)
             self.step_count = int(meta["step"])
-            if meta.get("n_prompts") == len(self.prompts):
-                self._perm = t["prompts.perm"].clone()
-                self._pos = int(meta["prompt_pos"])
+            self.order.load(t, meta)
             self._gen.set_state(t["rng.trainer"].clone())
             torch.set_rng_state(t["rng.torch"].clone())
             if torch.cuda.is_available():
@@ -903,122 +633,18 @@ class PPOTrainer:
         return meta
 
     def save_adapter(self, path: str | os.PathLike, merged: bool = False) -> Path:
-        """Write the policy as a folder.
-
-        merged=False: adapter_config.json + adapter_model.safetensors (+ value_head.safetensors), loadable with
-        `peft.PeftModel.from_pretrained(base_model, path)`.
-        merged=True: a full model folder (base weights + LoRA delta, config, tokenizer) loadable with
-        `AutoModelForCausalLM.from_pretrained(path)`; not for 4/8-bit bases.
-        """
+        """Write the policy as a folder (engine/adapter.py's `save_adapter_folder`); unmerged, with the value
+        head beside it (value_head.safetensors)."""
         from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         with self.lm.lock:
+            path = save_adapter_folder(self.lm, self.model, self.adapter_name, path, merged)
             if not merged:
-                save_file(self._adapter_state(), str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-                cfg = self._adapter_config_dict()
-                cfg["base_model_name_or_path"] = getattr(self.lm, "source_path", "") or cfg.get(
-                    "base_model_name_or_path")
-                (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
                 save_file({"weight": self.value_head.weight.detach().cpu().contiguous(),
                            "bias": self.value_head.bias.detach().cpu().contiguous()},
                           str(path / "value_head.safetensors"))
-            else:
-                _save_merged(self.model, self.adapter_name, path, getattr(self.lm, "quantization", None))
-                try:
-                    self.lm.tokenizer.save_pretrained(str(path))
-                except Exception:
-                    pass
         return path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------
-
-def _decode(tok, ids) -> str:
-    try:
-        return tok.decode(ids, skip_special_tokens=True)
-    except Exception:
-        return " ".join(map(str, ids))
-
-
-def safetensors_metadata(blob: bytes) -> dict:
-    """The __metadata__ of a safetensors blob (header = 8-byte little-endian length + JSON)."""
-    if len(blob) < 8:
-        raise ValueError("not a safetensors blob")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8 or n > 100 * 1024 * 1024:
-        raise ValueError("not a safetensors blob")
-    header = json.loads(blob[8:8 + n])
-    return header.get("__metadata__", {}) or {}
-
-
-@torch.no_grad()
-def _save_merged(model, adapter_name: str, path: Path, quantization) -> None:
-    """Base weights + this adapter's LoRA delta, saved as a plain transformers model folder."""
-    if quantization:
-        raise ValueError("merged export needs an unquantized base (load it in bf16/fp32)")
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-    lm = causal_lm_of(model)
-    sd: dict[str, torch.Tensor] = {}
-    lora_modules = {n: m for n, m in lm.named_modules() if isinstance(m, LoraLayer)}
-    for name, m in lora_modules.items():
-        base = m.get_base_layer()
-        w = base.weight.detach()
-        if adapter_name in m.lora_A:
-            w = (w.float() + m.get_delta_weight(adapter_name).float()).to(w.dtype)
-        sd[f"{name}.weight"] = w
-        if getattr(base, "bias", None) is not None:
-            sd[f"{name}.bias"] = base.bias.detach()
-    for n, p in lm.state_dict().items():          # persistent tensors only (no rotary caches)
-        if "lora_" in n or ".base_layer." in n:
-            continue
-        sd.setdefault(n, p.detach())
-    with torch.device("meta"):
-        clean = AutoModelForCausalLM.from_config(lm.config, dtype=next(lm.parameters()).dtype)
-    missing, unexpected = clean.load_state_dict(sd, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(lm.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"merged export: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if tied:
-        clean.tie_weights()
-    clean.generation_config = lm.generation_config
-    clean.save_pretrained(str(path))
-
-
-def generate_with_adapter(lm, prompts: list, adapter_name: str | None = "policy", max_new_tokens: int = 64,
-                          temperature: float = 0.7, top_p: float = 1.0, greedy: bool = False,
-                          max_prompt_tokens: int = 1024) -> list[str]:
-    """Generate one response per prompt with adapter `adapter_name` of `lm.model` (None: the base model with
-    all adapters disabled). The previously active adapter is restored afterwards."""
-    from peft import PeftModel
-    model = lm.model
-    with lm.lock, torch.no_grad():
-        seqs = encode_prompts(lm, prompts, max_prompt_tokens)
-        q, qm = left_pad(seqs, lm.pad_token_id, lm.device)
-        if isinstance(model, PeftModel):
-            prev = list(model.active_adapters)
-            if adapter_name is None:
-                ctx = model.disable_adapter()
-            else:
-                if adapter_name not in model.peft_config:
-                    raise ValueError(f"no adapter named {adapter_name!r} on this model")
-                model.set_adapter(adapter_name)
-                ctx = nullcontext()
-            try:
-                with ctx:
-                    resp = sample(model, q, qm, max_new_tokens, temperature, top_p, lm.eos_token_id,
-                                  lm.pad_token_id, greedy=greedy)
-            finally:
-                if adapter_name is not None and prev and prev != [adapter_name]:
-                    model.set_adapter(prev[0] if len(prev) == 1 else prev)
-        else:
-            if adapter_name is not None:
-                raise ValueError("this model has no adapters")
-            resp = sample(model, q, qm, max_new_tokens, temperature, top_p, lm.eos_token_id, lm.pad_token_id,
-                          greedy=greedy)
-        rmask, _ = mask_after_eos(resp, lm.eos_token_id)
-    return [_decode(lm.tokenizer, resp[i, : int(rmask[i].sum())].tolist()) for i in range(len(prompts))]
+def non_finite_norm(gn: float, algorithm: str):
+    raise FloatingPointError(f"{algorithm.upper()} gradient norm is {gn}: the update was not applied (the adapter "
+                             "keeps its last finite weights); lower lr or check the reward")

@@ -1,9 +1,9 @@
-"""What RLOO and GRPO share: k completions of each prompt sampled and scored by PPO's engine, no value head.
+"""What RLOO and GRPO share: k completions of each prompt sampled and scored by the online engine, no value head.
 
-The engine (components/ppo/trainer.py: `PPOTrainer.collect` samples with the fast sampler, runs the policy and
-reference passes and scores with the reward model; `_optimise` runs epochs x shuffled mini-batches x micro-batches
-with compiled / fused / packed passes and the gradient clip) is reused as is. An online algorithm only says how a
-group's rewards become advantages and what loss a micro-batch minimises:
+The engine (components/training/engine/online.py: `collect` samples with the fast sampler, runs the policy and
+reference passes and scores with the reward model; `_optimise` runs epochs x shuffled mini-batches x
+micro-batches with compiled / fused / packed passes and the gradient clip) is reused as is. A group algorithm
+only says how a group's rewards become advantages and what loss a micro-batch minimises:
 
     prompts  [P] -> each repeated k times, contiguous: rows g*k .. g*k+k-1 are prompt g's group
     scores   [P*k]  reward model at the last token, minus `missing_eos_penalty` without EOS
@@ -14,59 +14,35 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..ppo.config import PPOConfig
-from ..ppo.rollout import forward_response
-from ..ppo.trainer import PPOTrainer
-from .config import TrainConfig, need
+from .config import OnlineConfig, need
+from .engine.online import OnlineEngine
+from .engine.rollout import forward_response
+from .ppo_config import PPOConfig
 
 
 @dataclass
-class OnlineConfig(TrainConfig):
-    # ---- batch shape --------------------------------------------------------------------------------------
+class GroupConfig(OnlineConfig):
+    # ---- batch shape (mini_batch_size, grad_accum: OnlineConfig) --------------------------------------------
     prompts_per_step: int = 4
     """Prompts sampled per step."""
     k: int = 4
     """Completions sampled per prompt (the group); at least 2, the baseline comes from the others."""
     mini_batch_size: int = 16
     """Completions per optimiser step; prompts_per_step * k must be a multiple of it."""
-    grad_accum: int = 1
-    """Micro-batches per mini-batch (memory knob, same math); mini_batch_size must be a multiple of it."""
     epochs: int = 1
     """Passes over each step's completions; with more than one the ratio to the sampling policy is clipped."""
 
-    # ---- sampling -----------------------------------------------------------------------------------------
-    max_new_tokens: int = 48
-    """Response length limit; responses that reach it without EOS get `missing_eos_penalty`."""
+    # ---- sampling and reward (the others: OnlineConfig) ---------------------------------------------------
     temperature: float = 0.9
     """Sampling temperature (k samples of a prompt must differ for the group to teach anything)."""
-    top_p: float = 1.0
-    """Nucleus sampling; 1.0 = off."""
-
-    # ---- reward and KL ------------------------------------------------------------------------------------
-    kl_coef: float = 0.05
-    """beta: weight of the KL to the reference (where it enters is the algorithm's: see its module)."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of responses that end without EOS."""
-    score_clip: float = 0.0
-    """Clip reward-model scores to [-score_clip, score_clip]; 0 = off."""
-    cliprange: float = 0.2
-    """Clip epsilon of the ratio to the sampling policy (matters only from the second epoch or mini-batch on)."""
 
-    # ---- engine -------------------------------------------------------------------------------------------
-    compile: str = "off"
-    """torch.compile the training passes' decoder layers: "on", "off" or "auto" (PPOConfig.compile)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, slower)."""
-    n_display_samples: int = 4
-    """(prompt, response, reward) triples in each step's metrics, for display."""
-
-    UPPER_BOUNDS = {**TrainConfig.UPPER_BOUNDS, "prompts_per_step": 4096, "k": 256, "mini_batch_size": 4096,
-                    "grad_accum": 4096, "epochs": 100, "max_new_tokens": 8192, "temperature": 10.0,
-                    "kl_coef": 100.0, "missing_eos_penalty": 1e4, "score_clip": 1e6, "cliprange": 10.0,
-                    "n_display_samples": 4096}
+    UPPER_BOUNDS: ClassVar[dict] = {**OnlineConfig.UPPER_BOUNDS, "prompts_per_step": 4096, "k": 256, "epochs": 100}
 
     def check(self) -> None:
         n = self.prompts_per_step * self.k
@@ -74,17 +50,8 @@ class OnlineConfig(TrainConfig):
         need(self.k >= 2, "k must be >= 2: each completion's baseline comes from the other completions of its prompt")
         need(self.mini_batch_size >= 1 and n % self.mini_batch_size == 0,
              f"prompts_per_step * k ({n}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
-        need(self.grad_accum >= 1 and self.mini_batch_size % self.grad_accum == 0,
-             f"mini_batch_size ({self.mini_batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        need(self.epochs >= 1 and self.max_new_tokens >= 1, "epochs and max_new_tokens must be >= 1")
-        need(self.temperature > 0 and 0 < self.top_p <= 1, "temperature must be > 0 and top_p in (0, 1]")
-        need(self.kl_coef >= 0 and self.missing_eos_penalty >= 0 and self.score_clip >= 0,
-             "kl_coef, missing_eos_penalty and score_clip must be >= 0")
-        need(self.cliprange > 0, "cliprange must be > 0")
-        need(self.compile in ("auto", "on", "off"), "compile must be auto, on or off")
-        need(not (self.compile == "on" and self.gradient_checkpointing),
-             "compile and gradient_checkpointing cannot be combined; turn one off")
-        need(self.n_display_samples >= 0, "n_display_samples must be >= 0")
+        need(self.epochs >= 1, "epochs must be >= 1")
+        super().check()
 
     def engine_config(self) -> PPOConfig:
         return PPOConfig(steps=self.steps, batch_size=self.prompts_per_step * self.k,
@@ -104,13 +71,12 @@ def groups_of(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.view(-1, k)
 
 
-class OnlineTrainer(PPOTrainer):
-    """PPO's engine with the value head left out of the update; subclasses give `advantages` and `loss`."""
+class GroupTrainer(OnlineEngine):
+    """The online engine with the value head left out of the update; subclasses give `advantages` and `loss`."""
 
-    algorithm = ""
     LOSS_STATS = ("policy_loss", "clip_frac", "kl_term")
 
-    def __init__(self, lm, reward_fn, config: OnlineConfig, prompts: list):
+    def __init__(self, lm, reward_fn, config: GroupConfig, prompts: list):
         config.validate()
         self.algo_config = config
         super().__init__(lm, reward_fn, config.engine_config(), prompts)
@@ -132,17 +98,11 @@ class OnlineTrainer(PPOTrainer):
     # ---- the engine's hooks -------------------------------------------------------------------------------------
     def _next_prompts(self) -> list:
         """The next prompts_per_step prompts of a shuffled pass, each repeated k times (groups contiguous)."""
-        out = []
-        for _ in range(self.algo_config.prompts_per_step):
-            if self._pos >= len(self._perm):
-                self._perm = torch.randperm(len(self.prompts), generator=self._gen)
-                self._pos = 0
-            out += [self.prompts[int(self._perm[self._pos])]] * self.algo_config.k
-            self._pos += 1
-        return out
+        k = self.algo_config.k
+        return [p for i in self.order.take(self.algo_config.prompts_per_step) for p in [self.prompts[i]] * k]
 
     def _micro_step(self, ro, idx, cols, advantages, ref_logp, mask, sums, prompt_lengths=None) -> None:
-        """The engine's micro-batch (see PPOTrainer._micro_step); here its `returns` slot carries the reference
+        """The engine's micro-batch (as PPOTrainer._micro_step); here its `returns` slot carries the reference
         log-probs and `advantages` is [B, R] with each row's advantage in every column."""
         first, R = cols
         fo = forward_response(self.model, ro.query_ids[idx, first:], ro.query_mask[idx, first:],
@@ -159,20 +119,15 @@ class OnlineTrainer(PPOTrainer):
     def step(self) -> dict:
         cfg = self.config
         with self.lm.lock:
-            self._activate_policy()
-            self.model.eval()
-            prompts = self._next_prompts()
             # ---- 1. sample k completions a prompt, policy and reference passes, scores (the engine) -------------
-            ro, ref_logp, raw_scores, scores, (t_start, t_gen, t_pol, t_ref) = self.collect(prompts)
+            ro, ref_logp, raw_scores, scores, (t_start, t_gen, t_pol, t_ref) = self.collect_next()
             mask = ro.response_mask.float()
             seq_kl = ((ro.old_logp - ref_logp) * mask).sum(1)
             # ---- 2. advantages from each group's rewards (the algorithm) ---------------------------------------
             adv, adv_metrics = self.advantages(scores, seq_kl)
             t_score = time.perf_counter()
             # ---- 3. optimise: epochs x shuffled mini-batches x micro-batches (the engine, the algorithm's loss) -
-            lr = self._current_lr()
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
+            lr = self._set_lr()
             stats = self._optimise(ro, adv[:, None].expand_as(mask).contiguous(), ref_logp, mask)
             t_train = time.perf_counter()
             self.step_count += 1
