@@ -324,18 +324,8 @@ class FastRewardModel:
         D = (Xc.double() - Xr.double()) / std_t                  # the mean cancels in the difference
         mt = torch.from_numpy(m)
         scale = float((D * D).sum(1).mean()) or 1.0
-        cv = None
-        w0 = None
         with _one_thread():
-            if l2 is None:
-                if n >= MIN_CV_PAIRS:
-                    c, cv, w0 = self._cross_validate(D, mt, scale, seed)
-                else:
-                    c = DEFAULT_C
-                l2 = c * scale
-            l2 = float(l2)
-            if not l2 > 0:
-                raise ValueError("l2 must be positive")
+            l2, cv, w0 = _regularisation(l2, n, scale, lambda: self._cross_validate(D, mt, scale, seed))
             if n <= DUAL_MAX_FRACTION * F:
                 K = D @ D.T
                 alpha = _dual_fit(K, mt, l2)
@@ -453,20 +443,13 @@ class FastRewardModel:
             d = Z[cu[s0:s0 + 4096]] - Z[ru[s0:s0 + 4096]]
             sq[s0:s0 + 4096] = (d * d).sum(1)
         scale = float((cnt * sq).sum() / n) or 1.0
-        cv = None
-        w0 = None
-        if l2 is None:
-            if n >= MIN_CV_PAIRS:
-                idx = self._cv_subset(n, seed)
-                Ds = Z[torch.from_numpy(ci[idx])] - Z[torch.from_numpy(ri[idx])]
-                with _one_thread():
-                    c, cv, w0 = self._cross_validate_rows(Ds, torch.from_numpy(m[idx]), scale)
-            else:
-                c = DEFAULT_C
-            l2 = c * scale
-        l2 = float(l2)
-        if not l2 > 0:
-            raise ValueError("l2 must be positive")
+        def cross_validate():
+            idx = self._cv_subset(n, seed)
+            Ds = Z[torch.from_numpy(ci[idx])] - Z[torch.from_numpy(ri[idx])]
+            with _one_thread():
+                return self._cross_validate_rows(Ds, torch.from_numpy(m[idx]), scale)
+
+        l2, cv, w0 = _regularisation(l2, n, scale, cross_validate)
         if warm_start is not None and warm_start.weight is not None and warm_start.weight.shape == (F,):
             # r = ((x - mean') / std') @ w' + b': the same function on this standardisation has w = w' * std / std'
             w0 = torch.from_numpy(warm_start.weight * (std_t.numpy() / warm_start.std))
@@ -611,3 +594,19 @@ class FastRewardModel:
         self.n_pairs, self.cv = int(info.get("n_pairs", 0)), info.get("cv")
         self.fit_seconds = float(info.get("fit_seconds", 0.0))
         return self
+
+
+def _regularisation(l2, n: int, scale: float, cross_validate) -> tuple[float, dict | None, torch.Tensor | None]:
+    """(l2, cross-validation report, its warm start): `l2` as given, else chosen by `cross_validate()` where there
+    are enough pairs (DEFAULT_C below that), on the design's scale."""
+    cv = w0 = None
+    if l2 is None:
+        if n >= MIN_CV_PAIRS:
+            c, cv, w0 = cross_validate()
+        else:
+            c = DEFAULT_C
+        l2 = c * scale
+    l2 = float(l2)
+    if not l2 > 0:
+        raise ValueError("l2 must be positive")
+    return l2, cv, w0
