@@ -263,6 +263,20 @@ def labels_to_reach(name: str, a, lm, seed: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------ threads on a shared machine
+def thread_probe(lm) -> None:
+    """Wall and CPU time of one Studio-style sampling call (6 completions x 24 tokens) at this process's torch
+    thread count: on a machine whose cores are oversubscribed, two OpenMP threads wait for each other at every
+    barrier, so the count that is faster alone can be far slower there."""
+    from components.generation import SamplingParams, generate
+    generate(lm, "Say hi.", SamplingParams(n=1, max_new_tokens=4, seed=0))       # warm-up
+    for _ in range(2):
+        w, c = time.perf_counter(), time.process_time()
+        generate(lm, "How can I sleep better?", SamplingParams(n=6, max_new_tokens=24, temperature=0.8, seed=1))
+        print(f"threads {__import__('torch').get_num_threads()}: wall {time.perf_counter() - w:.1f} s, "
+              f"CPU {time.process_time() - c:.1f} s, load {load():.1f}", flush=True)
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +299,7 @@ def parse_args(argv=None):
     ap.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE",
                     help="settings of the algorithm's config beside its defaults, e.g. lr=5e-4 kl_coef=0.05")
     ap.add_argument("--json", help="append each result as one JSON line to this file")
+    ap.add_argument("--thread-probe", action="store_true", help="only time one sampling call at this thread count")
     ap.add_argument("--target", type=float, default=0.8, help="held-out reward-model accuracy (--active)")
     ap.add_argument("--max-labels", type=int, default=120)
     ap.add_argument("--every", type=int, default=10, help="labels between held-out accuracy checks (--active)")
@@ -309,6 +324,8 @@ def main(argv=None) -> None:
     from components.models import load_model
     lm = load_model("embedded")
     print(f"threads {__import__('torch').get_num_threads()}; settings {vars(a)}", flush=True)
+    if a.thread_probe:
+        return thread_probe(lm)
     for name in a.prefs:
         for seed in a.seeds:
             a.seed = seed
