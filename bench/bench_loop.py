@@ -11,11 +11,17 @@ suggested pairs and randomly chosen pairs need to reach a held-out reward-model 
     PYTHONPATH=$PWD python bench/bench_loop.py                          # every preference, full size
     PYTHONPATH=$PWD python bench/bench_loop.py --quick --prefs exclaim  # one preference, small and short
     PYTHONPATH=$PWD python bench/bench_loop.py --active --seeds 0 1 2   # suggested vs random pairs only
+    PYTHONPATH=$PWD python bench/bench_loop.py --algorithm rloo --ppo lr=1e-3 k=4   # RLOO/GRPO through s.train
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD python bench/bench_loop.py --thread-probe    # one vs two threads here
+
+The table in docs/LEARNING.md gives the exact command of each figure.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import re
 import tempfile
@@ -134,11 +140,15 @@ def pick_pair(s, by_prompt, rng, choice: str):
 
 def heldout_rm_accuracy(s, rule, pool) -> float:
     """Share of held-out pairs with a strict rule preference that the current reward model orders the same way."""
+    from studio import StudioError
     right = total = 0
     scores = {}
     for p, texts in pool:
         for t in texts:
-            scores[(p, t)] = s.score_text(p, t)[0]
+            try:
+                scores[(p, t)] = s.score_text(p, t)[0]
+            except StudioError:         # no reward model yet (too few untied pairs): it orders nothing
+                return float("nan")
         for i in range(len(texts)):
             for j in range(i + 1, len(texts)):
                 w = judge(rule, texts[i], texts[j])
@@ -151,10 +161,36 @@ def heldout_rm_accuracy(s, rule, pool) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ one preference
+def train_policy(s, a, prompts, version):
+    """PPO (s.train_ppo, the reward-hacking watch on unless --no-watch) or RLOO/GRPO (s.train) on the training
+    prompts against the fitted fast-tier version. A run the watch paused is judged as it stands (its adapter
+    is the policy of the pause) and the table says so."""
+    common = dict(wait=True, prompts=prompts, reward_tier="fast", reward_version=version,
+                  max_new_tokens=a.max_new_tokens, seed=a.seed, **a.ppo)
+    if a.algorithm == "ppo":
+        run = s.train_ppo(steps=a.steps, watch=None if a.watch else False, **common)
+    else:
+        run = s.train(algorithm=a.algorithm, steps=a.steps, **common)
+    if run.status not in ("completed", "paused") or run.adapter_id is None:
+        raise RuntimeError(f"{a.algorithm} run {run.run_id} ended {run.status}: {run.error or run.notes}")
+    return run
+
+
+def cpu_minutes() -> float:
+    """CPU time of this process and of its finished children (the training job is a child process)."""
+    t = os.times()
+    return (t.user + t.system + t.children_user + t.children_system) / 60
+
+
+def load() -> float:
+    """The machine's 1-minute load average (the machine is shared: wall times depend on it)."""
+    return os.getloadavg()[0]
+
+
 def run_preference(name: str, a, lm) -> dict:
     from studio import Studio
     rule = PREFERENCES[name]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_minutes()
     with tempfile.TemporaryDirectory() as tmp:
         s = Studio(str(Path(tmp) / "loop.duckdb"), model=lm)
         s.reward.settings.deep_every = 0        # the fast tier only: the deep tier trains on demand
@@ -165,11 +201,9 @@ def run_preference(name: str, a, lm) -> dict:
                 raise SystemExit(f"{name}: the rule gave every training completion the same value; nothing to learn "
                                  "(more prompts or longer answers)")
             version = s.train_reward_model(tier="fast")
-            settings = dict(a.ppo)
-            run = s.train_ppo(steps=a.steps, wait=True, prompts=train, reward_tier="fast", reward_version=version,
-                              max_new_tokens=a.max_new_tokens, seed=a.seed, **settings)
-            if run.status != "completed":
-                raise RuntimeError(f"PPO run {run.run_id} ended {run.status}: {run.error or run.notes}")
+            t1 = time.perf_counter()
+            run = train_policy(s, a, train, version)
+            t2 = time.perf_counter()
             m = run.metrics()
             held = HELDOUT_PROMPTS[:a.heldout]
             wins, cut_wins, lens, pool = [], [], ([], []), []
@@ -189,7 +223,9 @@ def run_preference(name: str, a, lm) -> dict:
                     "words_policy": sum(lens[0]) / len(lens[0]), "words_base": sum(lens[1]) / len(lens[1]),
                     "rm_heldout_acc": heldout_rm_accuracy(s, rule, pool),
                     "rule_base": sum(rule(t) for _, ts in pool for t in ts) / sum(len(ts) for _, ts in pool),
-                    "minutes": (time.perf_counter() - t0) / 60}
+                    "minutes": (time.perf_counter() - t0) / 60, "cpu_minutes": cpu_minutes() - c0,
+                    "status": run.status, "load": load(), "train_minutes": (t2 - t1) / 60,
+                    "label_minutes": (t1 - t0) / 60}
         finally:
             s.close()
 
@@ -227,12 +263,26 @@ def labels_to_reach(name: str, a, lm, seed: int) -> dict:
                     s.compare(pair[0], pair[1], winner={1.0: "a", 0.0: "b", 0.5: "tie"}[w])
                     if n % a.every == 0:
                         acc = heldout_rm_accuracy(s, rule, pool)
-                        curve.append((n, round(acc, 3)))
+                        curve.append((n, round(acc, 3)))       # nan: no reward model yet
                         if acc >= a.target:
                             out[choice] = n
                             break
                 out[choice + "_curve"] = curve
     return out
+
+
+# ------------------------------------------------------------------------------ threads on a shared machine
+def thread_probe(lm) -> None:
+    """Wall and CPU time of one Studio-style sampling call (6 completions x 24 tokens) at this process's torch
+    thread count: on a machine whose cores are oversubscribed, two OpenMP threads wait for each other at every
+    barrier, so the count that is faster alone can be far slower there."""
+    from components.generation import SamplingParams, generate
+    generate(lm, "Say hi.", SamplingParams(n=1, max_new_tokens=4, seed=0))       # warm-up
+    for _ in range(2):
+        w, c = time.perf_counter(), time.process_time()
+        generate(lm, "How can I sleep better?", SamplingParams(n=6, max_new_tokens=24, temperature=0.8, seed=1))
+        print(f"threads {__import__('torch').get_num_threads()}: wall {time.perf_counter() - w:.1f} s, "
+              f"CPU {time.process_time() - c:.1f} s, load {load():.1f}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -252,8 +302,12 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=30, help="PPO steps")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--algorithm", default="ppo", choices=["ppo", "rloo", "grpo"])
+    ap.add_argument("--no-watch", dest="watch", action="store_false", help="PPO without the reward-hacking watch")
     ap.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="PPO settings beside the Train tab's defaults, e.g. lr=5e-4 kl_coef=0.05")
+                    help="settings of the algorithm's config beside its defaults, e.g. lr=5e-4 kl_coef=0.05")
+    ap.add_argument("--json", help="append each result as one JSON line to this file")
+    ap.add_argument("--thread-probe", action="store_true", help="only time one sampling call at this thread count")
     ap.add_argument("--target", type=float, default=0.8, help="held-out reward-model accuracy (--active)")
     ap.add_argument("--max-labels", type=int, default=120)
     ap.add_argument("--every", type=int, default=10, help="labels between held-out accuracy checks (--active)")
@@ -278,6 +332,8 @@ def main(argv=None) -> None:
     from components.models import load_model
     lm = load_model("embedded")
     print(f"threads {__import__('torch').get_num_threads()}; settings {vars(a)}", flush=True)
+    if a.thread_probe:
+        return thread_probe(lm)
     for name in a.prefs:
         for seed in a.seeds:
             a.seed = seed
@@ -286,11 +342,17 @@ def main(argv=None) -> None:
                       flush=True)
                 continue
             r = run_preference(name, a, lm)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps({**r, "seed": seed, "settings": {k: v for k, v in vars(a).items()}},
+                                       default=str) + "\n")
             w, c = r["win"], r["win_same_length"]
             print(f"{name} seed {seed}: {r['labels']} labels, win {w[0]:.2f} [{w[1]:.2f}, {w[2]:.2f}], same length "
                   f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}], KL {r['kl']:.1f}, words {r['words_policy']:.0f} vs "
                   f"{r['words_base']:.0f}, RM held-out acc {r['rm_heldout_acc']:.2f}, base rule mean "
-                  f"{r['rule_base']:.2f}, score gain {r['reward_gain']:.2f}, {r['minutes']:.1f} min", flush=True)
+                  f"{r['rule_base']:.2f}, score gain {r['reward_gain']:.2f}, {r['minutes']:.1f} min ({r['cpu_minutes']:.1f} "
+                  f"CPU min, load {r['load']:.1f}; labels+fit {r['label_minutes']:.1f}, training "
+                  f"{r['train_minutes']:.1f} min), run {r['status']}", flush=True)
 
 
 if __name__ == "__main__":
