@@ -13,9 +13,10 @@ from .common import bind
 from .train_actions import (SAMPLE_COLUMNS, SETTING_LABELS, display_tables, empty_samples, pin_of,  # noqa: F401
                             ppo_settings, reward_choice_md)
 
-# the PPO settings fields: (default, whole number?, elem_id), labelled by SETTING_LABELS
+# the PPO settings fields: (default, whole number?, elem_id), labelled by SETTING_LABELS; learning rate and epochs
+# from the loop benchmark (docs/LEARNING.md, "Defaults that work")
 SETTING_FIELDS = [(20, True, "ppo-steps"), (8, True, "ppo-batch"), (32, True, "ppo-new-tokens"),
-                  (4, True, "ppo-epochs"), (1e-4, False, "ppo-lr"), (0.05, False, "ppo-kl"),
+                  (2, True, "ppo-epochs"), (1e-3, False, "ppo-lr"), (0.05, False, "ppo-kl"),
                   (16, True, "ppo-lora-r"), (5, True, "ppo-ckpt"), (0, True, "ppo-seed")]
 
 
