@@ -152,7 +152,7 @@ def heldout_rm_accuracy(s, rule, pool) -> float:
 
 # ------------------------------------------------------------------------------------------------ one preference
 def run_preference(name: str, a, lm) -> dict:
-    from studio import Studio
+    from rlhf_studio import Studio
     rule = PREFERENCES[name]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +197,7 @@ def run_preference(name: str, a, lm) -> dict:
 # ------------------------------------------------------------------------------ suggested vs random label choice
 def labels_to_reach(name: str, a, lm, seed: int) -> dict:
     """Pairwise labels (by the rule) each choice needs until the held-out reward-model accuracy reaches a.target."""
-    from studio import Studio
+    from rlhf_studio import Studio
     rule = PREFERENCES[name]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +275,7 @@ def _number(v: str):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     lm = load_model("embedded")
     print(f"threads {__import__('torch').get_num_threads()}; settings {vars(a)}", flush=True)
     for name in a.prefs:

@@ -1,7 +1,7 @@
 """s.train(algorithm=...) from the Studio: the same job process, run handle, lineage and adapters as PPO."""
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
