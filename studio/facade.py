@@ -321,7 +321,8 @@ class Studio:
         """Train the policy's LoRA adapter with "ppo" | "rloo" | "grpo" (online, against the reward model) or
         "dpo" | "kto" (offline, on the compiled labels; `criterion=` picks which). Settings are the fields of
         the algorithm's config (components.training.config_class(algorithm)); returns the run handle that
-        train_ppo returns. Resume any run with resume_ppo(run_id)."""
+        train_ppo returns. Resume any run with resume_ppo(run_id). The reward-hacking watch guards the online
+        ones as it guards PPO (`watch=`: None/True for its defaults, False for off, or a dict of its settings)."""
         return self.jobs.start_training(algorithm, steps=steps, wait=wait, **settings)
 
     def runs(self):

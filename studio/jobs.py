@@ -277,7 +277,7 @@ class JobManager:
                   reward_tier: str | None = None, reward_version: int | None = None, watch=None,
                   **config) -> RunHandle:
         from rlhf_studio.components.training.ppo_config import PPOConfig
-        from .watch import parse_config, probe_prompts
+        from .watch import parse_config
         watch_cfg = parse_config(watch)
         cfg_fields = PPOConfig.__dataclass_fields__
         unknown = sorted(set(config) - set(cfg_fields))
@@ -296,26 +296,37 @@ class JobManager:
         lineage = {"base_model": self.lm.model_id, "base_revision": self.lm.revision,
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
+        config = {**cfg.to_dict(), "prompts": prompts, **self._watch_settings(watch_cfg, prompts)}
+        return self._launch(config, lineage, note, cfg=cfg, prompts=prompts, tier=tier, version=version, wait=wait)
+
+    def _watch_settings(self, watch_cfg, prompts: list[str]) -> dict:
+        """What a run against a reward model stores for the reward-hacking watch: its settings and its probe
+        prompts (held out from `prompts`), with a note where they fell short."""
+        from .watch import probe_prompts
         library = [str(t) for t in self.store.prompts()["text"]]
         probes, probe_note = probe_prompts(library, prompts, watch_cfg.probes)
-        config = {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(), "watch_probes": probes,
-                  "watch_notes": [probe_note] if probe_note else []}
-        return self._launch(config, lineage, note, cfg=cfg, prompts=prompts, tier=tier, version=version, wait=wait)
+        return {"watch": watch_cfg.to_dict(), "watch_probes": probes, "watch_notes": [probe_note] if probe_note else []}
 
     def start_training(self, algorithm: str = "ppo", steps: int = 20, wait: bool = False,
                        prompts: list[str] | None = None, reward_tier: str | None = None,
-                       reward_version: int | None = None, criterion: str = "overall", **config) -> RunHandle:
+                       reward_version: int | None = None, criterion: str = "overall", watch=None,
+                       **config) -> RunHandle:
         """A run of any algorithm of components.training, in the same job process as PPO. Offline ones (DPO,
         KTO) train on a snapshot of the compiled labels of `criterion` (DPO: the preference pairs outside the
         held-out split; KTO: the unpaired good/bad rows); online ones (RLOO, GRPO) like PPO, on the prompts
-        against a reward-model snapshot. Stored as a run of kind 'ppo' (a policy-training run) whose config
-        names the algorithm."""
+        against a reward-model snapshot, guarded by the reward-hacking watch as PPO is (`watch`: as
+        `start_ppo`'s). Stored as a run of kind 'ppo' (a policy-training run) whose config names the algorithm."""
         from rlhf_studio.components.training import ALGORITHMS, OFFLINE
         if algorithm not in ALGORITHMS:
             raise StudioError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
         if algorithm == "ppo":
             return self.start_ppo(steps=steps, wait=wait, prompts=prompts, reward_tier=reward_tier,
-                                  reward_version=reward_version, **config)
+                                  reward_version=reward_version, watch=watch, **config)
+        from .watch import parse_config
+        if algorithm in OFFLINE and watch not in (None, False):
+            raise StudioError(f"the reward-hacking watch guards runs against a reward model (PPO, RLOO, GRPO); "
+                              f"{algorithm.upper()} learns from the labels themselves: leave watch unset")
+        watch_cfg = parse_config(watch)
         cfg = self.config_of(algorithm, steps, config)
         self.check_memory(cfg.engine_config())
         lineage = {"algorithm": algorithm, "base_model": self.lm.model_id,
@@ -332,7 +343,7 @@ class JobManager:
                 raise StudioError("no prompts to train on: add prompts to the library first")
             tier, version = self._reward_snapshot(reward_tier, reward_version)
             lineage.update(reward_tier=tier, reward_version=version, prompts=len(prompts))
-            data = {"prompts": prompts}
+            data = {"prompts": prompts, **self._watch_settings(watch_cfg, prompts)}
         return self._launch({**cfg.to_dict(), "algorithm": algorithm, **data}, lineage, note, cfg=cfg,
                             prompts=data.get("prompts"), tier=tier, version=version, wait=wait, algorithm=algorithm,
                             rows=data.get("rows"))
