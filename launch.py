@@ -1,5 +1,5 @@
 """Start RLHF Studio: `python launch.py --db feedback.duckdb [--model embedded] [--share] ...`."""
-from studio.cli import run
+from rlhf_studio.studio.cli import run
 
 if __name__ == "__main__":
     run()

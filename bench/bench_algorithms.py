@@ -58,7 +58,7 @@ class ShorterIsBetter:
 
 
 def load():
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return load_model("embedded", dtype="fp32")
 
 
@@ -66,7 +66,7 @@ def make_labels(args) -> tuple[list[dict], list[dict]]:
     """Two sampled completions a train prompt (up to twice the run's new tokens); each gives a pair: its first
     half (ended there: shorter) chosen over the whole. -> (pairs, unpaired rows: chosen good, rejected bad)."""
     import torch
-    from components.training.engine.rollout import encode_prompts, left_pad, mask_after_eos, sample
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, left_pad, mask_after_eos, sample
     lm = load()
     torch.manual_seed(0)
     prompts = [p for p in TRAIN_PROMPTS for _ in range(2)]
@@ -89,7 +89,7 @@ def make_labels(args) -> tuple[list[dict], list[dict]]:
 def evaluate(lm, model, args) -> dict:
     """Mean reward gained over the base and the KL to the base on held-out prompts (one sample each, seeded)."""
     import torch
-    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
     model.eval()
     q, qm = left_pad(encode_prompts(lm, HELDOUT_PROMPTS * args.eval_samples, 128), lm.pad_token_id, lm.device)
     out = {}
@@ -114,7 +114,7 @@ def evaluate(lm, model, args) -> dict:
 # --------------------------------------------------------------------------------------------------- ours
 def run_ours(algorithm: str, args, pairs, unpaired) -> dict:
     import torch
-    from components.training import build_trainer, config_class
+    from rlhf_studio.components.training import build_trainer, config_class
     lm = load()
     n_steps = args.steps + args.warmup
     common = dict(steps=n_steps, lr=args.lr, lora_r=16, lora_alpha=32, seed=0)

@@ -33,7 +33,7 @@ PROMPTS = ["Name a fruit.", "Say hello.", "Name a colour.", "Tell a joke.", "Nam
 
 
 def components_scaling(args) -> None:
-    from components.distributed import train_data_parallel
+    from rlhf_studio.components.distributed import train_data_parallel
     kw = dict(batch=args.batch, seq_len=args.seq_len, steps=args.steps, hidden=args.hidden, layers=args.layers,
               use_gpu=args.gpu)
     one = train_data_parallel(1, **kw)
@@ -49,13 +49,13 @@ def components_scaling(args) -> None:
 
 def _adapter_tensors(s, adapter_id: int, folder: str) -> dict:
     from safetensors.torch import load_file
-    from components.adapters import unpack_adapter
+    from rlhf_studio.components.adapters import unpack_adapter
     path = unpack_adapter(s.store.adapter(adapter_id)["weights"], os.path.join(folder, str(adapter_id)))
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
 def studio_scaling(args) -> None:
-    from studio import Studio
+    from rlhf_studio import Studio
     with tempfile.TemporaryDirectory() as d:
         s = Studio(os.path.join(d, "bench.duckdb"), model=args.model, device="cpu", cluster=args.address)
         try:

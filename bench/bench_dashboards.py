@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage import Store  # noqa: E402
+from rlhf_studio.storage import Store  # noqa: E402
 
 N_ANNOTATORS = 20
 N_ADAPTERS = 3
@@ -123,8 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
 
-    from storage import reports as q
-    from studio import dashboards as d
+    from rlhf_studio.storage import reports as q
+    from rlhf_studio.studio import dashboards as d
 
     tmpdir = None
     path = args.db

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_ppo import PROMPTS  # noqa: E402
-from components.fastgen import fast_generate, plain_generate  # noqa: E402
-from components.models import load_model  # noqa: E402
-from components.training.ppo_config import PPOConfig  # noqa: E402
-from components.training.engine.rollout import encode_prompts, left_pad  # noqa: E402
-from components.training.engine.adapter import attach_policy_adapter  # noqa: E402
+from rlhf_studio.components.fastgen import fast_generate, plain_generate  # noqa: E402
+from rlhf_studio.components.models import load_model  # noqa: E402
+from rlhf_studio.components.training.ppo_config import PPOConfig  # noqa: E402
+from rlhf_studio.components.training.engine.rollout import encode_prompts, left_pad  # noqa: E402
+from rlhf_studio.components.training.engine.adapter import attach_policy_adapter  # noqa: E402
 
 
 def main():

@@ -51,8 +51,8 @@ def main() -> None:
     warm = time_to_ready(cache, os.path.join(tmp, "b.duckdb"))
 
     # 2. batched vs sequential generation
-    from components.generation import SamplingParams, generate
-    from components.models import load_model
+    from rlhf_studio.components.generation import SamplingParams, generate
+    from rlhf_studio.components.models import load_model
     lm = load_model("embedded")
     prompt = "Write a short story about a lighthouse keeper."
     generate(lm, prompt, SamplingParams(n=4, max_new_tokens=8, seed=0))            # warm-up
@@ -67,7 +67,7 @@ def main() -> None:
     tok_seq = sum(g.completion_tokens for g in seq)
 
     # 3. label write latency through the Studio API (file-backed, verified COMMIT)
-    from studio import Studio
+    from rlhf_studio import Studio
     s = Studio(os.path.join(tmp, "labels.duckdb"), model=lm)
     s.reward.settings.deep_every = 0
     pid = s.store.add_prompt("bench prompt")

@@ -18,7 +18,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--controls", nargs="+", default=["shuffled"])
     a = ap.parse_args()
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     from tests import test_ppo_learning as t
     lm = load_model("embedded", dtype="fp32")
     print("threads", torch.get_num_threads(), flush=True)

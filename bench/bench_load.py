@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     os.environ.update(QUIET_THREADS)
     import torch
     torch.set_num_threads(1)
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
 
     tmp = tempfile.mkdtemp(prefix="bench-load-")
     db = args.db or os.path.join(tmp, "load.duckdb")

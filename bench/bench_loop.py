@@ -188,7 +188,7 @@ def load() -> float:
 
 
 def run_preference(name: str, a, lm) -> dict:
-    from studio import Studio
+    from rlhf_studio import Studio
     rule = PREFERENCES[name]
     t0, c0 = time.perf_counter(), cpu_minutes()
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +233,7 @@ def run_preference(name: str, a, lm) -> dict:
 # ------------------------------------------------------------------------------ suggested vs random label choice
 def labels_to_reach(name: str, a, lm, seed: int) -> dict:
     """Pairwise labels (by the rule) each choice needs until the held-out reward-model accuracy reaches a.target."""
-    from studio import Studio
+    from rlhf_studio import Studio
     rule = PREFERENCES[name]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,7 +329,7 @@ def _number(v: str):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     lm = load_model("embedded")
     print(f"threads {__import__('torch').get_num_threads()}; settings {vars(a)}", flush=True)
     if a.thread_probe:

@@ -95,9 +95,9 @@ def run_trl(harness: Path, python: str, args, bf16: bool) -> dict:
 
 
 def run_ours(args, dtype: str, **overrides) -> dict:
-    from components.models import load_model
-    from components.training.ppo import PPOConfig, PPOTrainer
-    from components.training.rewards import LinearHeadReward
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.components.training.ppo import PPOConfig, PPOTrainer
+    from rlhf_studio.components.training.rewards import LinearHeadReward
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -192,8 +192,8 @@ def cpu_main(args):
 # ----------------------------------------------------------------------------------------------------------
 
 def run_one(shape: str, quant: str, folder: Path, args, device: torch.device) -> dict:
-    from components.training.memory import estimate_memory
-    from components.training.ppo import PPOConfig, PPOTrainer
+    from rlhf_studio.components.training.memory import estimate_memory
+    from rlhf_studio.components.training.ppo import PPOConfig, PPOTrainer
     dtype = torch.bfloat16 if device.type == "cuda" else (torch.float32 if args.dtype == "fp32"
                                                             else torch.bfloat16)
     res = {"shape": shape, "quant": quant, "dtype": str(dtype).replace("torch.", ""), "ok": False}
@@ -278,7 +278,8 @@ def write_json(args, info, results, total) -> str:
 
 
 def shapes_main(args):
-    import components.fused_lora
+    import rlhf_studio.components.fused_lora
+    from rlhf_studio import components
     components.fused_lora.SHARE_SIBLING_INPUTS = args.lora_siblings == "on"
     device = torch.device(args.device)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.models import load_model  # noqa: E402
-from components.reward.bt import pairwise_accuracy  # noqa: E402
-from storage.io.preferences import read_hh as parse_hh  # noqa: E402
-from components.reward.deep import (DeepRewardConfig, DeepRewardTrainer, advance_trunks,  # noqa: E402
+from rlhf_studio.components.models import load_model  # noqa: E402
+from rlhf_studio.components.reward.bt import pairwise_accuracy  # noqa: E402
+from rlhf_studio.storage.io.preferences import read_hh as parse_hh  # noqa: E402
+from rlhf_studio.components.reward.deep import (DeepRewardConfig, DeepRewardTrainer, advance_trunks,  # noqa: E402
                                     extract_features_and_trunks)
-from components.reward.fast import FastRewardModel  # noqa: E402
+from rlhf_studio.components.reward.fast import FastRewardModel  # noqa: E402
 
 DATA = Path(os.environ.get("HH_DATA", "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"))
 

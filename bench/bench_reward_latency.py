@@ -49,7 +49,7 @@ ANNOTATORS = [f"bench-{i:02d}" for i in range(25)]
 
 def hh_prompts(k: int) -> list[str]:
     """The first k distinct single-turn human prompts (20..200 characters) of the real HH-RLHF test file."""
-    from storage.io.preferences import read_hh as parse_hh
+    from rlhf_studio.storage.io.preferences import read_hh as parse_hh
     from tests.data_paths import HH_REAL
     out: list[str] = []
     for row in parse_hh(HH_REAL):
@@ -67,8 +67,8 @@ def hh_prompts(k: int) -> list[str]:
 
 
 def build_seed(path: Path, lm, n_prompts: int, per_prompt: int, n_labels: int, seed: int) -> None:
-    from storage.io.bulk import add_feedback_many
-    from studio import Studio
+    from rlhf_studio.storage.io.bulk import add_feedback_many
+    from rlhf_studio import Studio
     t0 = time.perf_counter()
     s = Studio(str(path), model=lm)
     s.reward.settings.deep_every = 0
@@ -136,7 +136,7 @@ def pct(xs, q):
 
 def synthetic(n: int, F: int = 1152, seed: int = 0) -> dict:
     """Worst case for the completion-space Hessian: every pair has its own two completions."""
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.fast import FastRewardModel
     rng = np.random.default_rng(seed)
     w_true = rng.normal(size=F) / math.sqrt(F)
     X = rng.normal(size=(2 * n + 2, F)).astype(np.float32)
@@ -172,9 +172,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from components.models import load_model
-    from components.reward.fast import FastRewardModel
-    from studio import Studio
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.components.reward.fast import FastRewardModel
+    from rlhf_studio import Studio
 
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}", flush=True)
     lm = load_model("embedded")

@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     torch.set_num_threads(int(os.environ.get("RLHF_STUDIO_TRAIN_THREADS") or 1))
-    from components.models import load_model
-    from components.training.watch import WatchConfig
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.components.training.watch import WatchConfig
     from tests.layers import keep_first_layers
     from tests.watch_sim import simulate
 

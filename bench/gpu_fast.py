@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.fastgen import fast_generate, plain_generate, release_fast_generators  # noqa: E402
-from components.model_utils import causal_lm_of  # noqa: E402
+from rlhf_studio.components.fastgen import fast_generate, plain_generate, release_fast_generators  # noqa: E402
+from rlhf_studio.components.model_utils import causal_lm_of  # noqa: E402
 
 PEAK_BF16 = 989e12
 EOS, PAD = 2, 1

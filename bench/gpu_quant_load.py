@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.fastgen import quantized_base  # noqa: E402
-from components.models import ModelLoadError, load_model  # noqa: E402
+from rlhf_studio.components.fastgen import quantized_base  # noqa: E402
+from rlhf_studio.components.models import ModelLoadError, load_model  # noqa: E402
 
 
 def write_model(folder: Path) -> None:

@@ -76,7 +76,7 @@ def save_random_model(name: str, folder: Path, logit_std: float, seed: int = 0) 
 def load(folder: Path, quant: str, device: torch.device, dtype: torch.dtype):
     """A components.models.LoadedModel around the saved random model (quantized through bitsandbytes)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from components.models import LoadedModel
+    from rlhf_studio.components.models import LoadedModel
     kwargs = dict(dtype=dtype)
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -115,7 +115,7 @@ class SyntheticReward:
 
     @torch.no_grad()
     def __call__(self, *, model, input_ids, attention_mask, response_mask, base_hidden=None):
-        from components.reward.features import pool_features
+        from rlhf_studio.components.reward.features import pool_features
         ts = self.token_score.to(input_ids.device)[input_ids] * response_mask
         tok = ts.sum(1) / response_mask.sum(1).clamp(min=1)
         feats = pool_features(base_hidden, attention_mask, response_mask)
@@ -136,7 +136,7 @@ def random_trainer(shape: str, device: torch.device, dtype: torch.dtype, n_promp
                    **config):
     """(trainer, prompts): a PPOTrainer on random weights of `shape` (loaded from a temporary folder), the
     synthetic reward, `n_prompts` random prompts and PPOConfig(**config). For the GPU scripts beside this one."""
-    from components.training.ppo import PPOConfig, PPOTrainer
+    from rlhf_studio.components.training.ppo import PPOConfig, PPOTrainer
     folder = Path(tempfile.mkdtemp(prefix=f"ppo_{shape}_"))
     try:
         save_random_model(shape, folder, logit_std)

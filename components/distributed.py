@@ -251,7 +251,7 @@ def make_data_parallel(trainer, rank: int, world: int) -> GradientAverager:
     weights everywhere, gradients averaged before the clip, metrics averaged; an offline trainer (a `next_rows`
     sampler over the whole data, the same order on every worker) gives each worker its share of each step's
     rows, so the workers together take the rows one worker would. Online trainers get their share of the
-    prompts when built (`studio.cluster`), and each worker but rank 0 a sampling seed of its own."""
+    prompts when built (`rlhf_studio.studio.cluster`), and each worker but rank 0 a sampling seed of its own."""
     params = trainable_parameters(trainer)
     broadcast_parameters(params)
     averager = GradientAverager(params, world)

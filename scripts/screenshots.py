@@ -23,7 +23,7 @@ PROMPTS = BENCH_PROMPTS[:12]        # everyday prompts, the CPU PPO bench's
 
 
 def build(db: str, ppo_steps: int) -> None:
-    from studio import Studio
+    from rlhf_studio import Studio
     s = Studio(db)
     try:
         s.reward.settings.deep_every = 0

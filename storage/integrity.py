@@ -24,7 +24,7 @@ from .errors import RESTORE_ADVICE, StorageError, short
 
 MEMORY = ":memory:"
 
-log = logging.getLogger("storage")
+log = logging.getLogger("rlhf_studio.storage")
 
 
 # ------------------------------------------------------------------------------------------ write-ahead log

@@ -222,7 +222,7 @@ def spawn(module: str, expect: Mapping[str, Spec], env: Mapping[str, str] | None
 def inherited(argv: list[str], expect: Mapping[str, Spec]) -> Channel:
     """In the job: the channel named by `--channel-fd N` on its command line."""
     if len(argv) != 2 or argv[0] != "--channel-fd" or not argv[1].isdigit():
-        raise SystemExit("usage: python -m studio.jobs --channel-fd N (started by the studio, not by hand)")
+        raise SystemExit("usage: python -m rlhf_studio.studio.jobs --channel-fd N (started by the studio, not by hand)")
     fd = int(argv[1])
     sock = socket.socket(fileno=fd)
     if sock.family != socket.AF_UNIX:

@@ -58,8 +58,8 @@ def hash_password_main(argv) -> int:
     if args.auth_file and not args.user:
         print("error: --auth-file needs --user NAME", file=sys.stderr)
         return 2
-    from studio.auth import hash_password
-    from studio.errors import StudioError
+    from rlhf_studio.studio.auth import hash_password
+    from rlhf_studio.studio.errors import StudioError
     if sys.stdin.isatty():
         pw = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != pw:
@@ -116,10 +116,10 @@ def main(argv=None) -> int:
     if args.auth and ":" not in args.auth:
         print("error: --auth must look like USER:PASSWORD", file=sys.stderr)
         return 2
-    from components.models import ModelLoadError
-    from storage import StorageError
-    from studio import Studio, StudioError
-    from studio.auth import Accounts
+    from rlhf_studio.components.models import ModelLoadError
+    from rlhf_studio.storage import StorageError
+    from rlhf_studio import Studio, StudioError
+    from rlhf_studio.studio.auth import Accounts
     if args.auth_file:                    # a bad auth file is said before a minute of model loading
         try:
             Accounts.from_file(args.auth_file)

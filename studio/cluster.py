@@ -1,7 +1,7 @@
 """Training jobs on a Ray cluster (`Studio(cluster=...)`, `rlhf-studio --cluster ADDRESS`).
 
 The app stays the one process that writes the DuckDB file. A job becomes a Ray actor that runs the same
-`studio.jobs.ppo_worker` as a local job; what the worker sends is queued inside the actor and fetched by the
+`rlhf_studio.studio.jobs.ppo_worker` as a local job; what the worker sends is queued inside the actor and fetched by the
 app through `RayConn`, which offers the worker connection's send/recv/poll/close, so that `JobManager._pump`
 writes metrics, checkpoints and adapters exactly as it does for a local job.
 
@@ -21,9 +21,29 @@ import time
 from .errors import StudioError
 
 INSTALL_HINT = "install it with `pip install 'rlhf-studio[cluster]'` (scripts/install.sh does)"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PACKAGES = ("studio", "components", "storage")   # shipped to remote workers with the job
+_PARTS = ("studio", "components", "storage")     # rlhf_studio's parts (pyproject.toml maps them into it)
 START_TIMEOUT_S = 300      # a worker process plus its imports; on a busy 2-core machine this took over a minute
+
+
+def _package_home() -> str:
+    """The folder that holds the `rlhf_studio` package: a checkout's root, or site-packages."""
+    import rlhf_studio
+    return os.path.dirname(os.path.dirname(os.path.abspath(rlhf_studio.__file__)))
+
+
+def package_for_workers() -> str:
+    """The rlhf_studio package as one folder, shipped to a remote cluster's workers (Ray's py_modules): an
+    installed wheel's as it is; a checkout's assembled in a temporary folder, since its parts are the package's
+    siblings there, not its children."""
+    package = os.path.join(_package_home(), "rlhf_studio")
+    if all(os.path.isdir(os.path.join(package, part)) for part in _PARTS):
+        return package
+    out = os.path.join(tempfile.mkdtemp(prefix="rlhf-studio-workers-"), "rlhf_studio")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(package, out, ignore=skip)
+    for part in _PARTS:
+        shutil.copytree(os.path.join(_package_home(), part), os.path.join(out, part), ignore=skip)
+    return out
 
 
 def _ray():
@@ -43,7 +63,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def _algorithm_of(config) -> str:
     """The algorithm whose config class `config` is (PPOConfig -> "ppo", DPOConfig -> "dpo", ...)."""
-    from components.training import ALGORITHMS, config_class
+    from rlhf_studio.components.training import ALGORITHMS, config_class
     return next(a for a in ALGORITHMS if type(config) is config_class(a))
 
 
@@ -68,7 +88,7 @@ class Cluster:
         try:
             ray.init(address=None if self.local else self.address, num_cpus=num_cpus if self.local else None,
                      include_dashboard=False, log_to_driver=True, configure_logging=False,
-                     runtime_env=None if self.local else {"py_modules": [os.path.join(_ROOT, p) for p in _PACKAGES]})
+                     runtime_env=None if self.local else {"py_modules": [package_for_workers()]})
         except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
             raise StudioError(f"cannot reach the Ray cluster at {self.address}: {type(e).__name__}: "
                               f"{' '.join(str(e).split())[:300]}") from None
@@ -107,7 +127,7 @@ class Cluster:
 
     def split(self, algorithm: str, config: dict) -> dict:
         """One worker's config of a job on `self.workers` workers; a StudioError where the batch does not split."""
-        from components.distributed import split_config
+        from rlhf_studio.components.distributed import split_config
         try:
             return split_config(algorithm, config, self.workers)
         except ValueError as e:
@@ -125,7 +145,7 @@ class Cluster:
         # data parallel: the actor only coordinates (Ray Train's workers hold the CPUs or GPUs)
         options = dict(num_cpus=0 if parallel else 1, num_gpus=gpus, max_restarts=0, max_concurrency=8, name=None)
         if self.local:     # the local runtime's workers find this checkout's packages through PYTHONPATH
-            path = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
+            path = os.pathsep.join(filter(None, [_package_home(), os.environ.get("PYTHONPATH")]))
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
         actor = ray.remote(_JobActor).options(**options).remote()
         use_gpu = resources.get("GPU", 0) >= self.workers
@@ -221,7 +241,7 @@ class _JobActor:
         return dict(self.pids)
 
     def run(self, spec: dict) -> None:
-        from studio.jobs import CancelFlag, ppo_worker
+        from rlhf_studio.studio.jobs import CancelFlag, ppo_worker
         conn = _ActorConn(self.outbox, self.inbox)
         try:
             ppo_worker(conn, CancelFlag(conn), spec)      # the local job's code, unchanged
@@ -262,7 +282,7 @@ def fit_data_parallel(spec_ref, workers: int, use_gpu: bool, coordinator, run_id
 def worker_spec(spec: dict, rank: int, world: int, device) -> dict:
     """Worker `rank`'s spec: its share of the global batch; for an online algorithm its share of the prompts
     (all of them where there are fewer prompts than workers); the reward-hacking watch on rank 0 only."""
-    from components.distributed import split_config
+    from rlhf_studio.components.distributed import split_config
     out = dict(spec, config=split_config(spec.get("algorithm") or "ppo", spec["config"], world), device=str(device),
                watch=spec.get("watch") if rank == 0 else None)
     if spec.get("prompts") and len(spec["prompts"]) >= world:
@@ -302,7 +322,7 @@ def _data_parallel_worker(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from components.distributed import SharedStop, make_data_parallel
+    from rlhf_studio.components.distributed import SharedStop, make_data_parallel
     from .jobs import CancelFlag, ppo_worker
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

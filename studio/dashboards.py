@@ -31,7 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from storage import reports as q
+from rlhf_studio.storage import reports as q
 
 ELO_SCALE = 400.0 / math.log(10.0)
 ELO_BASE = 1000.0

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pandas as pd
 
-from storage import records
+from rlhf_studio.storage import records
 
 from .errors import StudioError
 

@@ -38,9 +38,9 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from storage import InvalidInput, NotFound, StorageError
-from storage import io as storage_io
-from storage.io import export as _q
+from rlhf_studio.storage import InvalidInput, NotFound, StorageError
+from rlhf_studio.storage import io as storage_io
+from rlhf_studio.storage.io import export as _q
 
 from .errors import StudioError
 

@@ -16,9 +16,9 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from components.generation import GenerationError, SamplingParams, generate as _generate
-from components.models import EMBEDDED, LoadedModel, ModelLoadError, load_model
-from storage import InvalidInput, NotFound, Store, StorageError
+from rlhf_studio.components.generation import GenerationError, SamplingParams, generate as _generate
+from rlhf_studio.components.models import EMBEDDED, LoadedModel, ModelLoadError, load_model
+from rlhf_studio.storage import InvalidInput, NotFound, Store, StorageError
 
 from .errors import StudioError, is_out_of_memory
 
@@ -130,7 +130,7 @@ class Studio:
         adapter_id, adapter_name = self.jobs.activate_adapter(adapter)
         try:
             params.validate()
-            from components.generation import check_prompt
+            from rlhf_studio.components.generation import check_prompt
             check_prompt(lm, prompt, max_new_tokens)
             outs = _generate(lm, prompt, params, adapter=adapter_name, on_update=on_update, stop=stop)
         except (GenerationError, KeyError) as e:
@@ -321,7 +321,8 @@ class Studio:
         """Train the policy's LoRA adapter with "ppo" | "rloo" | "grpo" (online, against the reward model) or
         "dpo" | "kto" (offline, on the compiled labels; `criterion=` picks which). Settings are the fields of
         the algorithm's config (components.training.config_class(algorithm)); returns the run handle that
-        train_ppo returns. Resume any run with resume_ppo(run_id)."""
+        train_ppo returns. Resume any run with resume_ppo(run_id). The reward-hacking watch guards the online
+        ones as it guards PPO (`watch=`: None/True for its defaults, False for off, or a dict of its settings)."""
         return self.jobs.start_training(algorithm, steps=steps, wait=wait, **settings)
 
     def runs(self):
@@ -430,7 +431,7 @@ class Studio:
         """Add the studio's small set of everyday prompts to the library (for a newcomer who has none).
         Prompts already there are not added twice. Returns how many were new."""
         from importlib.resources import files
-        text = files("studio").joinpath("data", "starter_prompts.txt").read_text(encoding="utf-8")
+        text = files(__package__).joinpath("data", "starter_prompts.txt").read_text(encoding="utf-8")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         before = len(self.store.prompts())
         self.store.add_prompts(lines, source="starter")
@@ -535,7 +536,7 @@ class Studio:
 
     def ppo_memory_estimate(self, **settings) -> dict:
         """Estimated peak memory of a PPO run with these PPOConfig settings: {"bytes", "available_bytes", ...}."""
-        from components.training.ppo_config import PPOConfig
+        from rlhf_studio.components.training.ppo_config import PPOConfig
         return self.jobs.memory_estimate(PPOConfig(**settings))
 
     def running_ppo(self) -> int | None:

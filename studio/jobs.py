@@ -16,7 +16,7 @@ from . import channel as ch
 from .errors import StudioError, is_out_of_memory
 
 if TYPE_CHECKING:
-    from components.models import LoadedModel
+    from rlhf_studio.components.models import LoadedModel
 
 log = logging.getLogger("rlhf_studio.jobs")
 
@@ -57,7 +57,7 @@ class CancelFlag:
 
 
 def worker_main(argv: list[str]) -> None:
-    """`python -m studio.jobs --channel-fd N`: receive the spec on the inherited channel, train."""
+    """`python -m rlhf_studio.studio.jobs --channel-fd N`: receive the spec on the inherited channel, train."""
     conn = ch.inherited(argv, APP_TO_JOB)
     msg = conn.recv()
     if msg[0] != "spec":
@@ -73,7 +73,7 @@ def ppo_worker(conn, cancel, spec: dict, prepare=None) -> None:
     Ray cluster: studio/cluster.py)."""
     try:
         import torch
-        from components.models import load_model
+        from rlhf_studio.components.models import load_model
 
         torch.set_num_threads(max(1, int(spec.get("threads") or os.cpu_count() or 1)))
         lm = load_model(spec["model_id"], device=spec.get("device"), dtype=spec.get("dtype"),
@@ -135,7 +135,7 @@ def ppo_worker(conn, cancel, spec: dict, prepare=None) -> None:
 def trainer_from_spec(lm, spec: dict):
     """(config, trainer) of the spec's algorithm ("ppo" when absent): offline ones (DPO, KTO) train on the
     labelled rows it carries, online ones on its prompts against its reward-model snapshot."""
-    from components.training import OFFLINE, build_trainer, config_class
+    from rlhf_studio.components.training import OFFLINE, build_trainer, config_class
     algorithm = spec.get("algorithm") or "ppo"
     cfg = config_class(algorithm).from_dict(spec["config"])
     if algorithm in OFFLINE:
@@ -161,17 +161,17 @@ def cap_address_space(headroom_mb: int) -> None:
 
 def reward_fn_from_bytes(lm, tier: str, weights: bytes):
     """Rebuild the reward model version that the app snapshotted, as a PPO reward function."""
-    from components.reward.ppo_reward import reward_fn_for_ppo
+    from rlhf_studio.components.reward.ppo_reward import reward_fn_for_ppo
     if tier == "fast":
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         return reward_fn_for_ppo(FastRewardModel.from_bytes(weights), lm)
-    from components.reward.deep import DeepRewardModel
+    from rlhf_studio.components.reward.deep import DeepRewardModel
     return reward_fn_for_ppo(DeepRewardModel.from_bytes(lm, weights), lm)
 
 
 def adapter_zip(trainer) -> bytes:
     import tempfile
-    from components.adapters import pack_adapter_dir
+    from rlhf_studio.components.adapters import pack_adapter_dir
     with tempfile.TemporaryDirectory() as d:
         trainer.save_adapter(d)
         return pack_adapter_dir(d)
@@ -276,8 +276,8 @@ class JobManager:
     def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
                   reward_tier: str | None = None, reward_version: int | None = None, watch=None,
                   **config) -> RunHandle:
-        from components.training.ppo_config import PPOConfig
-        from .watch import parse_config, probe_prompts
+        from rlhf_studio.components.training.ppo_config import PPOConfig
+        from .watch import parse_config
         watch_cfg = parse_config(watch)
         cfg_fields = PPOConfig.__dataclass_fields__
         unknown = sorted(set(config) - set(cfg_fields))
@@ -296,26 +296,37 @@ class JobManager:
         lineage = {"base_model": self.lm.model_id, "base_revision": self.lm.revision,
                    "reward_tier": tier, "reward_version": version,
                    "feedback_labels": int(self.store.stats().get("feedback", 0)), "prompts": len(prompts)}
+        config = {**cfg.to_dict(), "prompts": prompts, **self._watch_settings(watch_cfg, prompts)}
+        return self._launch(config, lineage, note, cfg=cfg, prompts=prompts, tier=tier, version=version, wait=wait)
+
+    def _watch_settings(self, watch_cfg, prompts: list[str]) -> dict:
+        """What a run against a reward model stores for the reward-hacking watch: its settings and its probe
+        prompts (held out from `prompts`), with a note where they fell short."""
+        from .watch import probe_prompts
         library = [str(t) for t in self.store.prompts()["text"]]
         probes, probe_note = probe_prompts(library, prompts, watch_cfg.probes)
-        config = {**cfg.to_dict(), "prompts": prompts, "watch": watch_cfg.to_dict(), "watch_probes": probes,
-                  "watch_notes": [probe_note] if probe_note else []}
-        return self._launch(config, lineage, note, cfg=cfg, prompts=prompts, tier=tier, version=version, wait=wait)
+        return {"watch": watch_cfg.to_dict(), "watch_probes": probes, "watch_notes": [probe_note] if probe_note else []}
 
     def start_training(self, algorithm: str = "ppo", steps: int = 20, wait: bool = False,
                        prompts: list[str] | None = None, reward_tier: str | None = None,
-                       reward_version: int | None = None, criterion: str = "overall", **config) -> RunHandle:
+                       reward_version: int | None = None, criterion: str = "overall", watch=None,
+                       **config) -> RunHandle:
         """A run of any algorithm of components.training, in the same job process as PPO. Offline ones (DPO,
         KTO) train on a snapshot of the compiled labels of `criterion` (DPO: the preference pairs outside the
         held-out split; KTO: the unpaired good/bad rows); online ones (RLOO, GRPO) like PPO, on the prompts
-        against a reward-model snapshot. Stored as a run of kind 'ppo' (a policy-training run) whose config
-        names the algorithm."""
-        from components.training import ALGORITHMS, OFFLINE
+        against a reward-model snapshot, guarded by the reward-hacking watch as PPO is (`watch`: as
+        `start_ppo`'s). Stored as a run of kind 'ppo' (a policy-training run) whose config names the algorithm."""
+        from rlhf_studio.components.training import ALGORITHMS, OFFLINE
         if algorithm not in ALGORITHMS:
             raise StudioError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
         if algorithm == "ppo":
             return self.start_ppo(steps=steps, wait=wait, prompts=prompts, reward_tier=reward_tier,
-                                  reward_version=reward_version, **config)
+                                  reward_version=reward_version, watch=watch, **config)
+        from .watch import parse_config
+        if algorithm in OFFLINE and watch not in (None, False):
+            raise StudioError(f"the reward-hacking watch guards runs against a reward model (PPO, RLOO, GRPO); "
+                              f"{algorithm.upper()} learns from the labels themselves: leave watch unset")
+        watch_cfg = parse_config(watch)
         cfg = self.config_of(algorithm, steps, config)
         self.check_memory(cfg.engine_config())
         lineage = {"algorithm": algorithm, "base_model": self.lm.model_id,
@@ -332,7 +343,7 @@ class JobManager:
                 raise StudioError("no prompts to train on: add prompts to the library first")
             tier, version = self._reward_snapshot(reward_tier, reward_version)
             lineage.update(reward_tier=tier, reward_version=version, prompts=len(prompts))
-            data = {"prompts": prompts}
+            data = {"prompts": prompts, **self._watch_settings(watch_cfg, prompts)}
         return self._launch({**cfg.to_dict(), "algorithm": algorithm, **data}, lineage, note, cfg=cfg,
                             prompts=data.get("prompts"), tier=tier, version=version, wait=wait, algorithm=algorithm,
                             rows=data.get("rows"))
@@ -354,7 +365,7 @@ class JobManager:
     @staticmethod
     def config_of(algorithm: str, steps, settings: dict):
         """The algorithm's config from user settings; unknown or bad settings -> StudioError."""
-        from components.training import config_class
+        from rlhf_studio.components.training import config_class
         cls = config_class(algorithm)
         name = algorithm.upper()
         unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
@@ -367,8 +378,8 @@ class JobManager:
 
     def _label_snapshot(self, algorithm: str, criterion: str) -> tuple[list[dict], dict]:
         """(rows, lineage) of the labels an offline run trains on: which labels (their feedback ids) and how many."""
-        from storage import InvalidInput
-        from storage.io.export import preference_sql, unpaired_sql
+        from rlhf_studio.storage import InvalidInput
+        from rlhf_studio.storage.io.export import preference_sql, unpaired_sql
         try:
             if algorithm == "dpo":
                 df = self.store.query(*preference_sql(self.store, criterion, split="train"))
@@ -400,7 +411,7 @@ class JobManager:
         return {"reward_tier": str(v["tier"].iloc[-1]), "reward_version": int(v["id"].iloc[-1])}
 
     def resume_ppo(self, run_id: int, wait: bool = False) -> RunHandle:
-        from components.training.ppo_config import PPOConfig
+        from rlhf_studio.components.training.ppo_config import PPOConfig
         run = self.store.run(int(run_id))
         if run["kind"] != "ppo":
             raise StudioError(f"run {run_id} is a {run['kind']} run, not a PPO run; only PPO runs resume here")
@@ -408,7 +419,7 @@ class JobManager:
             raise StudioError(f"run {run_id} is still running")
         if run["status"] == "completed":
             raise StudioError(f"run {run_id} already completed; start a new run to train further")
-        from components.training import config_class
+        from rlhf_studio.components.training import config_class
         cfg_d = {k: v for k, v in run["config"].items() if not k.startswith("watch")}
         algorithm = cfg_d.pop("algorithm", "ppo")          # runs stored before other algorithms: PPO
         prompts, rows = cfg_d.pop("prompts", None), cfg_d.pop("rows", None)
@@ -423,7 +434,7 @@ class JobManager:
 
     def memory_estimate(self, cfg) -> dict:
         """Estimated peak memory of a PPO run with `cfg` on the loaded model's device, and what is free there."""
-        from components.training.memory import estimate_memory
+        from rlhf_studio.components.training.memory import estimate_memory
         lm = self.lm
         return estimate_memory(lm.model.config, cfg, lm.quantization, lm.dtype, device=lm.device.type)
 
@@ -450,11 +461,11 @@ class JobManager:
                               "s.train_reward_model()")
         return v["tier"], int(version)
 
-    worker_module = "studio.jobs"      # what _spawn runs (a test swaps in a hostile job)
+    worker_module = "rlhf_studio.studio.jobs"      # what _spawn runs (a test swaps in a hostile job)
 
     def _spawn(self, run_id, cfg, prompts, tier, version, checkpoint, wait, algorithm: str = "ppo",
                rows: list | None = None) -> RunHandle:
-        """Start `python -m studio.jobs` and hand it the snapshot over an inherited socketpair
+        """Start `python -m rlhf_studio.studio.jobs` and hand it the snapshot over an inherited socketpair
         (a fresh interpreter: no fork of the app's threads, and it works from notebooks and stdin scripts)."""
         lm = self.lm
         spec = dict(model_id=lm.model_id, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
@@ -585,7 +596,7 @@ class JobManager:
             row = self.store.adapter(aid)
         except KeyError:
             raise StudioError(f"no adapter with id {aid}") from None
-        from components.adapters import AdapterFormatError, load_adapter_blob
+        from rlhf_studio.components.adapters import AdapterFormatError, load_adapter_blob
         # The content's digest in the name: a model shared by two Studios (a notebook's `model=s.lm`) may hold
         # another database's adapter of the same id, which must not stand in for this one.
         name = f"adapter-{aid}-{hashlib.sha256(row['weights'] or b'').hexdigest()[:12]}"
@@ -614,7 +625,7 @@ class JobManager:
                     log.warning("could not remove adapter %s: %s", name, e)
 
     def export_adapter(self, adapter_id: int, path: str, merged: bool = False) -> str:
-        from components.adapters import AdapterFormatError, unpack_adapter
+        from rlhf_studio.components.adapters import AdapterFormatError, unpack_adapter
         try:
             row = self.store.adapter(int(adapter_id))
         except KeyError:
@@ -626,8 +637,8 @@ class JobManager:
             if not merged:
                 return unpack_adapter(row["weights"], path)
             import tempfile
-            from components.models import load_model
-            from components.training.engine.adapter import save_adapter_folder
+            from rlhf_studio.components.models import load_model
+            from rlhf_studio.components.training.engine.adapter import save_adapter_folder
             from peft import PeftModel
             with tempfile.TemporaryDirectory() as d:
                 unpack_adapter(row["weights"], d)

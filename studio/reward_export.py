@@ -18,8 +18,8 @@ MAX_FIT_TEXTS = 2048      # completions used to distil the part the classifier c
 
 
 def export_reward_model(studio, version: int, path: str) -> dict:
-    from components.reward import export as ex
-    from components.reward.extract import encode_texts
+    from rlhf_studio.components.reward import export as ex
+    from rlhf_studio.components.reward.extract import encode_texts
     rs = studio.reward
     rec = studio.store.reward_version(version)
     if rec.get("weights") is None:
@@ -43,7 +43,7 @@ def export_reward_model(studio, version: int, path: str) -> dict:
     H = int(studio.lm.model.config.hidden_size)
     last = None
     if rec["tier"] == "fast":
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         model = FastRewardModel.from_bytes(rec["weights"])
         feats = rs.features(ids)
         X = np.stack([feats[i] for i in ids])
@@ -93,8 +93,8 @@ def _deep(studio, rec, prompts, texts, H):
     """(the version's DeepRewardModel, its scores of the texts, exact last-token weight, the last-token states
     the head read, or None where a text was cut to the model's max_tokens) for a deep version."""
     import torch
-    from components.reward.deep import DeepRewardModel
-    from components.reward.extract import encode_texts
+    from rlhf_studio.components.reward.deep import DeepRewardModel
+    from rlhf_studio.components.reward.extract import encode_texts
     rs = studio.reward
     rs.wait_idle()
     model = rs.deep if rs.deep is not None and rs.deep_version == int(rec["id"]) else \

@@ -15,7 +15,7 @@ import numpy as np
 from .exports import import_preferences
 
 if TYPE_CHECKING:
-    from components.models import LoadedModel
+    from rlhf_studio.components.models import LoadedModel
 
 log = logging.getLogger("rlhf_studio.reward")
 
@@ -94,7 +94,7 @@ class RewardService:
 
     def features(self, ids, progress=None, stop=None) -> dict[int, np.ndarray]:
         """Feature vectors of completions: memory, then the DB cache, then computed (and cached)."""
-        from components.reward.extract import extract_features
+        from rlhf_studio.components.reward.extract import extract_features
         ids = [int(i) for i in dict.fromkeys(ids)]
         missing = [i for i in ids if i not in self._features]
         if missing:
@@ -146,7 +146,7 @@ class RewardService:
         """Refit the fast tier on every current pair and store a version (metrics; weights every N labels)."""
         if self.settings.fast_refit == "full":
             return self._refit_fast_full(store_weights)
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         with self._lock:
             t = {"start": time.perf_counter()}
             pairs = self.pairs()
@@ -234,7 +234,7 @@ class RewardService:
 
     def _refit_fast_full(self, store_weights: bool | None = None) -> int | None:
         """The reference refit: from scratch on dense [pairs, F] rows, as before incremental refits."""
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         with self._lock:
             pairs = self.pairs()
             if len(pairs) == 0:
@@ -314,7 +314,7 @@ class RewardService:
         return self.fast
 
     def _load_latest(self, tier: str) -> None:
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         v = self.store.latest_reward_version(tier, with_weights=True)
         if v is None or v.get("weights") is None:
             return
@@ -324,7 +324,7 @@ class RewardService:
         if tier == "fast":
             self.fast, self.fast_version = FastRewardModel.from_bytes(v["weights"]), int(v["id"])
         else:
-            from components.reward.deep import DeepRewardModel
+            from rlhf_studio.components.reward.deep import DeepRewardModel
             self.deep = DeepRewardModel.from_bytes(self.lm, v["weights"], replace_adapter=True)
             self.deep_version = int(v["id"])
 
@@ -367,7 +367,7 @@ class RewardService:
         return self.fast.score(np.stack([feats[i] for i in ids]))
 
     def score_text(self, prompt: str, completion: str, tier: str | None = None) -> tuple[float, float]:
-        from components.reward.extract import extract_features
+        from rlhf_studio.components.reward.extract import extract_features
         from .errors import StudioError
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise StudioError("prompt and completion must be text")
@@ -444,7 +444,7 @@ class RewardService:
             return None
 
     def train_deep(self, **config) -> int | None:
-        from components.reward.deep import DeepRewardConfig
+        from rlhf_studio.components.reward.deep import DeepRewardConfig
         from .errors import StudioError
         pairs = self.pairs()
         train = pairs[~pairs["heldout"]]
@@ -488,7 +488,7 @@ class RewardService:
         return vid
 
     def _train_deep_run(self, cfg, parent, warm, seen, keys, new_idx, replay_idx, as_tuples, pairs) -> int:
-        from components.reward.deep import DeepRewardTrainer
+        from rlhf_studio.components.reward.deep import DeepRewardTrainer
         # The head starts from the current fast-tier probe; a parent version warm-starts adapter and head.
         # (the service owns the "reward" adapter: another shape asked for replaces it; versions live in the DB)
         trainer = DeepRewardTrainer(self.lm, cfg, adapter_name="reward", probe=self.fast, replace_adapter=True)
@@ -511,7 +511,7 @@ class RewardService:
         elif len(test):
             pc, tc = self.texts([int(i) for i in test["chosen_id"]])
             _, tr = self.texts([int(i) for i in test["rejected_id"]])
-            from components.reward.bt import bt_loss
+            from rlhf_studio.components.reward.bt import bt_loss
             import torch
             sc, sr = trainer.score(pc, tc), trainer.score(pc, tr)
             metrics.update(heldout_accuracy=float(np.mean(sc > sr)),
@@ -536,7 +536,7 @@ class RewardService:
             raise StudioError(f"the fast tier takes no settings (got {', '.join(sorted(config))}); "
                               "the deep tier's are those of DeepRewardConfig")
         if tier == "deep":
-            from components.reward.deep import DeepRewardConfig
+            from rlhf_studio.components.reward.deep import DeepRewardConfig
             try:
                 DeepRewardConfig.from_settings(config)
             except (ValueError, TypeError) as e:

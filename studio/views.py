@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 
-from storage import reports
+from rlhf_studio.storage import reports
 
 from . import dashboards as dash
 

@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 
-from components.training.watch import WatchConfig, probe_check
+from rlhf_studio.components.training.watch import WatchConfig, probe_check
 
 from .errors import StudioError
 
@@ -47,7 +47,7 @@ def probe_prompts(library: list[str], train_prompts: list[str], n: int) -> tuple
 
 def fit_second_judge(studio, min_pairs: int) -> tuple[bytes | None, int, str | None]:
     """(FastRewardModel bytes or None, held-out pairs used, note): the second judge, fitted on held-out labels."""
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.fast import FastRewardModel
     from .reward_service import bt_margins
     pairs = studio.reward.pairs()
     held = pairs[pairs["heldout"]] if len(pairs) else pairs
@@ -95,7 +95,7 @@ class JobWatch:
     """The job's side: checks every `every` steps (and once before training or at a resume: the baseline)."""
 
     def __init__(self, spec: dict):
-        from components.reward.fast import FastRewardModel
+        from rlhf_studio.components.reward.fast import FastRewardModel
         self.cfg = WatchConfig.from_dict(spec["config"])
         self.prompts = list(spec["probes"])
         self.judge = FastRewardModel.from_bytes(spec["judge"]) if spec.get("judge") else None

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(session, config, items):
 @pytest.fixture
 def fresh_store(tmp_path):
     """A new, migrated storage.Store on a DuckDB file under tmp_path (closed after the test)."""
-    from storage import Store
+    from rlhf_studio.storage import Store
 
     st = Store(tmp_path / "studio.duckdb")
     yield st
@@ -47,7 +47,7 @@ def fresh_store(tmp_path):
 @pytest.fixture(scope="session")
 def lm():
     """The embedded SmolLM2-135M-Instruct (real weights), shared by the tests of one session."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
 
     return load_model("embedded")
 

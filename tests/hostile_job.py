@@ -7,8 +7,8 @@ import struct
 import sys
 import time
 
-from studio import channel as ch
-from studio.jobs import APP_TO_JOB
+from rlhf_studio.studio import channel as ch
+from rlhf_studio.studio.jobs import APP_TO_JOB
 
 
 class _Boom:

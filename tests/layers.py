@@ -7,7 +7,7 @@ def keep_first_layers(lm, n: int):
     head unchanged) and return it. For tests whose claims do not depend on depth (a checkpoint resumes
     identically, compiled passes equal eager ones, packed rows equal padded rows): each layer costs the same, and
     on a CPU six of SmolLM2's thirty cut a training step to about a third (the 49152-token output head stays)."""
-    from components.model_utils import causal_lm_of
+    from rlhf_studio.components.model_utils import causal_lm_of
     decoder = causal_lm_of(lm.model).get_decoder()
     decoder.layers = decoder.layers[:n]
     lm.model.config.num_hidden_layers = n

@@ -85,7 +85,7 @@ def main(stop: str, marker: str, report: str) -> None:
             if not d.isdigit() or int(d) == os.getpid():
                 continue
             cmd = _read(f"/proc/{d}/cmdline")
-            if b"studio.jobs" not in cmd and b"tests.hostile_job" not in cmd or _parent(d) != app_pid:
+            if b"rlhf_studio.studio.jobs" not in cmd and b"tests.hostile_job" not in cmd or _parent(d) != app_pid:
                 continue                  # only the job of the app under test: other studios are left alone
             seen["job_seen"] = True
             seen["argv"] = [a.decode(errors="replace") for a in cmd.split(b"\0") if a]

@@ -36,19 +36,19 @@ COMPARED = {"ppo": ("policy_loss", "value_loss", "reward_mean", "kl"), "rloo": (
 
 def tiny_llama(folder: Path, tokenizer_dir: str):
     """The fixture's model: tiny random-weight Llama (seed 0), fp32 on the CPU."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     from tests.tiny_models import write_tiny_model
     return load_model(str(write_tiny_model("llama", folder, tokenizer_dir, seed=0)), device="cpu", dtype="fp32")
 
 
 def reward():
     """A reward that needs no model: counts frequent tokens (the k samples of a prompt score differently)."""
-    from components.training.rewards import TokenCountReward
+    from rlhf_studio.components.training.rewards import TokenCountReward
     return TokenCountReward(range(2000))
 
 
 def trainer(lm, algorithm: str):
-    from components.training import build_trainer, config_class
+    from rlhf_studio.components.training import build_trainer, config_class
     cfg = config_class(algorithm)(**SETTINGS[algorithm])
     if algorithm in ("dpo", "kto"):
         return build_trainer(lm, algorithm, cfg, rows=PAIRS if algorithm == "dpo" else UNPAIRED)
@@ -62,7 +62,7 @@ def adapter_tensors(tr) -> dict:
 def write(folder: Path) -> None:
     import torch
     from safetensors.torch import save
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     torch.set_num_threads(1)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     lm = tiny_llama(folder, load_model("embedded").source_path)

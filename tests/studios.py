@@ -8,7 +8,7 @@ from contextlib import contextmanager
 def open_studio(path: str, lm):
     """A Studio on the DuckDB file at `path`, sharing the loaded model `lm`, with background deep-tier training
     off (a test turns it on where it checks it); closed on leaving, also after a failure."""
-    from studio import Studio
+    from rlhf_studio import Studio
     s = Studio(str(path), model=lm)
     s.reward.settings.deep_every = 0
     try:

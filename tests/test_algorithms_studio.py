@@ -1,7 +1,7 @@
 """s.train(algorithm=...) from the Studio: the same job process, run handle, lineage and adapters as PPO."""
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +53,19 @@ def test_refusals_name_the_setting(studio):
         s.train("kto")                                     # nothing labelled yet
     with pytest.raises(StudioError, match="needs preference pairs"):
         s.train("dpo")
+
+
+def test_an_online_run_is_watched_and_an_offline_one_refuses_a_watch(labelled):
+    """RLOO and GRPO train against a reward model as PPO does, so the reward-hacking watch guards them too."""
+    s = labelled
+    assert s.train_reward_model(tier="fast") is not None
+    with pytest.raises(StudioError, match="guards runs against a reward model"):
+        s.train("dpo", watch={"every": 1}, **OFFLINE_TINY)
+    run = s.train("rloo", steps=2, wait=True, watch={"every": 1, "probes": 2, "max_new_tokens": 4},
+                  prompts_per_step=2, k=2, mini_batch_size=4, max_new_tokens=4, lora_r=4, lora_alpha=8)
+    assert run.status == "completed", run.error
+    checks = s.watch_checks(run.run_id)
+    assert checks["step"].tolist() == [0, 1, 2]                 # the baseline, then every step
+    for col in ("reward", "kl", "length", "distinct_2", "no_eos"):
+        assert checks[col].notna().all(), col
+    assert s.runs().set_index("id").loc[run.run_id]["config"]["watch"]["every"] == 1

@@ -3,7 +3,7 @@ which curves a run draws; and the tab builds with it."""
 import pandas as pd
 import pytest
 
-from studio.ui import algorithms
+from rlhf_studio.studio.ui import algorithms
 
 
 def test_each_algorithm_shows_only_its_settings():
@@ -18,7 +18,7 @@ def test_each_algorithm_shows_only_its_settings():
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo", "dpo", "kto"])
 def test_ui_values_become_a_valid_config(algorithm):
-    from components.training import config_class
+    from rlhf_studio.components.training import config_class
     fields = algorithms.FIELDS[algorithm]
     values = [d[0] if kind is list else d for _, _, d, kind in fields]
     cfg = config_class(algorithm)(**algorithms.settings(algorithm, values))
@@ -38,7 +38,7 @@ def test_dpo_run_draws_its_own_curves():
 
 
 def test_train_tab_builds_with_the_picker(studio):
-    from studio.app import build_app
+    from rlhf_studio.studio.app import build_app
     demo = build_app(studio)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"train-algorithm", "algorithm-launch", "dpo-beta", "grpo-k", "kto-desirable-weight"} <= ids

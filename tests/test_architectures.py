@@ -21,7 +21,7 @@ NO_PREFIX_IN_PROMPTS = {"mistral", "llama_no_template"}    # nothing before the 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, lm):
     """name -> LoadedModel (fp32, CPU), built on first use."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     root, made = tmp_path_factory.mktemp("tiny"), {}
 
     def get(name):
@@ -42,9 +42,9 @@ def _model_logp(model, q, qm, resp, rm, temperature):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_generation_and_the_fast_sampler(tiny, arch):
-    from components import fastgen
-    from components.generation import SamplingParams, generate
-    from components.training.engine.rollout import encode_prompts, left_pad, shared_prefix_length
+    from rlhf_studio.components import fastgen
+    from rlhf_studio.components.generation import SamplingParams, generate
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, left_pad, shared_prefix_length
     lm = tiny(arch)
     assert lm.has_chat_template == (arch != "llama_no_template")
     outs = generate(lm, "Name a fruit.", SamplingParams(n=2, max_new_tokens=4, seed=0))
@@ -65,11 +65,11 @@ def test_policy_passes_equal_the_models_own_forward(tiny, arch):
     """forward_response with each shortcut (shared prefix, fused LoRA, packed rows) gives the log-probs of the
     model's own forward (Gemma 2's final logit softcap included); a shortcut a model cannot take is skipped
     inside forward_response (the shared prefix) or refused before (packing: `packing_supported`)."""
-    from components.attention import packing_supported, prefix_sharing_supported
-    from components.fused_lora import fused_lora
-    from components.training.ppo_config import PPOConfig
-    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
-    from components.training.engine.adapter import attach_policy_adapter
+    from rlhf_studio.components.attention import packing_supported, prefix_sharing_supported
+    from rlhf_studio.components.fused_lora import fused_lora
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
     lm = tiny(arch)
     torch.manual_seed(0)
     model = attach_policy_adapter(lm, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="arch-test"))
@@ -100,9 +100,9 @@ def test_policy_passes_equal_the_models_own_forward(tiny, arch):
 def test_both_reward_tiers(tiny, arch):
     """Fast tier: features and a fit. Deep tier: its cached-trunk pass (the upper layers run from the hidden
     states entering them) scores exactly like the probe on the full pass while its LoRA B is zero; one update."""
-    from components.reward.deep import DeepRewardConfig, DeepRewardModel, DeepRewardTrainer
-    from components.reward.extract import extract_features
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.deep import DeepRewardConfig, DeepRewardModel, DeepRewardTrainer
+    from rlhf_studio.components.reward.extract import extract_features
+    from rlhf_studio.components.reward.fast import FastRewardModel
     lm = tiny(arch)
     prompts = ["Name a fruit.", "Name a fruit.", "Say hi.", "Say hi."]
     texts = ["Apple.", "I am not sure what a fruit is.", "Hi!", "Well, let me think about hello."]
@@ -121,9 +121,9 @@ def test_both_reward_tiers(tiny, arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_one_ppo_step_with_notes_on_what_it_skipped(tiny, arch):
-    from components.training.ppo import PPOConfig, PPOTrainer
-    from components.reward.extract import extract_features
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.training.ppo import PPOConfig, PPOTrainer
+    from rlhf_studio.components.reward.extract import extract_features
+    from rlhf_studio.components.reward.fast import FastRewardModel
     lm = tiny(arch)
     X = extract_features(lm, ["Hi", "Hi"], ["Hello!", "Go away."])
     reward = FastRewardModel().fit(X[:1], X[1:], l2=1.0).reward_fn_for_ppo(lm)
@@ -146,9 +146,9 @@ def test_one_ppo_step_with_notes_on_what_it_skipped(tiny, arch):
 def test_reward_export_as_a_sequence_classifier(tiny, arch, tmp_path):
     """The fast tier of each architecture exported (components/reward/export.py) and reloaded through
     AutoModelForSequenceClassification scores its texts as the studio does."""
-    from components.reward import export
-    from components.reward.extract import encode_texts, extract_features
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward import export
+    from rlhf_studio.components.reward.extract import encode_texts, extract_features
+    from rlhf_studio.components.reward.fast import FastRewardModel
     lm = tiny(arch)
     prompts = ["Name a fruit.", "Name a fruit.", "Say hi.", "Say hi.", "Count to two."]
     texts = [" Apple.", " I am not sure.", " Hi!", " Well, hello.", " 1, 2."]

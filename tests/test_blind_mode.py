@@ -5,13 +5,13 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from studio.auth import Account, Accounts
+from rlhf_studio.studio.auth import Account, Accounts
 
 POLICY = "secret-policy"
 
 
 def _app(studio):
-    from studio.app import build_app
+    from rlhf_studio.studio.app import build_app
     demo = build_app(studio, max_queue=None)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     return by_id, [f for f in demo.fns.values() if f.fn is not None]
@@ -96,9 +96,9 @@ def _prompt(studio) -> int:
 
 def test_blind_mode_without_logins_makes_every_visitor_an_annotator(studio):
     """Nobody proved to be the owner: the page is the annotator's (and owner-only actions are refused)."""
-    from studio.app import launch_app
-    from studio.auth import role_of
-    from studio.ui.common import blind_view
+    from rlhf_studio.studio.app import launch_app
+    from rlhf_studio.studio.auth import role_of
+    from rlhf_studio.studio.ui.common import blind_view
     from tests.browser import free_port
     demo = launch_app(studio, blind=True, port=free_port(), quiet=True)
     try:

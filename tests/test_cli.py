@@ -31,7 +31,7 @@ def test_help_lists_every_flag():
 
 
 def test_every_readme_flag_parses_to_its_setting():
-    from studio.cli import parse_args
+    from rlhf_studio.studio.cli import parse_args
     argv = {"--db": "x.duckdb", "--model": "some/model", "--host": "0.0.0.0", "--port": "8001", "--share": None,
             "--auth": "u:p", "--auth-file": "users.json", "--export-dir": "out", "--blind": None,
             "--no-browser": None, "--max-queue": "3", "--device": "cpu", "--dtype": "fp32", "--quantization": "4bit",
@@ -64,7 +64,7 @@ def test_every_readme_flag_parses_to_its_setting():
 ])
 def test_flags_with_bad_values_are_refused_before_serving(tmp_path, capsys, argv, says):
     """In-process: each is refused with exit code 2 before a model is loaded or a port opened."""
-    from studio.cli import main
+    from rlhf_studio.studio.cli import main
     assert main(["--db", str(tmp_path / "x.duckdb"), "--no-browser", *argv]) == 2
     assert says in capsys.readouterr().err
 
@@ -132,7 +132,7 @@ def test_one_start_with_the_login_blind_export_and_model_flags(tmp_path):
     """--auth-file, --blind, --export-dir, --model, --device, --dtype, --host and --max-queue in one real start:
     the login is the file's, failures are logged with the address, exports go where asked, cpu/fp32 is used."""
     import json
-    from studio.auth import hash_password
+    from rlhf_studio.studio.auth import hash_password
     users = tmp_path / "users.json"
     users.write_text(json.dumps({"users": [{"username": "ana", "password": hash_password("ana-pw"),
                                             "role": "owner"}]}))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 from tests.studios import open_studio
 
 ray = pytest.importorskip("ray")
@@ -26,13 +26,13 @@ def ray_runtime():
 
 
 def test_unreachable_cluster_is_refused_before_any_run(tmp_path, lm, capsys):
-    from storage import Store
+    from rlhf_studio.storage import Store
     db = str(tmp_path / "s.duckdb")
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
         with pytest.raises(StudioError, match="cannot reach the Ray cluster at"):
-            from studio import Studio
+            from rlhf_studio import Studio
             Studio(db, model=lm, cluster=address)
-    from studio.cli import main
+    from rlhf_studio.studio.cli import main
     assert main(["--db", db, "--cluster", "127.0.0.1:1", "--no-browser"]) == 2     # refused before the model loads
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
     st = Store(db)
@@ -46,7 +46,7 @@ def test_two_workers_take_the_same_step_as_one(ray_runtime):
     """One SGD step of the tiny LoRA model on 2 DDP workers (2 rows each) equals one step on the whole batch of
     4 in one process: same loss, same updated LoRA weights."""
     import torch
-    from components.distributed import (fixed_batch, lora_state, tiny_llama, train_data_parallel, train_steps,
+    from rlhf_studio.components.distributed import (fixed_batch, lora_state, tiny_llama, train_data_parallel, train_steps,
                                         with_lora)
     model = with_lora(tiny_llama(0))
     before = lora_state(model)
@@ -75,7 +75,7 @@ def trained_db(tmp_path_factory, lm):
 
 @pytest.fixture
 def on_cluster(ray_runtime, trained_db, tmp_path, lm):
-    from studio import Studio
+    from rlhf_studio import Studio
     db = str(tmp_path / "studio.duckdb")
     shutil.copy(trained_db, db)
     s = Studio(db, model=lm, cluster="local")      # joins the file's runtime
@@ -98,7 +98,7 @@ def _wait_for(cond, timeout=300):
 def test_cluster_run_streams_cancels_resumes_survives_a_killed_worker_and_generates(on_cluster):
     """One run through every promise (each job start on the cluster costs a fresh worker process and a model
     load, so they share one run): live metrics, cancel, resume, SIGKILL of the worker, resume, generate."""
-    from studio.cluster import RayJob
+    from rlhf_studio.studio.cluster import RayJob
     s = on_cluster
     run = s.train_ppo(steps=4, wait=False, **TINY)
     assert isinstance(run._process, RayJob)              # it runs on the cluster, not as a local process

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def ray_runtime():
 @pytest.fixture(scope="module")
 def tiny_studio(ray_runtime, tmp_path_factory, lm):
     """A Studio on the tiny Llama, jobs on the local Ray runtime, with 4 labelled pairs and a fast reward model."""
-    from studio import Studio
+    from rlhf_studio import Studio
     from tests.tiny_models import write_tiny_model
     root = tmp_path_factory.mktemp("ddp")
     folder = write_tiny_model("llama", root / "tiny-llama", lm.source_path)
@@ -50,8 +50,8 @@ def tiny_studio(ray_runtime, tmp_path_factory, lm):
 def _one_worker(s, run_id: int):
     """The run's two steps in this process, by the code a job runs (studio.jobs.trainer_from_spec) on a fresh
     load of the model: one worker, the whole global batch. Returns (losses, adapter tensors)."""
-    from components.models import load_model
-    from studio.jobs import trainer_from_spec
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.studio.jobs import trainer_from_spec
     config = dict(s.store.run(run_id)["config"])
     spec = {"algorithm": config.pop("algorithm"), "rows": config.pop("rows"), "config": config}
     cfg, trainer = trainer_from_spec(load_model(s.model_id, device="cpu", dtype="fp32"), spec)
@@ -61,7 +61,7 @@ def _one_worker(s, run_id: int):
 
 def _adapter(s, adapter_id, tmp_path) -> dict:
     from safetensors.torch import load_file
-    from components.adapters import unpack_adapter
+    from rlhf_studio.components.adapters import unpack_adapter
     path = unpack_adapter(s.store.adapter(adapter_id)["weights"], tmp_path / f"a{adapter_id}")
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
@@ -94,7 +94,7 @@ def test_dpo_on_two_workers_takes_the_steps_of_one_and_cancels(tiny_studio, tmp_
 
 
 def test_refused_before_any_run_row(tiny_studio, tmp_path, lm):
-    from studio import Studio
+    from rlhf_studio import Studio
     s = tiny_studio
     runs = len(s.runs())
     with pytest.raises(StudioError, match=r"batch_size \(3\) must be a multiple of the 2 workers"):

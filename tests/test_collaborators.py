@@ -6,7 +6,7 @@ import urllib.request
 import duckdb
 import pytest
 
-from studio import Studio
+from rlhf_studio import Studio
 from tests.browser import ARTIFACTS, browser, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

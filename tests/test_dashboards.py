@@ -12,9 +12,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from storage import Store
-from storage import reports as q
-from studio import dashboards as d
+from rlhf_studio.storage import Store
+from rlhf_studio.storage import reports as q
+from rlhf_studio.studio import dashboards as d
 
 NAN = float("nan")
 # Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders x 12 units, values 1..5, missing.
@@ -343,7 +343,7 @@ def test_bench_builder_and_every_figure(tmp_path):
 
 def test_dashboard_tab_loads(fresh_store):
     gr = pytest.importorskip("gradio")
-    from studio.ui import dashboard
+    from rlhf_studio.studio.ui import dashboard
 
     _kripp_store(fresh_store)
 
@@ -352,7 +352,7 @@ def test_dashboard_tab_loads(fresh_store):
             return fresh_store.criteria()
 
         def dashboard(self, criterion=None, blind_only=False, hide_policies=False):
-            from studio import views
+            from rlhf_studio.studio import views
             return views.dashboard(fresh_store, None, criterion, blind_only, hide_policies)
 
     with gr.Blocks():
@@ -367,7 +367,7 @@ def test_dashboard_tab_loads(fresh_store):
 def test_training_curves_tick_at_whole_steps_and_labels():
     """Steps and label counts are whole numbers: plotly's automatic ticks put 1.5 between steps 1 and 2 (seen in
     the Train tab's screenshot); the curves tick at 1, 2 or 5 times a power of ten, about 8 ticks at most."""
-    from studio import plots
+    from rlhf_studio.studio import plots
     steps = pd.DataFrame({"step": [1, 2, 3], "reward_mean": [0.1, 0.2, 0.3], "reward_std": [0.1, 0.1, 0.1],
                           "kl": [0.0, 0.01, 0.02]})
     fig = plots.ppo_curves(steps)

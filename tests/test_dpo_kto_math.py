@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from components.training.dpo import DPOConfig, dpo_loss
-from components.training.kto import KTOConfig, kto_kl, kto_loss
+from rlhf_studio.components.training.dpo import DPOConfig, dpo_loss
+from rlhf_studio.components.training.kto import KTOConfig, kto_kl, kto_loss
 
 T = torch.tensor
 
@@ -82,13 +82,13 @@ PAIRS = [{"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "I do not k
 
 @pytest.fixture(scope="module")
 def cut_lm():
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     from tests.layers import keep_first_layers
     return keep_first_layers(load_model("embedded"), 2)
 
 
 def test_dpo_steps_widen_the_margin_and_resume_exactly(cut_lm):
-    from components.training.dpo import DPOTrainer
+    from rlhf_studio.components.training.dpo import DPOTrainer
     cfg = DPOConfig(steps=4, batch_size=2, lr=2e-3, beta=0.5, max_completion_tokens=16, lora_r=4, lora_alpha=8)
     tr = DPOTrainer(cut_lm, cfg, PAIRS)
     first = tr.step()
@@ -104,7 +104,7 @@ def test_dpo_steps_widen_the_margin_and_resume_exactly(cut_lm):
 
 
 def test_kto_steps_separate_good_from_bad(cut_lm):
-    from components.training.kto import KTOTrainer
+    from rlhf_studio.components.training.kto import KTOTrainer
     rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in PAIRS] + \
            [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in PAIRS]
     tr = KTOTrainer(cut_lm, KTOConfig(steps=3, batch_size=4, lr=2e-3, beta=0.5, max_completion_tokens=16,

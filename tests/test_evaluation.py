@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from studio import StudioError
-from studio.evaluation import hash_heldout, training_prompts, wilson_interval
+from rlhf_studio import StudioError
+from rlhf_studio.studio.evaluation import hash_heldout, training_prompts, wilson_interval
 
 PROMPTS = ["Name a fruit.", "Say hello."]
 TOKENS = 6
@@ -60,8 +60,8 @@ def adapter_blob():
     import tempfile
     import torch
     from peft import LoraConfig, get_peft_model
-    from components.adapters import pack_adapter_dir
-    from components.models import load_model
+    from rlhf_studio.components.adapters import pack_adapter_dir
+    from rlhf_studio.components.models import load_model
     torch.manual_seed(0)
     model = get_peft_model(load_model("embedded", device="cpu", dtype="fp32").model,
                            LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -192,9 +192,9 @@ def _fn(demo, name):
 
 def test_evaluate_tab_handlers_and_roles(studio):
     import gradio as gr
-    from studio.app import build_app
-    from studio.auth import Account, Accounts
-    from studio.ui import evaluate as tab
+    from rlhf_studio.studio.app import build_app
+    from rlhf_studio.studio.auth import Account, Accounts
+    from rlhf_studio.studio.ui import evaluate as tab
     demo = build_app(studio, max_queue=None)
     studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),
                                 "bo": Account("bo", "pw-bo-456", "annotator")})
@@ -245,7 +245,7 @@ def test_evaluate_endpoints_on_a_real_server(studio):
 
 def test_default_prompts_leave_out_what_the_policys_run_trained_on(fresh_store):
     """A run given explicit prompts may have trained on a held-out one: its policy is not evaluated on it."""
-    from studio.evaluation import _eval_prompts
+    from rlhf_studio.studio.evaluation import _eval_prompts
     fresh_store.add_prompts(["first held", "second held", "kept for training"])
     fresh_store.mark_prompts_heldout(list(fresh_store.prompts()["id"])[:2])
     run = fresh_store.create_run("ppo", {"prompts": ["second held"]})

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from components.adapters import pack_adapter_dir
-from studio import StudioError
+from rlhf_studio.components.adapters import pack_adapter_dir
+from rlhf_studio import StudioError
 
 
 @pytest.fixture(scope="module")

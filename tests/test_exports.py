@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage import InvalidInput, Store
-from storage.io import export as q
-from storage.io import rated
-from studio import StudioError
-from studio.exports import export, import_preferences, import_rated
+from rlhf_studio.storage import InvalidInput, Store
+from rlhf_studio.storage.io import export as q
+from rlhf_studio.storage.io import rated
+from rlhf_studio import StudioError
+from rlhf_studio.studio.exports import export, import_preferences, import_rated
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from components.fastgen import (FastGenerator, fast_generate, generate_rollouts, left_pad, plain_generate,
+from rlhf_studio.components.fastgen import (FastGenerator, fast_generate, generate_rollouts, left_pad, plain_generate,
                                  select_tokens)
 
 N_NEW = 12
@@ -35,7 +35,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm32():
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return load_model("embedded", dtype="fp32")
 
 
@@ -315,7 +315,7 @@ def test_a_longer_cached_bucket_serves_shorter_prompts(lm32, batch):
 def simulated_cuda_graphs(monkeypatch):
     """Run the CUDA-graph code path on the CPU: capture records the step without running it (as a real capture
     does), replay runs it; warm-up, state snapshot/restore, sync_every and trimming are exercised for real."""
-    import components.fastgen as fg
+    import rlhf_studio.components.fastgen as fg
     capturing = {"g": None}
     real_step = fg._State.decode_step
 
@@ -385,7 +385,7 @@ def test_graph_capture_failure_falls_back_to_eager(lm32, batch, base_ref, simula
     assert out.info["path"] == "eager"
     assert torch.equal(out.sequences, base_ref)
     assert gen.capture_failure == "RuntimeError: operation not permitted when stream is capturing"   # for notes
-    from components.fastgen import get_fast_generator, graph_capture_failure, release_fast_generators
+    from rlhf_studio.components.fastgen import get_fast_generator, graph_capture_failure, release_fast_generators
     try:                                       # the cached generator of a model, as PPO's notes read it
         assert graph_capture_failure(lm32.model) is None
         fast_generate(lm32.model, x, m, N_NEW, temperature=0, eos_token_id=lm32.eos_token_id,
@@ -410,7 +410,7 @@ def test_quantized_base_decodes_eagerly_unless_graphs_are_asked_for(lm32, batch,
 
 def test_quantized_detects_bitsandbytes_layers():
     bnb = pytest.importorskip("bitsandbytes")
-    from components.fastgen import quantized_base
+    from rlhf_studio.components.fastgen import quantized_base
     plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
     assert not quantized_base(plain)
     assert quantized_base(torch.nn.Sequential(torch.nn.Linear(8, 8), bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)))

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from components.generation import GenerationError, SamplingParams, generate
-from components.models import ModelLoadError, load_model, resolve
+from rlhf_studio.components.generation import GenerationError, SamplingParams, generate
+from rlhf_studio.components.models import ModelLoadError, load_model, resolve
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_auto_dtype_on_cuda_follows_the_gpus_bf16_support(monkeypatch, capabilit
     stands in for one; the choice itself is the real code."""
     import torch
 
-    from components.models import pick_dtype
+    from rlhf_studio.components.models import pick_dtype
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert pick_dtype(torch.device("cuda"), "auto") == getattr(torch, want)
     assert pick_dtype(torch.device("cuda"), "bf16") == torch.bfloat16      # an explicit choice is kept
@@ -118,7 +118,7 @@ def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path):
     """Two first starts at once (parallel test workers, two apps) both convert the embedded GGUF. The one that
     finishes second used to delete the first one's folder while that process was loading from it; now it keeps
     the finished folder (its own copy is dropped by the caller). A folder left unfinished is replaced."""
-    from components.models import _publish
+    from rlhf_studio.components.models import _publish
 
     def converted(name, marker):
         d = tmp_path / name

@@ -3,7 +3,7 @@ safetensors, cached by content hash), tested with the embedded package's own GGU
 import pytest
 import torch
 
-from components.models import ModelLoadError, embedded_gguf_path, load_model
+from rlhf_studio.components.models import ModelLoadError, embedded_gguf_path, load_model
 
 
 def test_a_gguf_path_loads_like_the_embedded_model(lm, tmp_path):

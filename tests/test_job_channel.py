@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from studio import channel as ch
-from studio.jobs import APP_TO_JOB, JOB_TO_APP
+from rlhf_studio.studio import channel as ch
+from rlhf_studio.studio.jobs import APP_TO_JOB, JOB_TO_APP
 from tests.browser import ROOT
 
 TINY = dict(batch_size=2, mini_batch_size=2, max_new_tokens=4, ppo_epochs=1, checkpoint_every=0)

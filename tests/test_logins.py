@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from studio import StudioError
-from studio.auth import Account, Accounts, LoginLimits, hash_password
+from rlhf_studio import StudioError
+from rlhf_studio.studio.auth import Account, Accounts, LoginLimits, hash_password
 from tests.browser import ROOT
 
 
@@ -94,7 +94,7 @@ def test_guesses_spread_over_addresses_hit_the_overall_limit(quick_scrypt):
 
 def test_hash_password_writes_an_entry_the_studio_accepts(tmp_path, monkeypatch, capsys, quick_scrypt):
     import io
-    from studio.cli import main
+    from rlhf_studio.studio.cli import main
     path = tmp_path / "users.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch.py"), "hash-password", "--auth-file", str(path),
                         "--user", "ana", "--role", "owner"], input="s3cret pass\n", capture_output=True, text=True,
@@ -128,7 +128,7 @@ def _login(url: str, user: str, password: str) -> int:
 def test_the_app_counts_failures_by_the_clients_address_and_owners_see_the_lock_out(studio, tmp_path, caplog):
     """Through Gradio's own /login: its auth callback gets no request, so the address comes from the app's
     middleware. Five wrong passwords from 127.0.0.1 lock that address out; the owner's line names it."""
-    from studio.app import lockout_line
+    from rlhf_studio.studio.app import lockout_line
     path = tmp_path / "users.json"
     path.write_text(json.dumps({"users": [{"username": "ana", "password": hash_password("ana-pw"),
                                            "role": "owner"}]}))

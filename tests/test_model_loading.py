@@ -4,7 +4,7 @@ there is no CUDA GPU (bench/gpu_quant_load.py, section 8 of bench/gpu_all.sh, lo
 import pytest
 import torch
 
-from components.models import ModelLoadError, load_model, quantization_kwargs
+from rlhf_studio.components.models import ModelLoadError, load_model, quantization_kwargs
 
 
 @pytest.fixture(scope="module")

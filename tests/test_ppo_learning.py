@@ -46,7 +46,7 @@ HELDOUT_PROMPTS = [
 @pytest.fixture(scope="module")
 def lm32():
     """A private fp32 copy of the embedded model: PPO wraps lm.model in a PeftModel, so no sharing."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return load_model("embedded", dtype="fp32")
 
 
@@ -57,7 +57,7 @@ SHORT_LAYERS = 6
 def lm_short():
     """Another private fp32 copy, cut to its first decoder layers (tests.layers.keep_first_layers), for the
     training mechanics below: resuming, stopping, compiled and packed passes, non-finite gradients, seeds."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return keep_first_layers(load_model("embedded", dtype="fp32"), SHORT_LAYERS)
 
 
@@ -68,8 +68,8 @@ def lm_short():
 @torch.no_grad()
 def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
     """Base-model samples and their pooled base features, exactly as the PPO reward sees them."""
-    from components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
-    from components.reward.features import pool_features
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from rlhf_studio.components.reward.features import pool_features
     torch.manual_seed(seed)
     q, qm = left_pad(encode_prompts(lm, prompts, 256), lm.pad_token_id)
     resp = sample(lm.model, q, qm, max_new_tokens, temperature, 1.0, lm.eos_token_id, lm.pad_token_id)
@@ -85,8 +85,8 @@ def sample_with_features(lm, prompts, max_new_tokens, temperature, seed):
 
 def fit_length_reward(lm, prompts, n_per_prompt=2, max_new_tokens=32, seed=0):
     """FastRewardModel on pairs (shorter chosen) of the base model's samples -> its PPO reward function."""
-    from components.reward.fast import FastRewardModel
-    from components.reward.ppo_reward import reward_fn_for_ppo
+    from rlhf_studio.components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.ppo_reward import reward_fn_for_ppo
     feats, lens = [], []
     for k in range(n_per_prompt):
         for s in range(0, len(prompts), 12):
@@ -140,8 +140,8 @@ def learning_run(lm, reward_fn, judge, steps: int, seed: int = 0, base_too: bool
     """A short PPO run with `reward_fn` on TRAIN_PROMPTS, judged by `judge` (the real reward model) on
     HELDOUT_PROMPTS: (held-out (score, length, eos share) after training, the history, and before training
     from the base model when base_too)."""
-    from components.training.ppo_config import PPOConfig
-    from components.training.ppo import PPOTrainer
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.training.ppo import PPOTrainer
     # The value head starts at zero in both runs: started from the reward head, it would hand the true reward
     # to the control run as its baseline (advantages = shuffled score - true value), and the control would
     # learn from it.
@@ -190,9 +190,9 @@ def test_ppo_learns_the_reward_beyond_a_control_run(lm32):
 # ------------------------------------------------------------------------------------------------------------
 
 def small_trainer(lm, **kw):
-    from components.training.ppo_config import PPOConfig
-    from components.training.rewards import LinearHeadReward
-    from components.training.ppo import PPOTrainer
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.training.rewards import LinearHeadReward
+    from rlhf_studio.components.training.ppo import PPOTrainer
     H = lm.model.config.hidden_size
     g = torch.Generator().manual_seed(7)
     reward = LinearHeadReward(torch.randn(2 * H, generator=g) / H, 0.1)
@@ -203,7 +203,7 @@ def small_trainer(lm, **kw):
 
 
 def test_state_bytes_resume_is_identical(lm_short):
-    from components.model_utils import safetensors_metadata
+    from rlhf_studio.components.model_utils import safetensors_metadata
     a = small_trainer(lm_short)
     a.step()
     blob = a.state_bytes()
@@ -258,7 +258,7 @@ def test_train_loop_stop_and_checkpoint_callback(lm_short):
 def test_save_adapter_loads_with_peft_and_merged(lm32, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from components.training.engine.adapter import generate_with_adapter
+    from rlhf_studio.components.training.engine.adapter import generate_with_adapter
     tr = small_trainer(lm32, steps=1, ppo_epochs=1, lr=3e-3)
     tr.step()
     ids = torch.tensor([lm32.prompt_ids("Name a colour.") + [504, 3240, 28]])
@@ -294,9 +294,9 @@ def test_generation_hidden_states_match_a_forward(lm32, fastgen, monkeypatch):
     """old_logprobs="generation" reads the heads off the hidden states recorded while sampling; in fp32 they must
     equal a fresh forward over prompt + response (the first PPO ratio is then 1 to rounding), with either sampler."""
     monkeypatch.setenv("RLHF_STUDIO_FASTGEN", fastgen)
-    from components.training.engine.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
+    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, heads_on_hidden, left_pad, \
         mask_after_eos, sample
-    from components.model_utils import causal_lm_of
+    from rlhf_studio.components.model_utils import causal_lm_of
     torch.manual_seed(0)
     q, qm = left_pad(encode_prompts(lm32, TRAIN_PROMPTS[:4], 256), lm32.pad_token_id)
     resp, hidden = sample(lm32.model, q, qm, 12, 1.0, 1.0, lm32.eos_token_id, lm32.pad_token_id,
@@ -350,7 +350,7 @@ def test_non_finite_gradient_stops_before_the_update(lm_short, optimizer):
 
 
 def test_cudnn_attention_is_turned_off_only_for_cuda_training():
-    from components.attention import avoid_cudnn_attention
+    from rlhf_studio.components.attention import avoid_cudnn_attention
     was = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
@@ -403,7 +403,7 @@ def test_compiled_training_passes_match_eager(lm_short):
     assert [s["response"] for s in got["samples"]] == [s["response"] for s in want["samples"]]
     for k in ("policy_loss", "value_loss", "approx_kl", "kl", "reward_mean"):
         assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-5), k
-    from components.training.engine.acceleration import decoder_layer_list
+    from rlhf_studio.components.training.engine.acceleration import decoder_layer_list
     layers = decoder_layer_list(lm_short.model.get_base_model().get_decoder())
     assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in layers)
     # Adam moves near-zero gradients by a full lr step, so compare each tensor's update as a whole
@@ -416,7 +416,7 @@ def test_packed_rows_train_as_padded_rows(lm_short):
     """PPOConfig.pack_rows: the policy and training passes run the rows packed without padding (no shared prefix
     here; the reference pass keeps the padded layout, as this reward reads its hidden states). Two steps give the
     padded trainer's samples, losses, KL and adapter update; packed attention really ran, in both kinds of pass."""
-    import components.attention as attention
+    import rlhf_studio.components.attention as attention
     calls = []
     real = attention.packed_attention_forward
 
@@ -432,7 +432,7 @@ def test_packed_rows_train_as_padded_rows(lm_short):
     init = packed._adapter_state()
     from transformers import AttentionInterface
 
-    import components.training.engine.rollout as rollout
+    import rlhf_studio.components.training.engine.rollout as rollout
     real_packed, packed_with_host_lengths = rollout._packed, []
 
     def spy_packed(*args):
@@ -486,7 +486,7 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm_short, failure
     (no gradient at all) or zeroing it (zero gradients). Either way the first update is redone eagerly before its
     step: it equals an eager run's, and later steps do not try to compile again."""
     import torch._dynamo
-    from components.training.engine.acceleration import decoder_layer_list
+    from rlhf_studio.components.training.engine.acceleration import decoder_layer_list
     from torch._dynamo.backends.registry import list_backends
     calls = []
     def plain(gm, example_inputs):
@@ -535,7 +535,7 @@ def test_compiled_passes_that_fail_fall_back_to_eager_training(lm_short, failure
 def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm_short):
     """A fresh peft wrap and a re-attached adapter once drew different LoRA inits (and left the sampling RNG
     elsewhere): the second run of the same config in one process differed from the first."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     fresh = keep_first_layers(load_model("embedded", dtype="fp32"), SHORT_LAYERS)
     first = small_trainer(fresh)                   # wraps the model in a PeftModel
     a = first.step()
@@ -550,7 +550,7 @@ def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm_short):
 
 def test_a_failed_cuda_graph_capture_is_in_the_notes(lm32, monkeypatch):
     """The fast sampler then decodes eagerly (tests/test_fastgen.py); the run's notes say so, and why."""
-    import components.training.engine.online as trainer_module
+    import rlhf_studio.components.training.engine.online as trainer_module
     tr = small_trainer(lm32, steps=1)
     assert tr.notes == []
     monkeypatch.setattr(trainer_module, "graph_capture_failure",
@@ -564,7 +564,7 @@ def test_a_model_the_fast_sampler_refuses_trains_sampling_with_generate(lm32, tm
     random weights, the embedded tokenizer): the fast sampler refuses it. PPO then samples with `model.generate`,
     exactly as with the fast sampler switched off, and says so in its notes; it once failed its first step."""
     from transformers import MistralConfig, MistralForCausalLM
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     folder = tmp_path / "tiny-mistral-sliding"
     tok = lm32.tokenizer
     torch.manual_seed(0)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from components.training import ppo
-from components.training.engine import ops
-from components.training.ppo_config import PPOConfig
+from rlhf_studio.components.training import ppo
+from rlhf_studio.components.training.engine import ops
+from rlhf_studio.components.training.ppo_config import PPOConfig
 
 
 def t(x):
@@ -257,7 +257,7 @@ def test_config_roundtrip_and_validation():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_mask_after_eos_and_left_pad():
-    from components.training.engine.rollout import left_pad, mask_after_eos, position_ids_from_mask
+    from rlhf_studio.components.training.engine.rollout import left_pad, mask_after_eos, position_ids_from_mask
     eos = 2
     resp = torch.tensor([[5, 6, 2, 0, 0],      # EOS at 2: keep 3 tokens
                          [2, 7, 2, 9, 9],      # EOS first: keep 1 token, later EOS ignored
@@ -272,7 +272,7 @@ def test_mask_after_eos_and_left_pad():
 
 
 def test_encode_prompts_left_truncates():
-    from components.training.engine.rollout import encode_prompts
+    from rlhf_studio.components.training.engine.rollout import encode_prompts
 
     class FakeLM:
         def prompt_ids(self, p):
@@ -286,7 +286,7 @@ def test_encode_prompts_left_truncates():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_estimate_memory_orders_sensibly():
-    from components.training.memory import estimate_memory
+    from rlhf_studio.components.training.memory import estimate_memory
     small = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
     big = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
@@ -342,7 +342,7 @@ CUDA_SHAPES = {
 def test_estimate_is_not_below_a_measured_gpu_peak(shape, quant, batch, mini, new_tokens, lora, compile, peak_gib):
     """The estimate errs high (the UI refuses runs by it): at least every peak measured on a GPU, within 1.6x.
     At batch 64 it was 22% under before it counted the fp32 copies of the LoRA inputs that peft saves."""
-    from components.training.memory import estimate_memory
+    from rlhf_studio.components.training.memory import estimate_memory
     cfg = PPOConfig(batch_size=batch, mini_batch_size=mini, max_new_tokens=new_tokens, max_prompt_tokens=64,
                     lora_r=16, lora_alpha=32, fused_lora=lora != "peft",
                     lora_precision="fp32" if lora == "peft" else lora, compile=compile)

@@ -14,8 +14,8 @@ import contextlib
 import pytest
 import torch
 
-from components.fused_lora import fused_lora
-from components.training.engine.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
+from rlhf_studio.components.fused_lora import fused_lora
+from rlhf_studio.components.training.engine.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
                                     shared_prefix_length)
 from tests.layers import keep_first_layers
 
@@ -43,9 +43,9 @@ def _policy_batch(dtype: str, layers: int | None = None, prompts: list[str] = PR
     """The embedded model in `dtype` with a policy LoRA whose B is non-zero, and one sampled batch. `layers`
     keeps only the first decoder layers (real weights): what these tests compare is per-layer math, and a bf16
     matmul is ~30x slower than fp32 on a CPU without bf16 instructions (a full bf16 pass took a minute in CI)."""
-    from components.models import load_model
-    from components.training.ppo_config import PPOConfig
-    from components.training.engine.adapter import attach_policy_adapter
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
     lm = load_model("embedded", dtype=dtype)
     if layers is not None:
         keep_first_layers(lm, layers)
@@ -151,7 +151,7 @@ def test_left_aligned_training_layout_equals_the_masked_pass(policy):
 
 
 def test_packed_layout_on_hand_made_rows():
-    from components.training.engine.rollout import _packed
+    from rlhf_studio.components.training.engine.rollout import _packed
     pad = 0
     q = torch.tensor([[pad, pad, 5, 6],
                       [7, 8, 9, 1]])
@@ -227,9 +227,9 @@ def test_packed_rows_equal_the_padded_pass(policy):
 def test_packed_attention_probes_the_flash_kernel_before_trusting_it(caplog):
     """The packed rows' one-kernel path (torch's varlen_attn) is taken only where a probe of it passed: on this
     CPU the kernel raises (it is CUDA-only), the probe says no with a warning, and the rows go through SDPA."""
-    from components.attention import _probe_varlen, varlen_available
+    from rlhf_studio.components.attention import _probe_varlen, varlen_available
     assert not varlen_available("cpu", torch.bfloat16)
-    with caplog.at_level("WARNING", logger="components.attention"), torch.no_grad():
+    with caplog.at_level("WARNING", logger="rlhf_studio.components.attention"), torch.no_grad():
         assert _probe_varlen(torch.device("cpu")) is False
     assert "varlen_attn failed a probe" in caplog.text
     assert "_flash_attention_forward" in caplog.text       # the kernel itself failed, not the probe's backward
@@ -239,7 +239,7 @@ def test_the_varlen_probe_passes_a_kernel_that_agrees_and_fails_one_that_does_no
     """The probe's own logic, with row-by-row SDPA standing in for the CUDA-only kernel: a kernel that agrees
     passes, also when the first packed pass runs under no_grad (the probe needs a backward); one whose rows see
     each other (one causal pass over the whole packed sequence) fails."""
-    import components.attention as attention
+    import rlhf_studio.components.attention as attention
     monkeypatch.setattr(attention, "_varlen_rows", lambda q, k, v, cu, max_len, scale:
                         attention._sdpa_rows(q, k, v, cu, scale))
     with torch.no_grad():
@@ -473,8 +473,8 @@ def test_a_new_fused_block_reuses_the_compiled_layer(policy_bf16, half):
         graphs.append(gm)
         return gm.forward
 
-    from components.model_utils import causal_lm_of
-    from components.training.engine.acceleration import decoder_layer_list
+    from rlhf_studio.components.model_utils import causal_lm_of
+    from rlhf_studio.components.training.engine.acceleration import decoder_layer_list
     layer = decoder_layer_list(causal_lm_of(lm.model).get_decoder())[3]
     mlp = torch.compile(layer.mlp, backend=recording_backend, dynamic=True)
     x = torch.randn(2, 5, lm.model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 from tests.studios import open_studio
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def test_adapter_exports_for_peft_and_generates(trained, tmp_path, monkeypatch):
     assert set(comp[comp["id"].isin([c.id for c in out])]["adapter_id"]) == {run.adapter_id}
     path = s.export_adapter(run.adapter_id, str(tmp_path / "adapter"))
     from peft import PeftModel
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     base = load_model("embedded", dtype="fp32")
     model = PeftModel.from_pretrained(base.model, path)
     ids = base.tokenizer("Hello", return_tensors="pt")

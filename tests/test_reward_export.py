@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,8 @@ def test_both_tiers_export_as_sequence_classifiers(studio, tmp_path):
 def test_reward_tab_export_button_is_for_owners(studio, tmp_path):
     """The Reward tab's handler: annotators are refused; an owner's mistakes come back as messages."""
     import gradio as gr
-    from studio.app import build_app
-    from studio.auth import Account, Accounts
+    from rlhf_studio.studio.app import build_app
+    from rlhf_studio.studio.auth import Account, Accounts
     demo = build_app(studio, max_queue=None)
     on_export = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_export")
     studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),

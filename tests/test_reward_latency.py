@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from components.reward import fast as fastmod
-from components.reward.fast import FastRewardModel
+from rlhf_studio.components.reward import fast as fastmod
+from rlhf_studio.components.reward.fast import FastRewardModel
 
 
 def _pairs(rng, C, n, F, dup_pool=None):
@@ -113,8 +113,8 @@ def _prompt(st, text, n):
 
 
 def test_bulk_labels_one_verified_transaction_same_pairs_as_one_by_one(fresh_store, tmp_path):
-    from storage import InvalidInput, NotFound, Store
-    from storage.io.bulk import add_feedback_many
+    from rlhf_studio.storage import InvalidInput, NotFound, Store
+    from rlhf_studio.storage.io.bulk import add_feedback_many
     st = fresh_store
     _, (a, b, c) = _prompt(st, "Name a fruit", 3)
     _, (d, e) = _prompt(st, "Say hi", 2)
@@ -179,7 +179,7 @@ def test_bulk_labels_one_verified_transaction_same_pairs_as_one_by_one(fresh_sto
 def test_incremental_refit_in_the_studio_matches_the_full_refit(studio):
     """Enough pairs for the primal regime (rankings by many annotators of a few real completions): the
     incremental refit (the default) and the full refit give the same scores, metrics and conflicts."""
-    from storage.io.bulk import add_feedback_many
+    from rlhf_studio.storage.io.bulk import add_feedback_many
     s = studio
     groups = [[c.id for c in s.generate(p, n=4, max_new_tokens=6, seed=i)]
               for i, p in enumerate(["Name a fruit.", "Say hello.", "Name a colour."])]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from components.reward.bt import pairwise_accuracy
-from components.reward.deep import DeepRewardConfig, DeepRewardModel, DeepRewardTrainer
-from components.reward.extract import (Cancelled, base_model_mode, extract_features, final_hidden,
+from rlhf_studio.components.reward.bt import pairwise_accuracy
+from rlhf_studio.components.reward.deep import DeepRewardConfig, DeepRewardModel, DeepRewardTrainer
+from rlhf_studio.components.reward.extract import (Cancelled, base_model_mode, extract_features, final_hidden,
                                        tokenize_pair_batch)
-from components.reward.fast import FastRewardModel
-from components.reward.ppo_reward import RewardFn, reward_fn_for_ppo
+from rlhf_studio.components.reward.fast import FastRewardModel
+from rlhf_studio.components.reward.ppo_reward import RewardFn, reward_fn_for_ppo
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ MAX_TOKENS = 48
 def rlm():
     """A model instance of its own (fp32 for exact comparisons): the deep tier wraps lm.model in a PeftModel,
     which other test modules sharing the session's model should not see."""
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return load_model("embedded", dtype="fp32")
 
 

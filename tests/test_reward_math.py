@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.reward.bt import bt_loss, expected_calibration_error, pairwise_accuracy, reliability_bins
-from storage.io import FileFormatError as PreferenceFormatError
-from storage.io.preferences import read_hh as parse_hh, read_trl as parse_trl
-from components.reward.fast import DEFAULT_C, FastRewardModel
+from rlhf_studio.components.reward.bt import bt_loss, expected_calibration_error, pairwise_accuracy, reliability_bins
+from rlhf_studio.storage.io import FileFormatError as PreferenceFormatError
+from rlhf_studio.storage.io.preferences import read_hh as parse_hh, read_trl as parse_trl
+from rlhf_studio.components.reward.fast import DEFAULT_C, FastRewardModel
 
 from tests.data_paths import HH_REAL
 
@@ -298,7 +298,7 @@ def test_parse_hh_real_file():
 
 
 def test_pool_features_by_hand_and_nan_at_padding_stays_out():
-    from components.reward.features import pool_features
+    from rlhf_studio.components.reward.features import pool_features
     h = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])     # [1, 4, 2]; position 0 is padding
     am = torch.tensor([[0, 1, 1, 1]])
     rm = torch.tensor([[0, 0, 1, 1]])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_fast_tier_refits_after_each_label_and_versions_score_identically(studio
     score, std = studio.score(cs[0].id)
     assert std > 0
     vid = studio.train_reward_model(tier="fast")
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.fast import FastRewardModel
     reloaded = FastRewardModel.from_bytes(studio.store.reward_version(vid)["weights"])
     import numpy as np
     X = np.stack([studio.reward.features([cs[0].id])[cs[0].id]])
@@ -109,7 +109,7 @@ def test_deep_tier_with_another_adapter_shape_starts_fresh(studio):
 
 def test_deep_tier_margins_from_the_pairs_view(studio):
     """A plain preference trains the deep tier with no margin; a star difference d asks for a gap of d - 1."""
-    from studio.reward_service import bt_margins
+    from rlhf_studio.studio.reward_service import bt_margins
     a, b, c = studio.generate("Name a fruit.", n=3, max_new_tokens=5, seed=0)
     studio.compare(a.id, b.id, "a")
     studio.rate(a.id, 5)
@@ -124,8 +124,8 @@ def test_reward_tab_shows_scores_of_a_reopened_database(tmp_path, lm):
     """The Reward tab's liked-most / liked-least tables and score histogram come from the stored fast model: a
     studio reopened on a database has no model in memory until something scores, and the tab used to show
     empty tables and "no scored completions yet" then. Before any model: empty tables with their columns."""
-    from studio import Studio
-    from studio.ui.reward import _likes
+    from rlhf_studio import Studio
+    from rlhf_studio.studio.ui.reward import _likes
     db = str(tmp_path / "reopen.duckdb")
     s = Studio(db, model=lm)
     s.reward.settings.deep_every = 0
@@ -144,7 +144,7 @@ def test_reward_tab_shows_scores_of_a_reopened_database(tmp_path, lm):
 
 
 def _built(studio):
-    from studio.app import build_app
+    from rlhf_studio.studio.app import build_app
     demo = build_app(studio, max_queue=None)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     return demo, by_id, [f for f in demo.fns.values() if f.fn is not None]
@@ -156,8 +156,8 @@ def test_pinned_reward_version_belongs_to_the_session_and_can_be_dropped(studio)
     is the browser session's State, the Train tab says which version a launch will use and can drop the pin, and
     a launch from that session uses the pinned version."""
     import gradio as gr
-    from studio.ui.reward import versions_table
-    from studio.ui.train import reward_choice_md
+    from rlhf_studio.studio.ui.reward import versions_table
+    from rlhf_studio.studio.ui.train import reward_choice_md
     studio.add_prompts(["Name a fruit."])
     # versions as the reward service writes them: an automatic refit keeps metrics only, another keeps weights
     bare = studio.store.add_reward_version("fast", "overall", {}, [], 1, {}, None)
@@ -199,7 +199,7 @@ def test_annotators_do_not_see_the_reward_tabs_owner_controls(studio):
     (checked in Chromium): an annotator saw "Refit fast tier now", "Train deep tier now" and "Deep update every
     K". Rows and other blocks get visible=False; only Tabs need "hidden"."""
     import gradio as gr
-    from studio.auth import Account, Accounts
+    from rlhf_studio.studio.auth import Account, Accounts
     demo, by_id, fns = _built(studio)
     studio.accounts = Accounts({"ana": Account("ana", "pw-ana-123", "owner"),
                                 "bo": Account("bo", "pw-bo-456", "annotator")})

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from components.training.grpo import GRPOConfig, grpo_advantages, grpo_loss
-from components.training.rloo import RLOOConfig, rloo_advantages, rloo_loss
+from rlhf_studio.components.training.grpo import GRPOConfig, grpo_advantages, grpo_loss
+from rlhf_studio.components.training.rloo import RLOOConfig, rloo_advantages, rloo_loss
 
 T = torch.tensor
 
@@ -71,15 +71,15 @@ def test_configs_refuse_bad_groups():
 
 @pytest.fixture(scope="module")
 def cut_lm():
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     from tests.layers import keep_first_layers
     return keep_first_layers(load_model("embedded"), 2)
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_one_step_trains_the_adapter_only_and_resumes(cut_lm, algorithm):
-    from components.training.rewards import TokenCountReward
-    from components.training import build_trainer, config_class
+    from rlhf_studio.components.training.rewards import TokenCountReward
+    from rlhf_studio.components.training import build_trainer, config_class
     cfg = config_class(algorithm)(steps=2, prompts_per_step=2, k=2, mini_batch_size=4, max_new_tokens=4,
                                   lr=1e-3, lora_r=4, lora_alpha=8)
     reward = TokenCountReward(range(2000))      # frequent tokens: the k samples of a prompt score differently

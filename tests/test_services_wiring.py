@@ -2,9 +2,9 @@
 Studio._wire_services builds them that way, and so can a test or another front end."""
 import pytest
 
-from studio.errors import StudioError
-from studio.jobs import JobManager
-from studio.reward_service import RewardService, RewardSettings
+from rlhf_studio.studio.errors import StudioError
+from rlhf_studio.studio.jobs import JobManager
+from rlhf_studio.studio.reward_service import RewardService, RewardSettings
 
 TEXTS = ["Rain taps the window.", "Grey clouds drift by.", "Puddles everywhere.", "The sun is out.", "Snow."]
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import storage
-from storage import InvalidInput, NotFound, StorageError, Store
-from storage.migrations import LATEST_VERSION, MIGRATIONS
+from rlhf_studio import storage
+from rlhf_studio.storage import InvalidInput, NotFound, StorageError, Store
+from rlhf_studio.storage.migrations import LATEST_VERSION, MIGRATIONS
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -634,7 +634,7 @@ def test_run_lifecycle_and_interrupted_at_startup(tmp_path):
 def test_a_version_2_file_with_runs_migrates_and_runs_take_notes(tmp_path, monkeypatch):
     """Migration 3 alters `runs`, which metrics, checkpoints and adapters reference: a file written by the
     previous version, with such rows, must open, keep them, and take notes."""
-    import storage.migrations as migrations
+    import rlhf_studio.storage.migrations as migrations
     path = tmp_path / "v2.duckdb"
     monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
     with Store(path) as st:
@@ -713,7 +713,7 @@ def test_a_withdrawn_label_leaves_the_current_labels_and_pairs_and_its_predecess
 
 
 def test_a_version_3_file_migrates_to_withdrawals_and_keeps_its_labels(tmp_path, monkeypatch):
-    import storage.migrations as migrations
+    import rlhf_studio.storage.migrations as migrations
     path = tmp_path / "v3.duckdb"
     monkeypatch.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
     with Store(path) as st:

@@ -41,7 +41,7 @@ def test_a_run_stored_before_the_split_resumes_where_it_stopped(tiny, algorithm)
 
 def test_the_shuffled_pass_resumes_its_order_and_restarts_on_other_data():
     """One sampler for prompts and rows (engine/checkpoint.py), under the keys stored runs hold."""
-    from components.training.engine.checkpoint import ShuffledPass
+    from rlhf_studio.components.training.engine.checkpoint import ShuffledPass
     a = ShuffledPass(5, torch.Generator().manual_seed(3), "prompts.perm", "prompt_pos", "n_prompts")
     first = a.take(7)                                   # one pass of 5 and two of the next
     assert sorted(first[:5]) == [0, 1, 2, 3, 4] and len(set(first[5:])) == 2
@@ -62,10 +62,10 @@ def test_a_stored_adapter_exports_merged_as_the_policy_it_was(studio, tmp_path):
     """The studio's merged export (studio/jobs.py) and the trainer's share one merge (engine/adapter.py): the
     merged folder loads with transformers alone and computes what base + adapter computes."""
     from transformers import AutoModelForCausalLM
-    from components.adapters import pack_adapter_dir
-    from components.models import load_model
-    from components.training.engine.adapter import attach_policy_adapter, save_adapter_folder
-    from components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.adapters import pack_adapter_dir
+    from rlhf_studio.components.models import load_model
+    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter, save_adapter_folder
+    from rlhf_studio.components.training.ppo_config import PPOConfig
     own = load_model("embedded", device="cpu", dtype="fp32")
     torch.manual_seed(0)
     model = attach_policy_adapter(own, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="exported"))

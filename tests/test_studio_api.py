@@ -6,8 +6,8 @@ import time
 import duckdb
 import pytest
 
-from storage import StorageError
-from studio import Studio, StudioError
+from rlhf_studio.storage import StorageError
+from rlhf_studio import Studio, StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_history_tab_reads_labels_in_words(studio):
     """The History tab's labels table: each label in words on its completions' ids, the prompt beside it, the
     critique text and reason tags as a note; no internal columns (session, idempotency key), which squeezed 18
     columns into letter-wide ones; replaced labels marked in the history view."""
-    from studio.ui.history import readable_labels
+    from rlhf_studio.studio.ui.history import readable_labels
     a, b, c = studio.generate("Name a fruit.", n=3, max_new_tokens=4, seed=0)
     studio.rate(a.id, 1)
     studio.rate(a.id, 4)                                   # replaces the 1
@@ -208,7 +208,7 @@ def test_history_tab_reads_labels_in_words(studio):
     stars = history[history["kind"] == "stars"].sort_values("id")
     assert stars["label"].tolist() == [f"1 star for #{a.id}", f"4 stars for #{a.id}"]
     assert stars["superseded"].tolist() == [True, False]
-    from studio.ui.history import readable_completions
+    from rlhf_studio.studio.ui.history import readable_completions
     comps = readable_completions(studio.completions())
     assert list(comps.columns) == ["id", "when", "prompt_id", "source", "policy", "tokens", "finish", "seed",
                                    "corrects", "text"]
@@ -219,7 +219,7 @@ def test_history_tab_reads_labels_in_words(studio):
 def test_undo_and_withdraw_labels_refit_the_reward_model(studio):
     """A mislabel can be taken back: `undo` withdraws this person's newest label (again and again), `retract` a
     label by id; the label it had replaced is current again, and the fast reward tier refits without it."""
-    from studio.ui.history import describe_withdrawal
+    from rlhf_studio.studio.ui.history import describe_withdrawal
     cs = studio.generate("Name a colour.", n=4, max_new_tokens=4, seed=0)
     a, b = cs[:2]
     for c, stars in zip(cs, (2, 5, 4, 3)):
@@ -228,7 +228,7 @@ def test_undo_and_withdraw_labels_refit_the_reward_model(studio):
     versions = studio.reward_versions()
 
     def fitted_on_current_pairs() -> bool:     # the newest fast version saw exactly today's training pairs
-        from studio.reward_service import _digest
+        from rlhf_studio.studio.reward_service import _digest
         train = studio.store.preference_pairs().query("not heldout")
         keys = [f"{c}>{r}" for c, r in zip(train["chosen_id"], train["rejected_id"])]
         return studio.reward_versions()["config"].iloc[-1]["pairs_sha1"] == _digest(keys)

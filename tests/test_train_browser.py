@@ -4,7 +4,7 @@ import re
 import duckdb
 import pytest
 
-from studio import Studio
+from rlhf_studio import Studio
 from tests.browser import ARTIFACTS, browser, generate_in_page, open_app, running_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -110,7 +110,7 @@ def test_launch_tiny_ppo_from_train_tab(tmp_path, lm):
 # ----------------------------------------------------------------- the tabs' wiring, without a browser (fast)
 def _app(studio):
     """The whole Blocks app (not served), its components by elem_id and its event handlers."""
-    from studio.app import build_app
+    from rlhf_studio.studio.app import build_app
     demo = build_app(studio, max_queue=None)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     return demo, by_id, [f for f in demo.fns.values() if f.fn is not None]
@@ -135,7 +135,7 @@ def test_train_tab_messages_fields_estimate_and_policy_lists(studio):
     before any run; a new adapter reaches the Generate and Blind compare policy lists without a page reload."""
     import gradio as gr
     import pandas as pd
-    from studio.ui.train import SAMPLE_COLUMNS
+    from rlhf_studio.studio.ui.train import SAMPLE_COLUMNS
     demo, by_id, fns = _app(studio)
     action, status = by_id["ppo-action"], by_id["ppo-status"]
     ticks = [f for f in fns if any(isinstance(b, gr.Timer) and e == "tick" for b, e in _triggers(demo, f))]

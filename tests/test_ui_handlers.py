@@ -1,10 +1,10 @@
 """Handlers of the Generate & Rate and History tabs as functions of plain values, without a browser."""
 import pytest
 
-from studio import StudioError
-from studio.ui import generate as gen
-from studio.ui import history as hist
-from studio.ui.common import ERROR_PREFIX
+from rlhf_studio import StudioError
+from rlhf_studio.studio.ui import generate as gen
+from rlhf_studio.studio.ui import history as hist
+from rlhf_studio.studio.ui.common import ERROR_PREFIX
 
 
 def test_generate_tab_helpers():

@@ -7,7 +7,7 @@ import inspect
 import gradio as gr
 from gradio.helpers import special_args
 
-from studio.ui.common import bind
+from rlhf_studio.studio.ui.common import bind
 
 
 def handler(studio, slot: int, value, request: gr.Request = None):

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from studio.auth import Account, Accounts
-from studio.ui import dashboard
+from rlhf_studio.studio.auth import Account, Accounts
+from rlhf_studio.studio.ui import dashboard
 
 BO = SimpleNamespace(username="bo", session_hash="s-bo")
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from components.generation import MAX_N
-from studio.auth import Account, Accounts
-from studio.ui import generate_actions as act
-from studio.ui.common import ERROR_PREFIX
+from rlhf_studio.components.generation import MAX_N
+from rlhf_studio.studio.auth import Account, Accounts
+from rlhf_studio.studio.ui import generate_actions as act
+from rlhf_studio.studio.ui.common import ERROR_PREFIX
 
 ANA = SimpleNamespace(username="ana", session_hash="s-ana")       # an owner's request
 BO = SimpleNamespace(username="bo", session_hash="s-bo")          # an annotator's

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from studio.auth import Account, Accounts
-from studio.ui import reward
+from rlhf_studio.studio.auth import Account, Accounts
+from rlhf_studio.studio.ui import reward
 
 BO = SimpleNamespace(username="bo", session_hash="s-bo")
 ANA = SimpleNamespace(username="ana", session_hash="s-ana")

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from studio.auth import Account, Accounts
-from studio.ui import train_actions as act
+from rlhf_studio.studio.auth import Account, Accounts
+from rlhf_studio.studio.ui import train_actions as act
 
 SETTINGS = [2, 2, 4, 1, 1e-4, 0.05, 4, 1, 0]
 BO = SimpleNamespace(username="bo", session_hash="s-bo")

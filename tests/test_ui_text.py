@@ -7,8 +7,8 @@ import re
 import pytest
 from markdown_it import MarkdownIt
 
-from studio.dashboards import plot_text
-from studio.ui.common import fail, md_text, ok
+from rlhf_studio.studio.dashboards import plot_text
+from rlhf_studio.studio.ui.common import fail, md_text, ok
 
 HOSTILE = [
     "<script>window.__xss=1</script>",

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from components.training.watch import WatchConfig, distinct_n, examples, pearson, signals, verdict
+from rlhf_studio.components.training.watch import WatchConfig, distinct_n, examples, pearson, signals, verdict
 
 
 def test_distinct_n_counts_repeats():

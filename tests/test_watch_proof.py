@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.training.watch import WatchConfig
+from rlhf_studio.components.training.watch import WatchConfig
 from tests.layers import keep_first_layers
 from tests.watch_sim import simulate
 
@@ -18,7 +18,7 @@ LAYERS, STEPS, EVERY = 4, 6, 2
 
 @pytest.fixture(scope="module")
 def lm_sim():
-    from components.models import load_model
+    from rlhf_studio.components.models import load_model
     return keep_first_layers(load_model("embedded", dtype="fp32"), LAYERS)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_paused_run_keeps_checkpoint_rolls_back_audits_and_resumes(studio):
 
 
 def test_no_watch_when_off_too_short_or_from_before_the_watch(studio):
-    from studio.watch import job_spec, probe_prompts
+    from rlhf_studio.studio.watch import job_spec, probe_prompts
     rid = studio.store.create_run("ppo", {}, {})
     base = {"steps": 10, "watch_probes": ["p"]}
     assert job_spec(studio, rid, {**base, "watch": {"enabled": False}}) is None
@@ -98,7 +98,7 @@ def _h(p):
 
 def test_train_tab_shows_a_pause_with_its_examples_and_buttons(studio):
     import gradio as gr
-    from studio.ui import train, watch_panel
+    from rlhf_studio.studio.ui import train, watch_panel
     s = studio
     rid = s.store.create_run("ppo", {"steps": 4}, {})
     s.store.set_run_status(rid, "running")
@@ -129,8 +129,8 @@ def test_train_tab_shows_a_pause_with_its_examples_and_buttons(studio):
 
 def test_watch_buttons_refuse_an_annotator_on_the_server(studio):
     import gradio as gr
-    from studio.auth import Account, Accounts
-    from studio.ui import train
+    from rlhf_studio.studio.auth import Account, Accounts
+    from rlhf_studio.studio.ui import train
     studio.accounts = Accounts({"ana": Account("ana", "pw-owner", "owner"), "bo": Account("bo", "pw-bo")})
     with gr.Blocks() as demo:
         train.build(studio)

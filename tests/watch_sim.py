@@ -58,7 +58,7 @@ def base_samples(trainer, prompts: list[str], rounds: int) -> list[dict]:
 
 def spurious_cue(samples: list[dict], min_count: int = 4) -> int:
     """The token whose count per answer correlates most with the true preference over the labelled samples."""
-    from components.training.watch import pearson
+    from rlhf_studio.components.training.watch import pearson
     t = [s["truth"] for s in samples]
     counts: dict[int, list[int]] = {}
     for k, s in enumerate(samples):
@@ -70,7 +70,7 @@ def spurious_cue(samples: list[dict], min_count: int = 4) -> int:
 
 def second_judge(samples: list[dict]):
     """A fast-tier reward model fitted on the annotator's pairs (same prompt, strictly preferred first)."""
-    from components.reward.fast import FastRewardModel
+    from rlhf_studio.components.reward.fast import FastRewardModel
     pairs = [(a, b) if a["truth"] > b["truth"] else (b, a)
              for a, b in itertools.combinations(samples, 2) if a["prompt"] == b["prompt"] and a["truth"] != b["truth"]]
     Xc = torch.stack([c["features"] for c, _ in pairs]).numpy()
@@ -83,10 +83,10 @@ def simulate(lm, kind: str, steps: int, watch_cfg, seed: int = 0, rounds: int = 
     watch_cfg.every steps. It runs all `steps` (the verdicts are recorded, not obeyed) to see what the true
     preference did after a pause. Returns {"steps", "truth", "reward", "verdicts", "flags", "paused_at", "cue",
     "judge_pairs"}: one entry per check; paused_at is the step of the first "pause" (None if none)."""
-    from components.training.ppo_config import PPOConfig
-    from components.training.rewards import TokenCountReward
-    from components.training.ppo import PPOTrainer
-    from components.training.watch import probe_check
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    from rlhf_studio.components.training.rewards import TokenCountReward
+    from rlhf_studio.components.training.ppo import PPOTrainer
+    from rlhf_studio.components.training.watch import probe_check
     cfg = PPOConfig(**{**dict(steps=steps, batch_size=len(PROMPTS), mini_batch_size=len(PROMPTS), ppo_epochs=1,
                               max_new_tokens=12, temperature=1.0, lr=5e-3, kl_coef=0.02, missing_eos_penalty=0.0,
                               seed=seed), **ppo})

@@ -10,7 +10,7 @@
     rewards.py       reward functions for the online algorithms; memory.py: peak-memory estimate;
     watch.py         the reward-hacking watch
 
-    from components.training import config_class, build_trainer
+    from rlhf_studio.components.training import config_class, build_trainer
     cfg = config_class("dpo")(steps=20, beta=0.1)
     trainer = build_trainer(lm, "dpo", cfg, rows=pairs)      # pairs: [{"prompt", "chosen", "rejected"}]
     while trainer.step_count < cfg.steps: print(trainer.step())

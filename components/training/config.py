@@ -67,7 +67,7 @@ class TrainConfig:
     stays inside each row (FlashAttention's variable-length kernel on CUDA in bf16/fp16, SDPA row by row
     elsewhere; components/attention.py). Same results; the padding to the longest prompt is not computed (with
     prompts of 16..64 tokens and 128-token responses, one position in eight). Only for decoders known to allow
-    it (`components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
+    it (`rlhf_studio.components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
     the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
     padded rows."""
 

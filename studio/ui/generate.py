@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from components.generation import MAX_N
+from rlhf_studio.components.generation import MAX_N
 from . import generate_actions as act
 from .common import LETTERS, bind
 # the tab's helpers, under the names other modules and the tests use

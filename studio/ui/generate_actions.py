@@ -9,7 +9,7 @@ import uuid
 
 import gradio as gr
 
-from components.generation import MAX_N
+from rlhf_studio.components.generation import MAX_N
 from ..auth import require_owner, role_of
 from ..errors import StudioError
 from .common import (ERROR_PREFIX, LETTERS, annotator_of, blind_view, fail, letters_to_index, md_text, ok,

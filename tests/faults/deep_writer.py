@@ -8,7 +8,7 @@ Then it waits to be killed.
 import sys
 import time
 
-from studio import Studio
+from rlhf_studio import Studio
 
 SMALL = dict(lora_layers=1, epochs=1, batch_size=4, micro_batch_size=2, max_tokens=64)
 

@@ -9,7 +9,7 @@ import resource
 import signal
 import sys
 
-from storage import Store, StorageError
+from rlhf_studio.storage import Store, StorageError
 
 
 def main() -> None:

@@ -12,7 +12,7 @@
 import resource
 import sys
 
-from studio import Studio
+from rlhf_studio import Studio
 
 
 def vm_size() -> int:

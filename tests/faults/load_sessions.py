@@ -124,7 +124,7 @@ def seed_database(path: str, lm, n_prompts: int = 16) -> dict:
     """Prompts with 4 completions each (fixed texts: the sessions load completions instead of generating) and
     distinct star ratings (6 preference pairs a prompt), so that the deep tier has pairs to train on.
     Returns {"prompts": {prompt_id: (text, [completion ids in card order])}, "last_label_id": int}."""
-    from studio import Studio
+    from rlhf_studio import Studio
     s = Studio(path, model=lm)
     s.reward.settings.deep_every = 0
     prompts, all_ids = {}, []

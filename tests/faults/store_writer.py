@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from storage import Store
+from rlhf_studio.storage import Store
 
 
 def main() -> None:

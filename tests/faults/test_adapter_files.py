@@ -9,8 +9,8 @@ import zipfile
 import pandas as pd
 import pytest
 
-from components.adapters import AdapterFormatError, pack_adapter_dir, unpack_adapter
-from studio import StudioError
+from rlhf_studio.components.adapters import AdapterFormatError, pack_adapter_dir, unpack_adapter
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def _lora_for(lm, seed: int) -> bytes:
 def test_two_studios_sharing_a_model_each_generate_with_their_own_adapter(lm, tmp_path):
     """A notebook may open two databases on one loaded model (`Studio(db2, model=s.lm)`); both hold an adapter
     with id 1, different weights. Each studio generates with its own (the second reused the first's, by id)."""
-    from studio import Studio
+    from rlhf_studio import Studio
     a, b = Studio(str(tmp_path / "a.duckdb"), model=lm), Studio(str(tmp_path / "b.duckdb"), model=lm)
     try:
         ids = {st.store.add_adapter(name="mine", weights=_lora_for(lm, seed), config={}, base_model_id=lm.model_id,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from components.models import cache_dir
+from rlhf_studio.components.models import cache_dir
 from tests.browser import browser, running_app
 from tests.studios import open_studio
 

@@ -5,8 +5,8 @@ import threading
 import duckdb
 import pytest
 
-from storage import StorageError, Store
-from studio import StudioError
+from rlhf_studio.storage import StorageError, Store
+from rlhf_studio import StudioError
 
 
 @pytest.fixture

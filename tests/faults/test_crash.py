@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 from tests.faults.helpers import Child
 
 
@@ -53,7 +53,7 @@ def test_out_of_memory_while_generating_gives_advice(writer):
 
 
 def test_kill_9_during_a_stream_of_labels(writer):
-    from storage import Store
+    from rlhf_studio.storage import Store
 
     db, child, model_ids = writer["db"], writer["child"], writer["model_ids"]
     acked: list[tuple[str, int, int | None]] = []
@@ -117,7 +117,7 @@ def test_kill_9_during_a_stream_of_labels(writer):
 def test_kill_9_during_reward_model_training(tmp_path, child_factory, lm):
     """The run is marked interrupted at the next start, only complete versions exist, and the next update
     warm-starts from the newest complete one and still trains on the pairs the lost update had."""
-    from studio import Studio
+    from rlhf_studio import Studio
     db = str(tmp_path / "deep.duckdb")
     child = child_factory("deep_writer.py", db)
     v1 = int(child.expect("V1").split()[1])

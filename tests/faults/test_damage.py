@@ -13,7 +13,7 @@ import threading
 import duckdb
 import pytest
 
-from storage import Store, StorageError
+from rlhf_studio.storage import Store, StorageError
 from tests.faults.helpers import ROOT, db_rows
 
 BLOCK = 262144
@@ -133,7 +133,7 @@ def test_damaged_free_space_only_warns(tmp_path, caplog):
     size = os.path.getsize(db)
     target = [b for b in junk if HEADER + (b + 1) * BLOCK <= size][0]
     _overwrite(db, HEADER + target * BLOCK + 5000)
-    with caplog.at_level(logging.WARNING, logger="storage"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_studio.storage"):
         st = Store(db)
     try:
         assert len(st._core.warnings) == 1 and "fail their checksum" in st._core.warnings[0]
@@ -170,7 +170,7 @@ def test_garbage_wal_is_quarantined_not_deleted(golden, tmp_path, caplog):
     db = _copy(golden, tmp_path)
     garbage = b"not a write-ahead log\n" * 50 + os.urandom(3000)
     open(db + ".wal", "wb").write(garbage)
-    with caplog.at_level(logging.WARNING, logger="storage"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_studio.storage"):
         st = Store(db)
     try:
         q = glob.glob(db + ".wal.quarantined-*")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from storage import StorageError, Store
+from rlhf_studio.storage import StorageError, Store
 
 
 def test_full_tmpfs(tmp_path):

@@ -6,7 +6,7 @@ import json
 import duckdb
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 
 def _counts(studio):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 
 def _counts(studio):

@@ -6,7 +6,7 @@ same switch a user of a shared machine sets) and asking for a batch whose full-v
 over a gigabyte."""
 import pytest
 
-from studio import StudioError
+from rlhf_studio import StudioError
 
 pytestmark = pytest.mark.slow
 

@@ -40,9 +40,9 @@ def _relative_errors(got: dict, want: dict) -> list[float]:
 def gradients():
     """gradients(compiled, layout) -> {tensor name: gradient or None} for one fixed micro-batch."""
     from bench.random_models import random_trainer
-    from components.model_utils import causal_lm_of
-    from components.training.engine.rollout import forward_response, rollout
-    from components.training.engine.acceleration import swapped_layers
+    from rlhf_studio.components.model_utils import causal_lm_of
+    from rlhf_studio.components.training.engine.rollout import forward_response, rollout
+    from rlhf_studio.components.training.engine.acceleration import swapped_layers
     device = torch.device(DEVICE)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     trainer, prompts = random_trainer(SHAPE, device, dtype, ROWS, batch_size=ROWS,

@@ -1,0 +1,1 @@
+"""The training engine every algorithm runs on (see components/training/__init__.py for the map)."""
