@@ -140,7 +140,7 @@ def pick_pair(s, by_prompt, rng, choice: str):
 
 def heldout_rm_accuracy(s, rule, pool) -> float:
     """Share of held-out pairs with a strict rule preference that the current reward model orders the same way."""
-    from studio import StudioError
+    from rlhf_studio import StudioError
     right = total = 0
     scores = {}
     for p, texts in pool:
@@ -276,7 +276,7 @@ def thread_probe(lm) -> None:
     """Wall and CPU time of one Studio-style sampling call (6 completions x 24 tokens) at this process's torch
     thread count: on a machine whose cores are oversubscribed, two OpenMP threads wait for each other at every
     barrier, so the count that is faster alone can be far slower there."""
-    from components.generation import SamplingParams, generate
+    from rlhf_studio.components.generation import SamplingParams, generate
     generate(lm, "Say hi.", SamplingParams(n=1, max_new_tokens=4, seed=0))       # warm-up
     for _ in range(2):
         w, c = time.perf_counter(), time.process_time()
