@@ -11,6 +11,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("studio", "storage", "components")
+PACKAGE = "rlhf_studio"        # the installed name the folders are imported under (pyproject.toml)
+
+
+def local(name: str) -> str:
+    """A module name as the repository's folders name it: rlhf_studio.storage.db -> storage.db, rlhf_studio -> ''."""
+    return "" if name == PACKAGE else name[len(PACKAGE) + 1:] if name.startswith(PACKAGE + ".") else name
 
 # A private name still imported across modules, with the reason it stays for now. Empty is the goal.
 KNOWN: set[tuple[str, str]] = set()
@@ -53,12 +59,21 @@ def private_uses(path: Path) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.split(".")[0] in OURS:
-                    if any(private(p) for p in a.name.split(".")):
-                        found.append(a.name)
-                    modules[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                name = local(a.name)
+                if name.split(".")[0] in OURS:
+                    if any(private(p) for p in name.split(".")):
+                        found.append(name)
+                    if a.asname:
+                        modules[a.asname] = name
+                    elif a.name.startswith(PACKAGE + "."):
+                        modules[PACKAGE] = ""           # `import rlhf_studio.studio.a`: used as rlhf_studio.studio.a.x
+                    else:
+                        modules[name.split(".")[0]] = name.split(".")[0]
         elif isinstance(node, ast.ImportFrom):
-            mod = absolute(path, node)
+            mod = local(absolute(path, node))
+            if mod == "":                               # `from rlhf_studio import storage`
+                modules.update({a.asname or a.name: a.name for a in node.names if a.name in OURS})
+                continue
             if mod.split(".")[0] not in OURS:
                 continue
             for a in node.names:
@@ -73,7 +88,7 @@ def private_uses(path: Path) -> list[str]:
                 chain.insert(0, value.attr)
                 value = value.value
             if isinstance(value, ast.Name) and value.id in modules:
-                mod = ".".join([modules[value.id]] + chain)
+                mod = ".".join(filter(None, [modules[value.id]] + chain))
                 if is_module(mod):
                     found.append(f"{mod}.{node.attr}")
     return found
@@ -93,8 +108,13 @@ def test_the_rule_sees_each_way_of_reaching_a_private_name(tmp_path, monkeypatch
     (pkg / "a.py").write_text("def _hidden(): pass\n")
     (pkg / "b.py").write_text("from .a import _hidden\nfrom . import a\nimport studio.a\nimport os\n"
                               "a._hidden()\nstudio.a._hidden()\nos._exit\nself_ok = a.visible\n")
+    (pkg / "c.py").write_text("from rlhf_studio.studio.a import _hidden\nimport rlhf_studio.studio.a\n"
+                              "import rlhf_studio.studio.a as aa\nfrom rlhf_studio import studio as st\n"
+                              "rlhf_studio.studio.a._hidden()\naa._hidden()\nst.a._hidden()\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert private_uses(pkg / "b.py") == ["studio.a._hidden"] * 3
+    assert private_uses(pkg / "c.py") == ["studio.a._hidden"] * 4      # the same through the installed name
+    assert imports_of(pkg / "c.py") == {"studio.a", "studio"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -102,9 +122,10 @@ def imports_of(path: Path) -> set[str]:
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
+            out |= {local(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            out.add(absolute(path, node))
+            mod = local(absolute(path, node))
+            out |= {a.name for a in node.names} if mod == "" else {mod}
     return out
 
 
@@ -118,7 +139,7 @@ def test_arrows_point_one_way():
 
 def test_the_tabs_hold_no_sql_and_no_storage():
     """issue 25's grep: `grep -rn "import storage\\|from storage\\|\\.store\\.\\|SELECT" studio/ui` finds nothing."""
-    pattern = re.compile(r"import storage|from storage|\.store\.|SELECT")
+    pattern = re.compile(r"import storage|from storage|rlhf_studio\.storage|\.store\.|SELECT")
     bad = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sources("studio/ui")
            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert not bad, "the tabs talk to the Studio facade only:\n" + "\n".join(bad)
