@@ -231,14 +231,16 @@ class Labels(StoreBase):
         return bulk.write_pairs(self, rows, source, criterion)
 
     def unlabelled_pairs(self, prompt_id: int | None = None, limit: int = 2000) -> pd.DataFrame:
-        """Pairs (a < b) of completions of one prompt that no current pairwise or ranking label covers yet,
-        newest prompts first: the candidates for active learning."""
+        """Pairs (a < b) of completions of one prompt that no current label orders yet and no current pairwise
+        vote covers (a tie or "both bad" too: asking again would bring the same pair back forever), newest
+        prompts first: the candidates for active learning."""
         cond = "" if prompt_id is None else " AND a.prompt_id = ?"
         params: list = [] if prompt_id is None else [as_int(prompt_id, "prompt id")]
         return self._df(
             "WITH recent AS (SELECT id FROM prompts ORDER BY id DESC LIMIT 500), "
             "covered AS (SELECT least(chosen_id, rejected_id) AS x, greatest(chosen_id, rejected_id) AS y "
-            "FROM preference_pairs) "
+            "FROM preference_pairs UNION SELECT least(completion_id, other_completion_id), "
+            "greatest(completion_id, other_completion_id) FROM feedback_current WHERE kind = 'pairwise') "
             "SELECT a.prompt_id, a.id AS a, b.id AS b FROM completions a JOIN completions b "
             "ON a.prompt_id = b.prompt_id AND a.id < b.id "
             "WHERE a.prompt_id IN (SELECT id FROM recent)" + cond +

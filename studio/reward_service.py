@@ -413,7 +413,11 @@ class RewardService:
         if len(cands) == 0:
             return None
         if model is None:
-            r = cands.iloc[0]
+            # No model yet: a pair spread over the pool by a hash of its ids, not the first in the table's order
+            # (those are one prompt's, and for a rare preference all ties: no model ever formed; docs/LEARNING.md).
+            spread = [hashlib.md5(f"{a}:{b}".encode()).digest() for a, b in zip(cands["a"], cands["b"])]
+            k = spread.index(min(spread))
+            r = cands.iloc[k]
             return {"prompt_id": int(r.prompt_id), "a": int(r.a), "b": int(r.b), "p": 0.5, "std": float("nan")}
         feats = self.features(list(cands["a"]) + list(cands["b"]))
         Xa = np.stack([feats[int(i)] for i in cands["a"]])

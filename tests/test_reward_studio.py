@@ -29,6 +29,21 @@ def test_clear_messages_before_any_pair(studio):
     assert studio.suggest_pair()["prompt_id"] == cs[0].prompt_id      # nothing labelled: any pair is informative
 
 
+def test_before_a_model_exists_suggestions_spread_over_the_prompts(studio):
+    """With no reward model the suggestion used to be the table's first unlabelled pairs: one prompt's, which for a
+    rare preference are all ties, so no model ever formed (docs/LEARNING.md, suggested vs random)."""
+    for p in ["Name a fruit.", "Say hello.", "Name a colour.", "Name a tree."]:
+        studio.generate(p, n=3, max_new_tokens=4, seed=0)
+    first = studio.store.unlabelled_pairs(limit=2000)
+    prompts = set()
+    for _ in range(3):
+        sug = studio.suggest_pair()
+        prompts.add(sug["prompt_id"])
+        studio.compare(sug["a"], sug["b"], winner="tie")
+    assert len(prompts) >= 2, prompts                       # not the first prompt's three pairs in table order
+    assert len(set(first["prompt_id"][:3])) == 1            # (which is what the table's order would have given)
+
+
 def test_fast_tier_refits_after_each_label_and_versions_score_identically(studio):
     _labelled(studio, ["Name a fruit.", "Say hello.", "Name a colour."])
     m = studio.reward_metrics()
