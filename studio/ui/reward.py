@@ -177,7 +177,11 @@ def on_select(studio, evt: gr.SelectData, df, request: gr.Request = None) -> tup
     except StudioError as e:
         return gr.skip(), fail(e)
     try:
-        row = df.iloc[evt.index[0]]
+        # the clicked row as the page showed it: the table's value may have been refreshed (a new version on
+        # top) between what the user saw and the event, which shifts the row index by one
+        shown = getattr(evt, "row_value", None)
+        row = (pd.Series(shown, index=df.columns) if shown is not None and len(shown) == len(df.columns)
+               else df.iloc[evt.index[0]])
         vid = int(row["id"])
     except Exception:
         return gr.skip(), gr.skip()
