@@ -276,18 +276,9 @@ class JobManager:
     def start_ppo(self, steps: int = 20, wait: bool = False, prompts: list[str] | None = None,
                   reward_tier: str | None = None, reward_version: int | None = None, watch=None,
                   **config) -> RunHandle:
-        from rlhf_studio.components.training.ppo_config import PPOConfig
         from .watch import parse_config
         watch_cfg = parse_config(watch)
-        cfg_fields = PPOConfig.__dataclass_fields__
-        unknown = sorted(set(config) - set(cfg_fields))
-        if unknown:
-            raise StudioError(f"unknown PPO settings: {', '.join(unknown)}")
-        try:
-            cfg = PPOConfig(steps=int(steps), **config)
-            cfg.validate()
-        except (TypeError, ValueError) as e:
-            raise StudioError(f"invalid PPO settings: {e}") from None
+        cfg = self.config_of("ppo", steps, config)
         self.check_memory(cfg)
         prompts, note = (prompts, None) if prompts else self._prompt_snapshot()
         if not prompts:
