@@ -109,10 +109,6 @@ class Rollout:
     def full_response_mask(self) -> torch.Tensor:  # [B, P + R]; the reward protocol's response_mask
         return torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1)
 
-    @property
-    def response_lengths(self) -> torch.Tensor:  # [B]
-        return self.response_mask.sum(1)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward pass over prompt + response
