@@ -105,10 +105,9 @@ def _deep(studio, rec, prompts, texts, H):
     try:
         with torch.no_grad():
             for i in range(0, len(texts), 8):
-                tuned, probe = model._scores(list(zip(prompts[i:i + 8], texts[i:i + 8])), trainable=False,
-                                             ensemble=True, parts=True)
-                w = model.probe_weight
-                scores.append((tuned if probe is None else (1 - w) * tuned + w * probe).double().cpu().numpy())
+                # score_texts keeps the order, so `seen` lines up with `texts` row for row
+                s = model.score_texts(list(zip(prompts[i:i + 8], texts[i:i + 8])))
+                scores.append(s.double().cpu().numpy())
     finally:
         hook.remove()
     seqs, _ = encode_texts(studio.lm, prompts, texts, max_tokens=10 ** 9)

@@ -507,11 +507,14 @@ class DeepRewardModel:
         return out
 
     # ---------------------------------------------------------------- scoring
-    def _scores(self, texts: Sequence[tuple[str, str]], trainable: bool, ensemble: bool = False,
-                parts: bool = False):
-        """Scores [B] of (prompt, completion) texts; with trainable, differentiable w.r.t. adapter and head.
-        ensemble: mix in the probe on base features (probe_weight). Caller holds lm.lock (an RLock) when it
-        wants forward and backward in one hold."""
+    def score_texts(self, texts: Sequence[tuple[str, str]], *, trainable: bool = False, ensemble: bool = True,
+                    parts: bool = False):
+        """Scores [B] (a tensor) of (prompt, completion) texts as ONE batch, row i for texts[i]: no length sorting,
+        so a hook on `head` sees the rows in the caller's order (studio/reward_export.py reads them so).
+        ensemble: (1 - probe_weight) * fine-tuned + probe_weight * probe on base features, as `score` gives;
+        False: the fine-tuned head alone. parts: (fine-tuned, probe or None) instead of the mix.
+        trainable: differentiable w.r.t. adapter and head (training); else wrap the call in torch.no_grad().
+        Caller holds lm.lock (an RLock) when it wants forward and backward in one hold."""
         lm = self.lm
         w = self.probe_weight if ensemble else 0.0
         if self.split:
@@ -571,8 +574,7 @@ class DeepRewardModel:
             if stop is not None and stop():
                 raise Cancelled(f"scoring stopped after {done} of {len(seqs)} texts")
             with torch.no_grad():
-                s, sp = self._scores([(prompts[i], completions[i]) for i in idx], trainable=False,
-                                     ensemble=True, parts=True)
+                s, sp = self.score_texts([(prompts[i], completions[i]) for i in idx], parts=True)
             out[idx] = s.float().cpu().numpy()
             if sp is not None:
                 out_probe[idx] = sp.float().cpu().numpy()
@@ -781,7 +783,7 @@ class DeepRewardTrainer:
                 margin = torch.tensor([m for *_, m in micro], dtype=torch.float32, device=self.lm.device)
                 with self.lm.lock, torch.enable_grad(), self.model.active(trainable=True), \
                         fused_lora(self.lm.model):
-                    s = self._scores_for_training(texts)
+                    s = self.model.score_texts(texts, trainable=True, ensemble=False)
                     sc, sr = s[:len(micro)], s[len(micro):]
                     loss = bt_loss(sc, sr, margin, reduction="sum") / len(step_pairs)
                     loss.backward()
@@ -808,6 +810,3 @@ class DeepRewardTrainer:
                 "pairs_trained": seen, "loss": float(np.sum(losses) / max(1, seen)),
                 "accuracy": correct / max(1, seen), "seconds": time.perf_counter() - t0, "stopped": stopped,
                 "skipped_steps": skipped}
-
-    def _scores_for_training(self, texts):
-        return self.model._scores(texts, trainable=True)
