@@ -94,10 +94,59 @@ def private_uses(path: Path) -> list[str]:
     return found
 
 
+def defined_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(names of the functions and methods a module defines, every name it defines or assigns: defs, classes,
+    arguments, `x.name = ...`)."""
+    defs, names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            defs.add(node.name)
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, (ast.Attribute, ast.Name)) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr if isinstance(node, ast.Attribute) else node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return defs, names
+
+
+def private_method_calls(paths: list[Path]) -> list[str]:
+    """`obj._m(...)` in one of `paths` where `_m` is a function or method of another of them and the calling
+    module defines no `_m` of its own: a private method called on an object of a class from another module. Read
+    by name, not by type (no inference): `self._m`, `cls._m` and `super()._m` are the object's own; a name that
+    the caller also defines is taken as its own, and a name none of `paths` defines (`_asdict` of a
+    namedtuple, a library's private) is not this rule's business."""
+    trees = {q: ast.parse(q.read_text(encoding="utf-8")) for q in paths}
+    names = {q: defined_names(t) for q, t in trees.items()}
+    found = []
+    for path, tree in trees.items():
+        own = names[path][1]
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            attr, value = node.func.attr, node.func.value
+            if not private(attr) or attr in own:
+                continue
+            if isinstance(value, ast.Name) and value.id in ("self", "cls") or \
+                    isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "super":
+                continue
+            where = [str(q.relative_to(ROOT)) for q in paths if attr in names[q][0]]
+            if where:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node.func)} "
+                             f"(defined in {', '.join(where)})")
+    return found
+
+
 def test_no_module_uses_another_modules_underscore_names():
     bad = [f"{p.relative_to(ROOT)}: {name}" for p in sources("studio", "storage", "components") for name in private_uses(p)
            if (str(p.relative_to(ROOT)), name) not in KNOWN]
     assert not bad, "underscore names used across modules (give them a public name):\n" + "\n".join(bad)
+
+
+def test_no_module_calls_another_modules_private_methods():
+    bad = private_method_calls(sources("studio", "storage", "components"))
+    assert not bad, "private methods called across modules (give them a public name):\n" + "\n".join(bad)
 
 
 def test_the_rule_sees_each_way_of_reaching_a_private_name(tmp_path, monkeypatch):
@@ -115,6 +164,22 @@ def test_the_rule_sees_each_way_of_reaching_a_private_name(tmp_path, monkeypatch
     assert private_uses(pkg / "b.py") == ["studio.a._hidden"] * 3
     assert private_uses(pkg / "c.py") == ["studio.a._hidden"] * 4      # the same through the installed name
     assert imports_of(pkg / "c.py") == {"studio.a", "studio"}
+
+
+def test_the_rule_sees_a_private_method_called_on_another_modules_object(tmp_path, monkeypatch):
+    """The check above flags a call on an object of another module's class, not one on its own class's."""
+    pkg = tmp_path / "components"
+    pkg.mkdir()
+    (pkg / "model.py").write_text("class Model:\n    def _scores(self): pass\n"
+                                  "    def score(self): return self._scores()\n")
+    (pkg / "user.py").write_text("from .model import Model\nm = Model()\nm._scores()\nm.score()\n"
+                                 "t = lambda obj: obj._asdict()\n")
+    (pkg / "own.py").write_text("class Other:\n    def _scores(self): pass\n    def go(self, o): o._scores()\n"
+                                "class Sub(Other):\n    def _x(self): super()._scores(); self._scores()\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    # own.py's o._scores() is its own class's method of that name: not flagged
+    assert private_method_calls(sorted(pkg.glob("*.py"))) == [
+        "components/user.py:3: m._scores (defined in components/model.py, components/own.py)"]
 
 
 def imports_of(path: Path) -> set[str]:
