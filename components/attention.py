@@ -137,6 +137,43 @@ def packed_attention_forward(module, query, key, value, attention_mask=None, dro
     return _sdpa_rows(query, key, value, packed_cu_seqlens, scaling), None
 
 
+TREE = "studio_tree"
+_tree_registered = False
+
+
+def tree_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
+                           scaling: float | None = None, tree_blocks=None, tree_max_len=None, **kwargs):
+    """transformers attention function for prompt-tree rows (components/training/engine/tree.py): one SDPA call
+    per block. query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None). tree_max_len: the
+    longest row (prompt + response), which a sliding window must not cut."""
+    if tree_blocks is None or attention_mask is not None or dropout or kwargs.get("softcap") \
+            or (kwargs.get("sliding_window") or tree_max_len) < tree_max_len:
+        raise ValueError("tree attention needs tree_blocks, and takes no mask, dropout, softcap nor sliding "
+                         "window; turn it off (tree_rows=False)")
+    gqa = query.shape[1] != key.shape[1]
+    out = []
+    for b in tree_blocks:
+        q = query[:, :, b.start:b.end]
+        if b.mask is None:
+            (s, e), = b.keys
+            out.append(torch.nn.functional.scaled_dot_product_attention(
+                q, key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, enable_gqa=gqa))
+            continue
+        k = torch.cat([key[:, :, s:e] for s, e in b.keys], dim=2)
+        v = torch.cat([value[:, :, s:e] for s, e in b.keys], dim=2)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=b.mask.to(q.device), scale=scaling, enable_gqa=gqa))
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_tree_attention() -> None:
+    global _tree_registered
+    if not _tree_registered:
+        from transformers import AttentionInterface
+        AttentionInterface.register(TREE, tree_attention_forward)
+        _tree_registered = True
+
+
 # decoders whose attention transformers runs through its attention interface with rotary positions, causal and
 # with no bias, softcap or alibi: packing gives their padded pass's results (tests/test_ppo_speedups.py runs llama)
 # (gemma3_text: its query_pre_attn_scalar arrives as `scaling`; gemma2 is left out for its attention softcap)

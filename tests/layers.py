@@ -1,4 +1,5 @@
-"""The embedded model cut to its first decoder layers, for tests of mechanics that hold layer by layer."""
+"""The embedded model cut to its first decoder layers, for tests of mechanics that hold layer by layer; and a
+policy adapter that is not the identity."""
 from __future__ import annotations
 
 
@@ -11,4 +12,23 @@ def keep_first_layers(lm, n: int):
     decoder = causal_lm_of(lm.model).get_decoder()
     decoder.layers = decoder.layers[:n]
     lm.model.config.num_hidden_layers = n
+    return lm
+
+
+def attach_moved_policy(lm, lora_r: int = 8, lora_alpha: int = 16):
+    """Attach the trainers' policy LoRA adapter with non-zero B (a fresh adapter's B is 0: the policy would be the
+    base, and a test comparing two layouts of the LoRA math would compare nothing), trainable, the same on every
+    run. Returns lm."""
+    import torch
+
+    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
+    from rlhf_studio.components.training.ppo_config import PPOConfig
+    torch.manual_seed(0)        # peft draws lora_A from the global generator: the same adapter in any test order
+    attach_policy_adapter(lm, PPOConfig(lora_r=lora_r, lora_alpha=lora_alpha))
+    g = torch.Generator().manual_seed(0)
+    for name, p in lm.model.named_parameters():
+        if "lora_" in name:
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            p.requires_grad_(True)
     return lm

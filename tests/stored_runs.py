@@ -47,9 +47,9 @@ def reward():
     return TokenCountReward(range(2000))
 
 
-def trainer(lm, algorithm: str):
+def trainer(lm, algorithm: str, **extra):
     from rlhf_studio.components.training import build_trainer, config_class
-    cfg = config_class(algorithm)(**SETTINGS[algorithm])
+    cfg = config_class(algorithm)(**SETTINGS[algorithm], **extra)
     if algorithm in ("dpo", "kto"):
         return build_trainer(lm, algorithm, cfg, rows=PAIRS if algorithm == "dpo" else UNPAIRED)
     return build_trainer(lm, algorithm, cfg, prompts=PROMPTS, reward_fn=reward())

@@ -423,7 +423,7 @@ def test_packed_rows_train_as_padded_rows(lm_short):
     def counting(module, query, *args, **kwargs):
         calls.append(torch.is_grad_enabled())
         return real(module, query, *args, **kwargs)
-    kw = dict(ppo_epochs=1, share_prompt_prefix=False, old_logprobs="forward")
+    kw = dict(ppo_epochs=1, share_prompt_prefix=False, old_logprobs="forward", tree_rows=False)   # not the CPU tree
     padded = small_trainer(lm_short, pack_rows=False, **kw)
     want = [padded.step() for _ in range(2)]
     want_adapter = {k: v.clone() for k, v in padded._adapter_state().items()}

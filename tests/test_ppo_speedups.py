@@ -17,7 +17,7 @@ import torch
 from rlhf_studio.components.fused_lora import fused_lora
 from rlhf_studio.components.training.engine.rollout import (encode_prompts, forward_response, left_pad, mask_after_eos, sample,
                                     shared_prefix_length)
-from tests.layers import keep_first_layers
+from tests.layers import attach_moved_policy, keep_first_layers
 
 PROMPTS = ["Give me one tip for writing a clear email.", "Explain photosynthesis to a child.",
            "Write a haiku about autumn.", "What is a good name for a cat?", "Why is the sky blue?",
@@ -44,19 +44,10 @@ def _policy_batch(dtype: str, layers: int | None = None, prompts: list[str] = PR
     keeps only the first decoder layers (real weights): what these tests compare is per-layer math, and a bf16
     matmul is ~30x slower than fp32 on a CPU without bf16 instructions (a full bf16 pass took a minute in CI)."""
     from rlhf_studio.components.models import load_model
-    from rlhf_studio.components.training.ppo_config import PPOConfig
-    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
     lm = load_model("embedded", dtype=dtype)
     if layers is not None:
         keep_first_layers(lm, layers)
-    torch.manual_seed(0)        # peft draws lora_A from the global generator: the same adapter in any test order
-    attach_policy_adapter(lm, PPOConfig(lora_r=8, lora_alpha=16))
-    g = torch.Generator().manual_seed(0)
-    for name, p in lm.model.named_parameters():
-        if "lora_" in name:
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            p.requires_grad_(True)
+    attach_moved_policy(lm)
     q, qm = left_pad(encode_prompts(lm, prompts, 256), lm.pad_token_id)
     torch.manual_seed(0)
     resp = sample(lm.model, q, qm, 12, 0.7, 1.0, lm.eos_token_id, lm.pad_token_id)

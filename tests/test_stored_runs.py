@@ -22,7 +22,9 @@ def test_a_run_stored_before_the_split_resumes_where_it_stopped(tiny, algorithm)
     from safetensors.torch import load
     blob = (FIXTURES / f"{algorithm}.safetensors").read_bytes()
     nxt = (FIXTURES / f"{algorithm}.next.safetensors").read_bytes()
-    tr = trainer(tiny, algorithm)
+    # the row layout the stored run's code used (padded; the CPU's prompt tree came later: same math, other
+    # rounding, which Adam's normalised step turns into differences above this test's tolerance on small gradients)
+    tr = trainer(tiny, algorithm, tree_rows=False)
     fresh = adapter_tensors(tr)
     meta = tr.load_state_bytes(blob)
     assert meta["step"] == 1 and tr.step_count == 1

@@ -70,6 +70,11 @@ class TrainConfig:
     it (`rlhf_studio.components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
     the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
     padded rows."""
+    tree_rows: bool = True
+    """On the CPU, forward passes run the rows as a prompt tree: the shared prompt prefix and each distinct
+    prompt once (k completions of one prompt, a pair's two completions), no padding, one sequence
+    (components/training/engine/tree.py); same results. Only for the decoders `pack_rows` allows and not with
+    compiled passes; GPUs keep the layouts above. False: the layouts above on the CPU too."""
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     seed: int = 0
@@ -130,7 +135,7 @@ class TrainConfig:
     def _shared_engine_fields(self) -> dict:
         keep = ("lr", "lr_schedule", "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout",
                 "target_modules", "adapter_name", "max_prompt_tokens", "share_prompt_prefix", "fused_lora",
-                "pack_rows", "seed")
+                "pack_rows", "tree_rows", "seed")
         return {k: getattr(self, k) for k in keep}
 
     def to_dict(self) -> dict:

@@ -68,3 +68,14 @@ def packs_rows(wanted: bool, decoder, longest: int, device: torch.device, compil
     return wanted and packing_supported(decoder.config, longest) and (
         varlen_available(device, decoder.get_input_embeddings().weight.dtype)
         if compiled or device.type == "cuda" else True)
+
+
+def row_layout(pack: bool, tree: bool, decoder, longest: int, device: torch.device, compiled: bool) -> bool | str:
+    """How a trainer lays out its forward passes' rows (forward_response's `pack`): "tree" (the prompt tree,
+    engine/tree.py) on the CPU, uncompiled, for decoders that take packed attention, where `tree_rows` is on: a
+    CPU pass costs what its tokens cost. Else `packs_rows` (True: packed rows, False: padded); GPUs keep the
+    shared-prefix and flash-kernel layouts, whose one kernel a block-by-block loop would not beat."""
+    from ...attention import packing_supported
+    if tree and torch.device(device).type == "cpu" and not compiled and packing_supported(decoder.config, longest):
+        return "tree"
+    return packs_rows(pack, decoder, longest, device, compiled)

@@ -27,7 +27,7 @@ import torch
 from ...attention import avoid_cudnn_attention
 from ...fused_lora import fused_lora
 from ...model_utils import causal_lm_of, safetensors_metadata
-from .acceleration import packs_rows
+from .acceleration import row_layout
 from .adapter import PolicyAdapter, save_adapter_folder
 from .checkpoint import ShuffledPass, check_lora_shape, load_optimizer, optimizer_tensors
 from .rollout import encode_prompts, forward_response, left_pad
@@ -89,7 +89,7 @@ class OfflineEngine(PolicyAdapter):
             self._attach_policy(lm, config)
             self._params = self._lora
             decoder = causal_lm_of(self.model).get_decoder()
-            self.pack_rows = packs_rows(config.pack_rows, decoder,
+            self.pack_rows = row_layout(config.pack_rows, config.tree_rows, decoder,
                                         config.max_prompt_tokens + config.max_completion_tokens, self.device, False)
         self.optimizer = torch.optim.AdamW(self._params, lr=config.lr, weight_decay=config.weight_decay,
                                            fused=self.device.type == "cuda" or None)

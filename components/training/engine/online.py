@@ -40,7 +40,7 @@ from ...fused_lora import fused_lora
 from ...model_utils import causal_lm_of, safetensors_metadata
 from ..ppo_config import PPOConfig
 from ..rewards import value_head_from_pooled_head
-from .acceleration import CompiledGradientsMissing, compile_failure, compile_layers, packs_rows, swapped_layers
+from .acceleration import CompiledGradientsMissing, compile_failure, compile_layers, row_layout, swapped_layers
 from .adapter import PolicyAdapter, adapter_config_dict, adapter_state, decode, merged_adapter, save_adapter_folder
 from .checkpoint import ShuffledPass, check_lora_shape, load_optimizer, optimizer_tensors
 from .ops import logprobs_from_logits
@@ -113,9 +113,9 @@ class OnlineEngine(PolicyAdapter):
             self._gradients_unchecked = compiled
             # why training went on eagerly, where the compiled passes failed (`_fall_back_to_eager`)
             self.compile_fallback: str | None = None
-            # passes without a shared prefix run packed rows (`PPOConfig.pack_rows`)
-            self.pack_rows = packs_rows(cfg.pack_rows, decoder, cfg.max_prompt_tokens + cfg.max_new_tokens,
-                                        self.device, compiled)
+            # the passes' row layout: the prompt tree on the CPU, else packed rows where no prefix is shared
+            self.pack_rows = row_layout(cfg.pack_rows, cfg.tree_rows, decoder,
+                                        cfg.max_prompt_tokens + cfg.max_new_tokens, self.device, compiled)
             self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
                 cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 

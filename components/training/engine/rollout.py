@@ -35,6 +35,7 @@ from ...attention import (PACKED, attention_implementation, prefix_sharing_suppo
 from ...fastgen import FastGenUnsupported, cache_kwarg, fast_generate, fast_path_enabled
 from ...model_utils import causal_lm_of, position_ids_from_mask
 from .ops import entropy_from_logits, logprobs_from_logits
+from .tree import in_row_layout, scatter_rows, tree_hidden, tree_layout
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,8 +188,11 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     Gradients flow when called outside no_grad (through the entropy only if entropy_grad).
     share_prefix: run a prompt prefix common to all rows once (module docs); off with gradient checkpointing,
     which cannot keep a cache.
-    pack: where neither the shared prefix nor want_hidden applies, run the rows packed into one sequence with no
-    padding (`_packed`; attention stays inside each row: components/attention.py). prompt_lengths: the rows'
+    pack: True: where neither the shared prefix nor want_hidden applies, run the rows packed into one sequence
+    with no padding (`_packed`; attention stays inside each row: components/attention.py). "tree": run the rows
+    as a prompt tree (engine/tree.py: the shared prefix (unless share_prefix is off) and each distinct prompt
+    once, no padding; outputs 0 after each row's end); the caller decides where it pays (`tree_rows_here`).
+    prompt_lengths: the rows'
     prompt lengths on the host (query_mask's row sums), where the caller has them: packing then waits for nothing
     on the device. logprobs_fn: what turns the head's logits into log-probs (default `logprobs_from_logits`; the
     compiled PPO update passes its compiled version of it).
@@ -196,6 +200,9 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
     lm = causal_lm_of(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     P, R = query_ids.shape[1], response_ids.shape[1]
+    if pack == "tree":
+        return _tree_forward(lm, query_ids, query_mask, response_ids, response_mask, temperature, value_head,
+                             want_entropy, want_hidden, entropy_grad, share_prefix, logprobs_fn)
     checkpointing = decoder.training and bool(getattr(decoder, "gradient_checkpointing", False))
     share_prefix = share_prefix and prefix_sharing_supported(decoder.config, P + R)
     n = shared_prefix_length(query_ids, query_mask) if share_prefix and not checkpointing else 0
@@ -237,6 +244,20 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                           entropy_grad, logprobs_fn, softcap=output_softcap(lm))
     out.hidden = hidden
     return out
+
+
+def _tree_forward(lm, query_ids, query_mask, response_ids, response_mask, temperature, value_head, want_entropy,
+                  want_hidden, entropy_grad, share_prefix, logprobs_fn) -> ForwardOut:
+    """forward_response on the prompt-tree layout: the head runs on the real response tokens only."""
+    layout = tree_layout(query_ids, query_mask, response_mask, response_ids, share_prefix)
+    hidden = tree_hidden(lm.get_decoder(), layout)
+    real = heads_on_hidden(lm.get_output_embeddings(), hidden[:, layout.predicting],
+                           response_ids[layout.rows, layout.cols][None], temperature, value_head, want_entropy,
+                           entropy_grad, logprobs_fn, softcap=output_softcap(lm))
+    shape = tuple(response_ids.shape)
+    spread = lambda t: None if t is None else scatter_rows(t[0], layout, shape)     # noqa: E731
+    return ForwardOut(logp=spread(real.logp), values=spread(real.values), entropy=spread(real.entropy),
+                      hidden=in_row_layout(hidden, layout, query_mask, response_mask) if want_hidden else None)
 
 
 def _aligned_left(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor):
