@@ -8,7 +8,8 @@
                      online engine's export), ops.py (shared math)
     ppo.py, rloo.py, grpo.py, dpo.py, kto.py     one algorithm each: its math (pure functions) and its step
     group.py         what RLOO and GRPO share (k completions a prompt)
-    config.py        the config fields the algorithms share; ppo_config.py: PPOConfig (also the engine's)
+    config.py        the config fields the algorithms share (OnlineConfig: also the online engine's settings);
+                     ppo_config.py: PPOConfig
     rewards.py       reward functions for the online algorithms; memory.py: peak-memory estimate;
     watch.py         the reward-hacking watch
 

@@ -27,6 +27,7 @@ import torch
 from .engine.online import OnlineEngine
 from .engine.ops import masked_mean, masked_whiten
 from .engine.rollout import Rollout, forward_response
+from .engine.value_head import init_value_head
 from .ppo_config import PPOConfig
 
 
@@ -196,11 +197,13 @@ class PPOTrainer(OnlineEngine):
 
     algorithm = "ppo"
     LOSS_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "vf_clip_frac")
+    trains_value_head = True
 
     def __init__(self, lm, reward_fn, config: PPOConfig | None = None, prompts: list | None = None,
                  device=None):
-        super().__init__(lm, reward_fn, config, prompts, device)
+        super().__init__(lm, reward_fn, config or PPOConfig(), prompts, device)
         cfg = self.config
+        self.value_head_source = init_value_head(self.value_head, reward_fn, cfg.value_head_init == "reward")
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 

@@ -98,6 +98,10 @@ class OnlineCheckpoint:
     def _load_algorithm_state(self, meta: dict) -> None:
         """Restore `_algorithm_state` from a checkpoint's metadata (subclasses)."""
 
+    def _checkpoint_config(self) -> dict:
+        """The config as a checkpoint holds it (plain JSON values)."""
+        return self.config.to_dict()
+
     def adapter_bytes(self) -> bytes:
         """The policy adapter's weights as safetensors bytes (peft key format, as adapter_model.safetensors);
         the adapter config is in the metadata under "adapter_config"."""
@@ -120,7 +124,7 @@ class OnlineCheckpoint:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 t[f"rng.cuda.{i}"] = s.clone()
         t["rng.trainer"] = self._gen.get_state().clone()
-        meta = {"format": ONLINE_STATE_FORMAT, "config": self.config.to_dict(), "step": self.step_count,
+        meta = {"format": ONLINE_STATE_FORMAT, "config": self._checkpoint_config(), "step": self.step_count,
                 **self._algorithm_state(), "optim_groups": groups, "n_params": len(self._params),
                 "adapter_name": self.adapter_name, "value_head_source": self.value_head_source}
         self.order.save(t, meta)

@@ -28,7 +28,7 @@ class Evaluation:
         mnt = max_new_tokens or cfg.max_new_tokens
         temp = temperature or cfg.temperature
         tp = top_p or cfg.top_p
-        bs = batch_size or max(cfg.batch_size, 1)
+        bs = batch_size or cfg.samples_per_step()
         out = []
         with self.lm.lock:
             self._activate_policy()

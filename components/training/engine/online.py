@@ -34,7 +34,7 @@ import torch
 from ...attention import avoid_cudnn_attention
 from ...fastgen import quantized_base
 from ...model_utils import causal_lm_of
-from ..ppo_config import PPOConfig
+from ..config import OnlineConfig
 from .acceleration import compile_failure
 from .adapter import PolicyAdapter
 from .checkpoint import OnlineCheckpoint, ShuffledPass
@@ -52,19 +52,21 @@ class OnlineEngine(PolicyAdapter, AcceleratedPasses, Evaluation, OnlineCheckpoin
     come with it from its neighbouring modules.
 
     reward_fn: the RewardFn protocol (components/training/rewards.py); prompts: the training prompts (text, or
-    lists of token ids); config: a PPOConfig (the engine's settings; other algorithms map theirs onto it).
+    lists of token ids); config: the algorithm's config, an OnlineConfig (components/training/config.py), whose
+    fields and `samples_per_step()` / `epochs_per_step()` are the engine's settings.
     An algorithm subclasses it with `step()`, `_micro_step()` (the loss of one micro-batch) and `LOSS_STATS`.
     """
 
     algorithm = ""
     # the statistics `_micro_step` adds up (averaged over micro-batches in each step's metrics)
     LOSS_STATS: tuple[str, ...] = ()
+    # whether the update trains the value head (PPO's critic) besides the adapter
+    trains_value_head = False
 
-    def __init__(self, lm, reward_fn, config: PPOConfig | None = None, prompts: list | None = None,
-                 device=None):
+    def __init__(self, lm, reward_fn, config: OnlineConfig, prompts: list | None = None, device=None):
         self.lm = lm
         self.reward_fn = reward_fn
-        self.config = config or PPOConfig()
+        self.config = config
         self.config.validate()
         if not prompts:
             raise ValueError(f"{self.algorithm.upper() or 'training'} needs at least one training prompt")
@@ -88,12 +90,12 @@ class OnlineEngine(PolicyAdapter, AcceleratedPasses, Evaluation, OnlineCheckpoin
             base_dtype = next(p for p in causal_lm_of(self.model).parameters() if not p.requires_grad).dtype
             quantized = bool(getattr(lm, "quantization", None)) or quantized_base(self.model)
             self._set_up_passes(quantized, base_dtype)      # engine/passes.py
-            # ---- value head on the policy trunk (engine/value_head.py) -----------------------------------------
+            # ---- value head on the policy trunk, at zero (engine/value_head.py; PPO starts it from the reward) --
             self.value_head = new_value_head(self.model, self.device)
-            self.value_head_source = init_value_head(self.value_head, reward_fn, cfg.value_head_init == "reward")
+            self.value_head_source = init_value_head(self.value_head, reward_fn, from_reward=False)
 
-        # ---- optimiser: LoRA + value head only ----------------------------------------------------------
-        self._params = self._lora + list(self.value_head.parameters())
+        # ---- optimiser: the LoRA parameters (+ the value head where the algorithm trains it) ------------
+        self._params = self._lora + (list(self.value_head.parameters()) if self.trains_value_head else [])
         # fused on CUDA: one kernel for all tensors (the foreach step launched ~8 ms of kernels per update at
         # 1.7B, r=16, in an H100 profile); the CPU keeps the default implementation
         self.optimizer = torch.optim.AdamW(self._params, lr=cfg.lr, eps=cfg.adam_eps,
@@ -107,8 +109,8 @@ class OnlineEngine(PolicyAdapter, AcceleratedPasses, Evaluation, OnlineCheckpoin
     # ------------------------------------------------------------------------------------------------------
 
     def _next_prompts(self) -> list:
-        """The next batch_size prompts of a shuffled pass over the prompts (reshuffled after each pass)."""
-        return [self.prompts[i] for i in self.order.take(self.config.batch_size)]
+        """The next `samples_per_step()` prompts of a shuffled pass over the prompts (reshuffled after each pass)."""
+        return [self.prompts[i] for i in self.order.take(self.config.samples_per_step())]
 
     def _set_lr(self) -> float:
         """This step's learning rate (`lr_schedule`), set on the optimizer."""
@@ -238,7 +240,7 @@ class OnlineEngine(PolicyAdapter, AcceleratedPasses, Evaluation, OnlineCheckpoin
         try:
             with ExitStack() as passes:
                 self._enter_update_passes(passes)
-                for _ in range(cfg.ppo_epochs):
+                for _ in range(cfg.epochs_per_step()):
                     perm = torch.randperm(B, generator=self._gen)
                     perm_dev = perm.to(self.device)
                     for mb in range(0, B, cfg.mini_batch_size):
