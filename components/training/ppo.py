@@ -1,9 +1,10 @@
 """PPO (Schulman et al., 2017) for RLHF, as in "The N Implementation Details of RLHF with PPO" (Huang et al., 2024).
 
 Read top to bottom: the math as pure functions on tensors (rewards with the KL penalty, GAE, the clipped policy
-and value losses, the KL coefficient's controllers), then `PPOTrainer`: its set-up (KL controller), `step()`
-(one PPO iteration) and `_micro_step()` (the loss of one micro-batch). Sampling, the policy and reference passes,
-scoring, the mini-batch loop, checkpoints and export are the engine's (components/training/engine/online.py).
+and value losses, the KL coefficient's controllers), then `PPOTrainer`: its set-up (value head, KL controller),
+`step()` (one PPO iteration) and `_micro_step()` (the loss of one micro-batch). Sampling, the policy and
+reference passes, scoring and the mini-batch loop are the engine's (components/training/engine/online.py), as are
+evaluation, checkpoints and export (engine/evaluation.py, checkpoint.py).
 
 One `step()`:
     1. rollout       sample one response per prompt (the engine's `collect`)
