@@ -550,7 +550,7 @@ def test_a_seed_gives_the_same_run_on_a_fresh_or_a_reused_model(lm_short):
 
 def test_a_failed_cuda_graph_capture_is_in_the_notes(lm32, monkeypatch):
     """The fast sampler then decodes eagerly (tests/test_fastgen.py); the run's notes say so, and why."""
-    import rlhf_studio.components.training.engine.online as trainer_module
+    import rlhf_studio.components.training.engine.passes as trainer_module
     tr = small_trainer(lm32, steps=1)
     assert tr.notes == []
     monkeypatch.setattr(trainer_module, "graph_capture_failure",

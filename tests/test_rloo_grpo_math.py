@@ -65,8 +65,27 @@ def test_configs_refuse_bad_groups():
         RLOOConfig(k=1)
     with pytest.raises(ValueError, match="multiple of mini_batch_size"):
         GRPOConfig(prompts_per_step=3, k=2, mini_batch_size=4)
-    e = GRPOConfig(prompts_per_step=2, k=3, mini_batch_size=6).engine_config()
-    assert (e.batch_size, e.vf_coef, e.kl_coef) == (6, 0.0, 0.04)
+    c = GRPOConfig(prompts_per_step=2, k=3, mini_batch_size=6, epochs=2)
+    assert (c.samples_per_step(), c.epochs_per_step()) == (6, 2)          # what the online engine reads
+    e = c.engine_config()                                                  # what the memory estimate reads
+    assert (e.batch_size, e.ppo_epochs, e.vf_coef, e.kl_coef) == (6, 2, 0.0, 0.04)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_configs_stored_before_the_engine_had_its_own_config_still_read(algorithm):
+    """The online engine reads RLOO's and GRPO's own configs now; their checkpoints still hold the PPOConfig
+    form that runs stored before hold (tests/fixtures/stored_runs/, written by older code), and a run's config
+    stored without the engine settings OnlineConfig took over from PPOConfig reads with their defaults."""
+    import json
+    from rlhf_studio.components.model_utils import safetensors_metadata
+    from rlhf_studio.components.training import config_class
+    from tests.stored_runs import FIXTURES, SETTINGS
+    meta = json.loads(safetensors_metadata((FIXTURES / f"{algorithm}.safetensors").read_bytes())["ppo_state"])
+    cfg = config_class(algorithm)(**SETTINGS[algorithm])
+    assert cfg.engine_config().to_dict() == meta["config"]
+    moved = ("old_logprobs", "merge_for_generation", "adam_eps", "lora_precision", "compile_backend")
+    before = {k: v for k, v in cfg.to_dict().items() if algorithm == "ppo" or k not in moved}
+    assert type(cfg).from_dict(json.loads(json.dumps(before))) == cfg
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +97,8 @@ def cut_lm():
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_one_step_trains_the_adapter_only_and_resumes(cut_lm, algorithm):
+    import json
+    from rlhf_studio.components.model_utils import safetensors_metadata
     from rlhf_studio.components.training.rewards import TokenCountReward
     from rlhf_studio.components.training import build_trainer, config_class
     cfg = config_class(algorithm)(steps=2, prompts_per_step=2, k=2, mini_batch_size=4, max_new_tokens=4,
@@ -86,6 +107,8 @@ def test_one_step_trains_the_adapter_only_and_resumes(cut_lm, algorithm):
     tr = build_trainer(cut_lm, algorithm, cfg, prompts=["Name a fruit.", "Say hello."], reward_fn=reward)
     before = [p.detach().clone() for p in tr._lora]
     blob = tr.state_bytes()
+    stored = json.loads(safetensors_metadata(blob)["ppo_state"])["config"]
+    assert stored == cfg.engine_config().to_dict()                          # the form stored runs hold
     m = tr.step()
     assert m["samples_per_s"] > 0 and math.isfinite(m["policy_loss"]) and m["advantage_std"] > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, tr._lora))      # the adapter moved

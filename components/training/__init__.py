@@ -1,12 +1,15 @@
 """Training algorithms on one shared base with a LoRA adapter: PPO, RLOO, GRPO, DPO, KTO.
 
     engine/          what every algorithm runs on: rollout.py (sampling, the policy/reference passes), online.py
-                     (OnlineEngine: collect, the mini-batch update loop, evaluation, checkpoints), offline.py
+                     (OnlineEngine: collect, the mini-batch update loop; passes.py: which shortcuts its passes
+                     take; evaluation.py: samples and the watch's probe; value_head.py), offline.py
                      (OfflineEngine: labelled rows -> sequence log-probs -> update), adapter.py (the LoRA policy,
-                     export), acceleration.py (compiled layers, packed rows), checkpoint.py, ops.py (shared math)
+                     export), acceleration.py (compiled layers, packed rows), checkpoint.py (checkpoints, the
+                     online engine's export), ops.py (shared math)
     ppo.py, rloo.py, grpo.py, dpo.py, kto.py     one algorithm each: its math (pure functions) and its step
     group.py         what RLOO and GRPO share (k completions a prompt)
-    config.py        the config fields the algorithms share; ppo_config.py: PPOConfig (also the engine's)
+    config.py        the config fields the algorithms share (OnlineConfig: also the online engine's settings);
+                     ppo_config.py: PPOConfig
     rewards.py       reward functions for the online algorithms; memory.py: peak-memory estimate;
     watch.py         the reward-hacking watch
 

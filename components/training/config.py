@@ -1,7 +1,8 @@
 """The settings every algorithm shares (adapter, optimiser, lengths, bookkeeping) and their checks.
 
     TrainConfig                 every algorithm: run length, optimiser, LoRA, prompt length, shortcuts, seed
-      OnlineConfig              the sampling ones: batch shape, sampling, reward shaping, clip, compile
+      OnlineConfig              the sampling ones, and the online engine's own settings: batch shape,
+                                sampling, reward shaping, clip, the engine's passes (compile, merged sampling, ...)
         PPOConfig (ppo_config.py), GroupConfig (group.py: RLOOConfig, GRPOConfig)
       OfflineConfig             the labelled ones: batch shape, completion length, beta (DPOConfig, KTOConfig)
 
@@ -9,8 +10,9 @@ Each algorithm's config subclasses one of them, adds its own fields, each docume
 and is stored with the run as JSON:
 `to_dict()` gives plain values, `from_dict()` rebuilds it and refuses unknown keys (a typo must not silently
 fall back to a default; keys of retired fields, which runs stored before their removal hold, are dropped).
-`engine_config()` maps it onto the PPOConfig the online engine and the memory estimate understand (same LoRA,
-same lengths, the batch shapes this algorithm runs).
+The online engine (engine/online.py) reads an OnlineConfig: its fields, and the two numbers each algorithm
+names its own way (`samples_per_step()`, `epochs_per_step()`). `engine_config()` gives the PPOConfig of the same
+LoRA, lengths and batch shapes, which the memory estimate (memory.py) reads.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ class TrainConfig:
         return self.lr * max(0.0, 1.0 - step / self.steps) if self.lr_schedule == "linear" else self.lr
 
     def engine_config(self) -> "PPOConfig":  # noqa: F821 - components/training/ppo_config.py
-        """The PPOConfig of the same LoRA, lengths and batch shape (for the engine and the memory estimate)."""
+        """The PPOConfig of the same LoRA, lengths and batch shape (what the memory estimate reads)."""
         raise NotImplementedError
 
     def _shared_engine_fields(self) -> dict:
@@ -166,7 +168,7 @@ class TrainConfig:
 
 @dataclass
 class OnlineConfig(TrainConfig):
-    """What the algorithms that sample and score share (PPO, RLOO, GRPO)."""
+    """What the algorithms that sample and score share (PPO, RLOO, GRPO): the online engine's settings."""
     # ---- batch shape --------------------------------------------------------------------------------------
     mini_batch_size: int = 8
     """Sequences per optimiser step; the step's sequences must be a multiple of it."""
@@ -182,6 +184,22 @@ class OnlineConfig(TrainConfig):
     top_p: float = 1.0
     """Nucleus sampling; 1.0 = off. (top-k is always off.) Log-probabilities are those of the untruncated,
     temperature-scaled distribution, as in TRL."""
+    old_logprobs: str = "auto"
+    """Where the rollout's log-probs (and PPO's values) come from. "forward": one no-grad forward of the policy
+    over prompt + response after sampling (bit-for-bit the computation the first training pass repeats).
+    "generation": the final hidden states recorded while sampling (KV-cached), through the output and value
+    heads: no second trunk forward; equal to "forward" to float rounding in fp32, noisier in bf16/fp16 (the
+    first ratio to the sampling policy is then not exactly 1). "auto": "generation" for an fp32 base, else
+    "forward"."""
+    merge_for_generation: str = "auto"
+    """Sample with the LoRA delta merged into the base weights (restored exactly after sampling, so nothing
+    drifts): one matmul per linear layer instead of the base matmul plus peft's LoRA ops. The old log-probs
+    always come from the unmerged policy, so the ratio to the sampling policy is exact either way; what merging
+    changes is the sampling distribution,
+    by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
+    any unquantized base on CUDA (faster decoding; the drift is of the size of running the policy in bf16 at all:
+    docs/GPU.md, "PPOConfig switches"); "on" = also bf16/fp16 on the CPU; "off" = never (samples exactly the
+    unmerged policy). Never for 4/8-bit bases."""
 
     # ---- reward and KL ------------------------------------------------------------------------------------
     kl_coef: float = 0.05
@@ -198,6 +216,17 @@ class OnlineConfig(TrainConfig):
     """Clip epsilon of the probability ratio to the sampling policy."""
 
     # ---- engine -------------------------------------------------------------------------------------------
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in the OpenAI/Huang et al. implementation, not PyTorch's 1e-8)."""
+    lora_precision: str = "auto"
+    """Where peft keeps fp32 adapters on a bf16/fp16 base: "fp32" computes the LoRA term in fp32 (peft's math);
+    "half" runs the LoRA matmuls in the base's dtype with the adapter weights rounded to it (fp32 accumulation,
+    as under bf16 autocast; the adapters, their gradients and AdamW stay fp32), which spares the fp32 casts of
+    every LoRA layer's input, output and gradient; "auto" = "half" for a bf16 base on CUDA (fp16's narrow range
+    would want loss scaling), else "fp32". Applies to the fused passes (`fused_lora`): the policy pass that gives
+    the old log-probs and the training passes alike, so the first ratio to the sampling policy compares like with
+    like. No effect on an fp32 base. The gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
+    (tests/test_ppo_speedups.py); what it saves: docs/GPU.md, "PPOConfig switches"."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, slower); for large models on a GPU."""
     compile: str = "off"
@@ -212,13 +241,16 @@ class OnlineConfig(TrainConfig):
     pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
     the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
     (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
+    kernels; the tests register a recording backend)."""
     n_display_samples: int = 4
     """(prompt, response, reward) triples returned in each step's metrics for display."""
 
     UPPER_BOUNDS: ClassVar[dict] = {
         **TrainConfig.UPPER_BOUNDS, "mini_batch_size": 4096, "grad_accum": 4096, "max_new_tokens": 8192,
         "temperature": 10.0, "kl_coef": 100.0, "missing_eos_penalty": 1e4, "score_clip": 1e6, "cliprange": 10.0,
-        "n_display_samples": 4096}
+        "adam_eps": 1.0, "n_display_samples": 4096}
 
     def check(self) -> None:
         self.need_micro_batches("mini_batch_size")
@@ -232,6 +264,44 @@ class OnlineConfig(TrainConfig):
         need(not (self.compile == "on" and self.gradient_checkpointing),
              "compile and gradient_checkpointing cannot be combined; turn one off")
         need(self.n_display_samples >= 0, "n_display_samples must be >= 0")
+        need(self.adam_eps > 0, "adam_eps must be > 0")
+        need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
+        need(self.lora_precision in ("auto", "fp32", "half"), "lora_precision must be auto, fp32 or half")
+        need(self.old_logprobs in ("auto", "forward", "generation"),
+             "old_logprobs must be auto, forward or generation")
+
+    # ---- what each algorithm names its own way ------------------------------------------------------------
+    def samples_per_step(self) -> int:
+        """Sequences sampled (and scored) per step (subclasses)."""
+        raise NotImplementedError
+
+    def epochs_per_step(self) -> int:
+        """Passes of the update over each step's sequences (subclasses)."""
+        raise NotImplementedError
+
+    # ---- the engine's decisions for a base and device -------------------------------------------------------
+    def merges_for_sampling(self, quantized: bool, base_fp32: bool, device_type: str) -> bool:
+        """Whether rollouts sample with the LoRA merged (`merge_for_generation`, for this base and device)."""
+        if quantized:
+            return False
+        return self.merge_for_generation == "on" or (
+            self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
+
+    def compiles(self, device_type: str, quantized: bool) -> bool:
+        """Whether the training passes run through compiled decoder layers (`compile`, for this base and device)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and not quantized
+                                        and not self.gradient_checkpointing)
+
+    def half_lora(self, device_type: str, base_bf16: bool) -> bool:
+        """Whether the fused passes run fp32 adapters' matmuls in the half-precision base's dtype."""
+        return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda" and base_bf16)
+
+    def engine_config(self) -> "PPOConfig":  # noqa: F821
+        """The PPOConfig of the same settings and batch shape, without a critic (what the memory estimate reads)."""
+        from .ppo_config import PPOConfig
+        online = {f.name: getattr(self, f.name) for f in dataclasses.fields(OnlineConfig)}
+        return PPOConfig(**online, batch_size=self.samples_per_step(), ppo_epochs=self.epochs_per_step(),
+                         vf_coef=0.0, value_head_init="zeros")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The engine (components/training/engine/online.py: `collect` samples with the fast sampler, runs the policy and
 reference passes and scores with the reward model; `_optimise` runs epochs x shuffled mini-batches x
-micro-batches with compiled / fused / packed passes and the gradient clip) is reused as is. A group algorithm
-only says how a group's rewards become advantages and what loss a micro-batch minimises:
+micro-batches with compiled / fused / packed passes and the gradient clip) is reused as is, reading its settings
+from the group's config (an OnlineConfig). A group algorithm only says how a group's rewards become advantages
+and what loss a micro-batch minimises:
 
     prompts  [P] -> each repeated k times, contiguous: rows g*k .. g*k+k-1 are prompt g's group
     scores   [P*k]  reward model at the last token, minus `missing_eos_penalty` without EOS
@@ -21,7 +22,6 @@ import torch
 from .config import OnlineConfig, need
 from .engine.online import OnlineEngine
 from .engine.rollout import forward_response
-from .ppo_config import PPOConfig
 
 
 @dataclass
@@ -53,15 +53,11 @@ class GroupConfig(OnlineConfig):
         need(self.epochs >= 1, "epochs must be >= 1")
         super().check()
 
-    def engine_config(self) -> PPOConfig:
-        return PPOConfig(steps=self.steps, batch_size=self.prompts_per_step * self.k,
-                         mini_batch_size=self.mini_batch_size, grad_accum=self.grad_accum, ppo_epochs=self.epochs,
-                         max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                         kl_coef=self.kl_coef, missing_eos_penalty=self.missing_eos_penalty,
-                         score_clip=self.score_clip, cliprange=self.cliprange, vf_coef=0.0, value_head_init="zeros",
-                         compile=self.compile, gradient_checkpointing=self.gradient_checkpointing,
-                         checkpoint_every=self.checkpoint_every, n_display_samples=self.n_display_samples,
-                         **self._shared_engine_fields())
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.k
+
+    def epochs_per_step(self) -> int:
+        return self.epochs
 
 
 def groups_of(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,19 +68,15 @@ def groups_of(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class GroupTrainer(OnlineEngine):
-    """The online engine with the value head left out of the update; subclasses give `advantages` and `loss`."""
+    """The online engine with no critic (only the LoRA parameters are trained; the engine's value head stays at
+    zero, unused); subclasses give `advantages` and `loss`."""
 
     LOSS_STATS = ("policy_loss", "clip_frac", "kl_term")
 
-    def __init__(self, lm, reward_fn, config: GroupConfig, prompts: list):
-        config.validate()
-        self.algo_config = config
-        super().__init__(lm, reward_fn, config.engine_config(), prompts)
-        # no critic: only the LoRA parameters are trained (the engine's value head stays at zero, unused)
-        self._params = list(self._lora)
-        self.optimizer = torch.optim.AdamW(self._params, lr=self.config.lr, eps=self.config.adam_eps,
-                                           weight_decay=self.config.weight_decay,
-                                           fused=self.device.type == "cuda" or None)
+    def _checkpoint_config(self) -> dict:
+        # a stored format: the checkpoints of RLOO and GRPO runs hold their settings in the PPOConfig form that
+        # versions before the online engine had its own config wrote (only its LoRA shape is read back)
+        return self.config.engine_config().to_dict()
 
     # ---- the algorithm (subclasses) ---------------------------------------------------------------------------
     def advantages(self, scores: torch.Tensor, seq_kl: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -98,8 +90,8 @@ class GroupTrainer(OnlineEngine):
     # ---- the engine's hooks -------------------------------------------------------------------------------------
     def _next_prompts(self) -> list:
         """The next prompts_per_step prompts of a shuffled pass, each repeated k times (groups contiguous)."""
-        k = self.algo_config.k
-        return [p for i in self.order.take(self.algo_config.prompts_per_step) for p in [self.prompts[i]] * k]
+        k = self.config.k
+        return [p for i in self.order.take(self.config.prompts_per_step) for p in [self.prompts[i]] * k]
 
     def _micro_step(self, ro, idx, cols, advantages, ref_logp, mask, sums, prompt_lengths=None) -> None:
         """The engine's micro-batch (as PPOTrainer._micro_step); here its `returns` slot carries the reference
@@ -141,6 +133,6 @@ class GroupTrainer(OnlineEngine):
                 "response_len": float(mask.sum(1).mean()), "eos_frac": float(ro.has_eos.float().mean()),
                 "lr": lr, "compiled": float(self.compiled), "t_generate": t_gen - t_start, "t_policy": t_pol - t_gen,
                 "t_reference": t_ref - t_pol, "t_score": t_score - t_ref, "t_train": t_train - t_score,
-                "t_step": total, "samples_per_s": cfg.batch_size / max(total, 1e-9),
+                "t_step": total, "samples_per_s": cfg.samples_per_step() / max(total, 1e-9),
                 "samples": self._display(ro, scores),
             }

@@ -67,10 +67,10 @@ class GRPOTrainer(GroupTrainer):
     algorithm = "grpo"
 
     def advantages(self, scores, seq_kl):
-        adv = grpo_advantages(scores, self.algo_config.k, self.algo_config.scale_rewards)
+        adv = grpo_advantages(scores, self.config.k, self.config.scale_rewards)
         return adv, {"advantage_std": float(adv.std())}
 
     def loss(self, logp, old_logp, ref_logp, advantages, mask):
-        cfg = self.algo_config
+        cfg = self.config
         pl, clip_frac, kl = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.cliprange, cfg.kl_coef)
         return pl, {"policy_loss": pl, "clip_frac": clip_frac, "kl_term": kl}

@@ -1,9 +1,10 @@
 """PPO (Schulman et al., 2017) for RLHF, as in "The N Implementation Details of RLHF with PPO" (Huang et al., 2024).
 
 Read top to bottom: the math as pure functions on tensors (rewards with the KL penalty, GAE, the clipped policy
-and value losses, the KL coefficient's controllers), then `PPOTrainer`: its set-up (KL controller), `step()`
-(one PPO iteration) and `_micro_step()` (the loss of one micro-batch). Sampling, the policy and reference passes,
-scoring, the mini-batch loop, checkpoints and export are the engine's (components/training/engine/online.py).
+and value losses, the KL coefficient's controllers), then `PPOTrainer`: its set-up (value head, KL controller),
+`step()` (one PPO iteration) and `_micro_step()` (the loss of one micro-batch). Sampling, the policy and
+reference passes, scoring and the mini-batch loop are the engine's (components/training/engine/online.py), as are
+evaluation, checkpoints and export (engine/evaluation.py, checkpoint.py).
 
 One `step()`:
     1. rollout       sample one response per prompt (the engine's `collect`)
@@ -27,6 +28,7 @@ import torch
 from .engine.online import OnlineEngine
 from .engine.ops import masked_mean, masked_whiten
 from .engine.rollout import Rollout, forward_response
+from .engine.value_head import init_value_head
 from .ppo_config import PPOConfig
 
 
@@ -196,11 +198,13 @@ class PPOTrainer(OnlineEngine):
 
     algorithm = "ppo"
     LOSS_STATS = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "vf_clip_frac")
+    trains_value_head = True
 
     def __init__(self, lm, reward_fn, config: PPOConfig | None = None, prompts: list | None = None,
                  device=None):
-        super().__init__(lm, reward_fn, config, prompts, device)
+        super().__init__(lm, reward_fn, config or PPOConfig(), prompts, device)
         cfg = self.config
+        self.value_head_source = init_value_head(self.value_head, reward_fn, cfg.value_head_init == "reward")
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 

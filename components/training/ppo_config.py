@@ -1,10 +1,10 @@
 """PPOConfig: every knob of one PPO run, documented field by field (the fields every algorithm shares, and those
-of the sampling algorithms, are components/training/config.py's TrainConfig and OnlineConfig).
+of the sampling algorithms and the online engine, are components/training/config.py's TrainConfig and
+OnlineConfig).
 
 The config is stored with the run, so it must round-trip through JSON: `to_dict()` gives plain Python values and
 `from_dict()` rebuilds it (unknown keys are rejected so that a typo does not silently fall back to a default;
-keys of retired fields, which runs stored before their removal hold, are dropped). It is also the online
-engine's config: RLOO and GRPO map theirs onto it (`engine_config()`).
+keys of retired fields, which runs stored before their removal hold, are dropped).
 The defaults follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) where they apply,
 scaled down to what a laptop can run.
 """
@@ -26,42 +26,9 @@ class PPOConfig(OnlineConfig):
     ppo_epochs: int = 4
     """Passes over the rollout batch, each over freshly shuffled minibatches."""
 
-    # ---- sampling ----------------------------------------------------------------------------------------
-    old_logprobs: str = "auto"
-    """Where the rollout's log-probs and values come from. "forward": one no-grad forward of the policy over
-    prompt + response after sampling (bit-for-bit the computation the first training pass repeats).
-    "generation": the final hidden states recorded while sampling (KV-cached), through the output and value
-    heads: no second trunk forward; equal to "forward" to float rounding in fp32, noisier in bf16/fp16 (the
-    first PPO ratio is then not exactly 1). "auto": "generation" for an fp32 base, else "forward"."""
-    merge_for_generation: str = "auto"
-    """Sample with the LoRA delta merged into the base weights (restored exactly after sampling, so nothing
-    drifts): one matmul per linear layer instead of the base matmul plus peft's LoRA ops. The old log-probs
-    always come from the unmerged policy, so the PPO ratio is exact either way; what merging changes is the
-    sampling distribution,
-    by the rounding of base + delta to the base dtype. "auto" = an unquantized fp32 base (rounding only), or
-    any unquantized base on CUDA (faster decoding; the drift is of the size of running the policy in bf16 at all:
-    docs/GPU.md, "PPOConfig switches"); "on" = also bf16/fp16 on the CPU; "off" = never (samples exactly the
-    unmerged policy). Never for 4/8-bit bases."""
-
     # ---- optimiser -----------------------------------------------------------------------------------------
     lr: float = 1e-4
     """AdamW learning rate of the LoRA and value-head parameters."""
-    adam_eps: float = 1e-5
-    """AdamW epsilon (1e-5 as in the OpenAI/Huang et al. implementation, not PyTorch's 1e-8)."""
-
-    # ---- LoRA adapter of the policy --------------------------------------------------------------------------
-    lora_precision: str = "auto"
-    """Where peft keeps fp32 adapters on a bf16/fp16 base: "fp32" computes the LoRA term in fp32 (peft's math);
-    "half" runs the LoRA matmuls in the base's dtype with the adapter weights rounded to it (fp32 accumulation,
-    as under bf16 autocast; the adapters, their gradients and AdamW stay fp32), which spares the fp32 casts of
-    every LoRA layer's input, output and gradient; "auto" = "half" for a bf16 base on CUDA (fp16's narrow range
-    would want loss scaling), else "fp32". Applies to the fused passes (`fused_lora`): the policy pass that gives
-    the old log-probs and the training passes alike, so the first PPO ratio compares like with like. No effect on
-    an fp32 base. The gradients sit as near peft's fp32 LoRA math as bf16 autocast's do
-    (tests/test_ppo_speedups.py); what it saves: docs/GPU.md, "PPOConfig switches"."""
-    compile_backend: str = "inductor"
-    """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
-    kernels; the tests register a recording backend)."""
 
     # ---- reward shaping and KL penalty -------------------------------------------------------------------
     adaptive_kl: bool = False
@@ -99,7 +66,7 @@ class PPOConfig(OnlineConfig):
     # q/k/v and gate/up in compiled passes, slower on a GPU and a CPU alike (docs/GPU.md, run 12).
     RETIRED_KEYS: ClassVar[frozenset] = frozenset({"stack_sibling_bases"})
     UPPER_BOUNDS: ClassVar[dict] = {
-        **OnlineConfig.UPPER_BOUNDS, "batch_size": 4096, "ppo_epochs": 100, "adam_eps": 1.0, "kl_target": 1e4,
+        **OnlineConfig.UPPER_BOUNDS, "batch_size": 4096, "ppo_epochs": 100, "kl_target": 1e4,
         "kl_horizon": 10**9, "cliprange_value": 1e4, "vf_coef": 1e3, "ent_coef": 100.0}
 
     def check(self) -> None:
@@ -111,26 +78,14 @@ class PPOConfig(OnlineConfig):
         need(self.kl_target > 0 and self.kl_horizon > 0, "kl_target and kl_horizon must be > 0")
         need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         need(self.cliprange_value > 0, "clip ranges must be > 0")
-        need(self.adam_eps > 0, "adam_eps must be > 0")
         need(self.vf_coef >= 0 and self.ent_coef >= 0, "vf_coef and ent_coef must be >= 0")
         need(self.value_head_init in ("reward", "zeros"), "value_head_init must be 'reward' or 'zeros'")
-        need(self.merge_for_generation in ("auto", "on", "off"), "merge_for_generation must be auto, on or off")
-        need(self.lora_precision in ("auto", "fp32", "half"), "lora_precision must be auto, fp32 or half")
-        need(self.old_logprobs in ("auto", "forward", "generation"),
-             "old_logprobs must be auto, forward or generation")
 
-    def merges_for_sampling(self, quantized: bool, base_fp32: bool, device_type: str) -> bool:
-        """Whether rollouts sample with the LoRA merged (`merge_for_generation`, for this base and device)."""
-        if quantized:
-            return False
-        return self.merge_for_generation == "on" or (
-            self.merge_for_generation == "auto" and (base_fp32 or device_type == "cuda"))
+    def samples_per_step(self) -> int:
+        return self.batch_size
 
-    def compiles(self, device_type: str, quantized: bool) -> bool:
-        """Whether the training passes run through compiled decoder layers (`compile`, for this base and device)."""
-        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and not quantized
-                                        and not self.gradient_checkpointing)
+    def epochs_per_step(self) -> int:
+        return self.ppo_epochs
 
-    def half_lora(self, device_type: str, base_bf16: bool) -> bool:
-        """Whether the fused passes run fp32 adapters' matmuls in the half-precision base's dtype."""
-        return self.lora_precision == "half" or (self.lora_precision == "auto" and device_type == "cuda" and base_bf16)
+    def engine_config(self) -> "PPOConfig":
+        return self

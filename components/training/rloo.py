@@ -60,7 +60,7 @@ class RLOOTrainer(GroupTrainer):
     algorithm = "rloo"
 
     def advantages(self, scores, seq_kl):
-        cfg = self.algo_config
+        cfg = self.config
         rewards = scores - cfg.kl_coef * seq_kl
         adv = rloo_advantages(rewards, cfg.k)
         if cfg.normalize_advantages and adv.numel() > 1:
@@ -68,7 +68,7 @@ class RLOOTrainer(GroupTrainer):
         return adv, {"rlhf_reward": float(rewards.mean()), "advantage_std": float(adv.std())}
 
     def loss(self, logp, old_logp, ref_logp, advantages, mask):
-        pl, clip_frac = rloo_loss(logp, old_logp, advantages, mask, self.algo_config.cliprange)
+        pl, clip_frac = rloo_loss(logp, old_logp, advantages, mask, self.config.cliprange)
         # the KL is in the reward; reported here for the curves only
         kl = ((logp.detach() - ref_logp) * mask).sum(1).mean()
         return pl, {"policy_loss": pl, "clip_frac": clip_frac, "kl_term": kl}
