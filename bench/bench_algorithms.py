@@ -8,14 +8,21 @@ the online algorithms: the same preference as a reward model would learn it, -0.
 the embedded SmolLM2-135M-Instruct in fp32, LoRA r=16 / alpha=32 on all linear layers, the reference = the base
 with the adapter off, AdamW, one optimiser step a step.
 
-Speed: samples (DPO: pairs; online: completions) per second, the median over `--steps` steps after `--warmup`.
+Speed: samples (DPO: pairs; online: completions) per second of wall-clock time, the median over `--steps` steps
+after `--warmup`; beside it the CPU seconds a step takes (time.process_time around each of our steps, and in a
+callback around each of TRL's), which a shared machine's changing load does not inflate the way it does the wall
+clock. The ratios are ours over TRL's samples per second, by wall clock and by CPU time. `--repeat N` runs ours and
+TRL N times per algorithm, alternating which goes first, and reports the median of the N ratios (and of each
+side's figures), so that a change of load during the run cannot favour one side.
 Movement: after the run, one sampled completion per held-out prompt from the trained policy and from the base:
 the mean reward gained over the base, and the KL to the base (sum over the completion of log pi - log pi_ref)
-on the policy's samples. TRL's rows get the same evaluation of the adapter TRL trained. PPO has no TRL 1.16
+on the policy's samples. TRL's rows get the same evaluation of the adapter TRL trained. With `--repeat`, the
+first repeat's runs are evaluated (the later ones repeat the same training, for the timings). PPO has no TRL 1.16
 trainer (TRL 1.13 removed it): bench/bench_ppo.py compares ours with TRL 1.12's.
 
     python bench/bench_algorithms.py                         # everything, small shapes
     python bench/bench_algorithms.py --only dpo,grpo --skip-trl
+    python bench/bench_algorithms.py --only dpo,kto --repeat 3 --json out.json
 Needs trl==1.16.0 for the TRL rows (pip install trl==1.16.0; the app does not use it).
 """
 from __future__ import annotations
@@ -111,8 +118,15 @@ def evaluate(lm, model, args) -> dict:
     return {"reward_gain": round(out["policy"] - out["base"], 3), "kl": round(out["kl"], 3)}
 
 
+def speed(per_step: int, times: list[float], cpu: list[float], args) -> dict:
+    """Samples per second (wall clock) and CPU seconds a step: medians over the steps after the warmup."""
+    wall, cpu_s = statistics.median(times[args.warmup:]), statistics.median(cpu[args.warmup:])
+    return {"samples_per_s": round(per_step / wall, 3), "median_step_s": round(wall, 2),
+            "cpu_s_per_step": round(cpu_s, 3)}
+
+
 # --------------------------------------------------------------------------------------------------- ours
-def run_ours(algorithm: str, args, pairs, unpaired) -> dict:
+def run_ours(algorithm: str, args, pairs, unpaired, movement: bool = True) -> dict:
     import torch
     from rlhf_studio.components.training import build_trainer, config_class
     lm = load()
@@ -134,14 +148,16 @@ def run_ours(algorithm: str, args, pairs, unpaired) -> dict:
         tr = build_trainer(lm, algorithm, cfg, prompts=TRAIN_PROMPTS, reward_fn=ShorterIsBetter(lm.tokenizer))
         per_step = args.prompts * args.k
     torch.manual_seed(0)
-    times = [tr.step()["t_step"] for _ in range(n_steps)]
-    med = statistics.median(times[args.warmup:])
-    return {"samples_per_s": round(per_step / med, 3), "median_step_s": round(med, 2),
-            **evaluate(lm, tr.model, args)}
+    times, cpu = [], []
+    for _ in range(n_steps):
+        c0 = time.process_time()
+        times.append(tr.step()["t_step"])
+        cpu.append(time.process_time() - c0)
+    return {**speed(per_step, times, cpu, args), **(evaluate(lm, tr.model, args) if movement else {})}
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
-def run_trl(algorithm: str, args, pairs, unpaired) -> dict:
+def run_trl(algorithm: str, args, pairs, unpaired, movement: bool = True) -> dict:
     import tempfile
     import torch
     from datasets import Dataset
@@ -153,13 +169,15 @@ def run_trl(algorithm: str, args, pairs, unpaired) -> dict:
     tok.padding_side = "left"
     n_steps = args.steps + args.warmup
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     user = lambda p: [{"role": "user", "content": p}]           # noqa: E731 - chat template on both sides
@@ -199,11 +217,40 @@ def run_trl(algorithm: str, args, pairs, unpaired) -> dict:
                           processing_class=tok, peft_config=lora, callbacks=[Clock()])
             per_step = n
         trainer.train()
-    med = statistics.median(times[args.warmup:])
     lm.model = trainer.model
     lm.tokenizer.padding_side = "left"
-    return {"samples_per_s": round(per_step / med, 3), "median_step_s": round(med, 2),
-            **evaluate(lm, trainer.model, args)}
+    return {**speed(per_step, times, cpu, args), **(evaluate(lm, trainer.model, args) if movement else {})}
+
+
+def compare(alg: str, args, pairs, unpaired) -> dict:
+    """Ours and TRL's trainer of the same name, `--repeat` times, alternating which runs first; each side's
+    figures and the ratios are medians over the repeats (the movement: the first repeat's)."""
+    with_trl = not args.skip_trl and alg != "ppo"
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for i in range(args.repeat):
+        sides = ["ours", "trl"] if with_trl else ["ours"]
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            r = (run_ours if side == "ours" else run_trl)(alg, args, pairs, unpaired, movement=i == 0)
+            runs[side].append(r)
+            print(f"[bench] {'ours' if side == 'ours' else 'TRL'} {alg} ({i + 1}/{args.repeat}): {r}", flush=True)
+    out = {f"{side}_{alg}": median_run(rs) for side, rs in runs.items() if rs}
+    wall = [o["samples_per_s"] / t["samples_per_s"] for o, t in zip(runs["ours"], runs["trl"])]
+    cpu = [t["cpu_s_per_step"] / o["cpu_s_per_step"] for o, t in zip(runs["ours"], runs["trl"])]
+    out[f"ratio_{alg}"] = f"{statistics.median(wall):.2f}x" if wall else "—"
+    out[f"cpu_ratio_{alg}"] = f"{statistics.median(cpu):.2f}x" if cpu else "—"
+    if wall:
+        out[f"ratios_{alg}"] = {"wall": [round(x, 3) for x in wall], "cpu": [round(x, 3) for x in cpu]}
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The first run's figures with each speed figure replaced by its median over the runs."""
+    out = dict(runs[0])
+    for k in ("samples_per_s", "median_step_s", "cpu_s_per_step"):
+        out[k] = round(statistics.median(r[k] for r in runs), 3)
+    if len(runs) > 1:
+        out["repeats"] = [{k: r[k] for k in ("samples_per_s", "cpu_s_per_step")} for r in runs]
+    return out
 
 
 def main():
@@ -219,8 +266,12 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of ours and TRL per algorithm, alternating which goes first; medians reported")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     warnings.filterwarnings("ignore")
     import torch
     torch.set_num_threads(args.threads)
@@ -228,24 +279,20 @@ def main():
     print(f"[bench] {len(pairs)} pairs, {len(unpaired)} unpaired rows", flush=True)
     results = {}
     for alg in args.only.split(","):
-        results[f"ours_{alg}"] = run_ours(alg, args, pairs, unpaired)
-        print(f"[bench] ours {alg}: {results[f'ours_{alg}']}", flush=True)
-        if not args.skip_trl and alg != "ppo":
-            results[f"trl_{alg}"] = run_trl(alg, args, pairs, unpaired)
-            print(f"[bench] TRL {alg}: {results[f'trl_{alg}']}", flush=True)
+        results.update(compare(alg, args, pairs, unpaired))
     print(f"\n{len(pairs)} pairs; DPO/KTO {args.batch} rows a step; online {args.prompts} prompts x k={args.k}, "
-          f"{args.new_tokens} new tokens; medians of {args.steps} steps after {args.warmup}; {args.threads} "
+          f"{args.new_tokens} new tokens; medians of {args.steps} steps after {args.warmup}"
+          f"{f', and of {args.repeat} alternating repeats' if args.repeat > 1 else ''}; {args.threads} "
           f"thread(s), {os.cpu_count()} CPUs\n")
-    print("| algorithm | ours samples/s | TRL 1.16 samples/s | ratio | ours reward gain / KL | "
-          "TRL reward gain / KL |")
-    print("|---|---|---|---|---|---|")
+    print("| algorithm | ours samples/s | TRL 1.16 samples/s | ratio | ours CPU s/step | TRL CPU s/step | "
+          "ratio by CPU time | ours reward gain / KL | TRL reward gain / KL |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for alg in args.only.split(","):
         o, t = results[f"ours_{alg}"], results.get(f"trl_{alg}")
-        ratio = f"{o['samples_per_s'] / t['samples_per_s']:.2f}x" if t else "—"
-        results[f"ratio_{alg}"] = ratio
         theirs = f"{t['reward_gain']:+.2f} / {t['kl']:.2f}" if t else "—"
-        print(f"| {alg.upper()} | {o['samples_per_s']:.3f} | {t['samples_per_s'] if t else '—'} | {ratio} | "
-              f"{o['reward_gain']:+.2f} / {o['kl']:.2f} | {theirs} |")
+        print(f"| {alg.upper()} | {o['samples_per_s']:.3f} | {t['samples_per_s'] if t else '—'} | "
+              f"{results[f'ratio_{alg}']} | {o['cpu_s_per_step']:.3f} | {t['cpu_s_per_step'] if t else '—'} | "
+              f"{results[f'cpu_ratio_{alg}']} | {o['reward_gain']:+.2f} / {o['kl']:.2f} | {theirs} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -319,6 +319,14 @@ class OfflineConfig(TrainConfig):
     beta: float = 0.1
     """Strength of the pull towards the reference: larger = stay closer."""
 
+    # ---- the engine ----------------------------------------------------------------------------------------
+    cache_reference: bool = True
+    """Keep each labelled row's reference log-prob sum (the base with the adapter off never changes during a run)
+    and run the reference pass only on rows not seen before: from the second pass over the data on, a step runs
+    no reference forward for its rows (KTO's mismatched rows, new each step, are still scored). Same numbers
+    within float noise. Kept in memory only, not in checkpoints: a resumed run recomputes it. False: the
+    reference pass scores every row every step."""
+
     UPPER_BOUNDS: ClassVar[dict] = {**TrainConfig.UPPER_BOUNDS, "batch_size": 4096, "grad_accum": 4096,
                                     "max_completion_tokens": 8192, "beta": 100.0}
 

@@ -13,7 +13,8 @@ Bradley-Terry:
 The reference is the base with the adapter off (components/training/engine/offline.py). One step:
     1. rows      the next `batch_size` pairs of a shuffled pass over the studio's compiled pairs
     2. policy    one forward over the 2N completions (chosen and rejected together), with gradients
-    3. reference one no-grad forward with the adapter off (not for simpo)
+    3. reference one no-grad forward with the adapter off over the completions not scored before (not for
+                 simpo; each completion's sum is kept for the later passes over the data: `cache_reference`)
     4. loss      `dpo_loss` below; AdamW on the LoRA parameters
 """
 from __future__ import annotations
@@ -104,12 +105,13 @@ class DPOTrainer(OfflineEngine):
         cfg, N = self.config, len(rows)
         prompts = [r["prompt"] for r in rows]
         # chosen and rejected in one batch: rows 0..N-1 chosen, N..2N-1 rejected (one pass, one shared prefix)
-        b = self.encode(prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+        completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        b = self.encode(prompts + prompts, completions)
         logp, n_tok = self.sequence_logps(b)
         if cfg.loss_type == "simpo":
             ref = torch.zeros_like(logp)
         else:
-            ref, _ = self.sequence_logps(b, reference=True)
+            ref = self.reference_logps(prompts + prompts, completions, batch=b)
         losses, chosen_r, rejected_r = dpo_loss(logp[:N], logp[N:], ref[:N], ref[N:], cfg.beta, cfg.loss_type,
                                                 cfg.label_smoothing, n_tok[:N], n_tok[N:], cfg.simpo_gamma)
         loss = losses.mean()

@@ -10,8 +10,9 @@ differentiated through, KTO's value function is
 The reference is the base with the adapter off (components/training/engine/offline.py). One step:
     1. rows      the next `batch_size` labelled rows of a shuffled pass (s.export("unpaired")'s rows)
     2. policy    one forward over the completions, with gradients
-    3. reference one no-grad forward, adapter off
-    4. KL        no-grad policy and reference forwards over the mismatched rows -> z (clamped at 0)
+    3. reference one no-grad forward, adapter off, over the rows (those not scored before: `cache_reference`)
+                 and the mismatched rows (each prompt with the next row's completion) together
+    4. KL        a no-grad policy forward over the mismatched rows; with 3. -> z (clamped at 0)
     5. loss      `kto_loss` below; AdamW on the LoRA parameters
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ class KTOConfig(OfflineConfig):
     undesirable_weight: float = 1.0
     """w_u: weight of the undesirable rows' losses."""
     estimate_kl: bool = True
-    """Estimate z from mismatched rows (two more no-grad passes a step); False: z = 0 (cheaper, the paper's
-    reference point dropped)."""
+    """Estimate z from mismatched rows (one more no-grad policy pass a step, and as many rows more in the
+    reference pass); False: z = 0 (cheaper, the paper's reference point dropped)."""
 
     UPPER_BOUNDS: ClassVar[dict] = {**OfflineConfig.UPPER_BOUNDS, "desirable_weight": 1e3, "undesirable_weight": 1e3}
 
@@ -87,13 +88,17 @@ class KTOTrainer(OfflineEngine):
         desirable = torch.tensor([bool(r["label"]) for r in rows], device=self.device)
         b = self.encode(prompts, completions)
         logp, _ = self.sequence_logps(b)
-        ref, _ = self.sequence_logps(b, reference=True)
         kl = torch.zeros((), device=self.device)
         if cfg.estimate_kl and N > 1:
-            # each prompt with the next row's completion: what the policy says about text it was not asked for
-            mis = self.encode(prompts, completions[1:] + completions[:1])
+            # each prompt with the next row's completion: what the policy says about text it was not asked for;
+            # the reference scores the rows and the mismatched rows in one pass (the rows' part may be cached)
+            mismatched = completions[1:] + completions[:1]
+            both = self.reference_logps(prompts + prompts, completions + mismatched, labelled=N)
+            ref = both[:N]
             with torch.no_grad():
-                kl = kto_kl(self.sequence_logps(mis)[0], self.sequence_logps(mis, reference=True)[0])
+                kl = kto_kl(self.sequence_logps(self.encode(prompts, mismatched))[0], both[N:])
+        else:
+            ref = self.reference_logps(prompts, completions, batch=b)
         losses, rewards = kto_loss(logp, ref, desirable, kl, cfg.beta, cfg.desirable_weight,
                                    cfg.undesirable_weight)
         loss = losses.mean()

@@ -96,6 +96,12 @@ class OfflineEngine(PolicyAdapter):
         self.step_count = 0
         self.order = ShuffledPass(len(self.rows), self._gen, "rows.perm", "row_pos", "n_rows")
         self.notes: list[str] = []
+        # (prompt, completion) -> reference log-prob sum of a labelled row (config.cache_reference). Keyed by the
+        # texts, not by row index: a data-parallel worker's `next_rows` (components/distributed.py) hands out
+        # rows, not indices; each worker has its own engine, so its own cache. The lengths and the chat template
+        # that also shape the sum are fixed for the engine's life. In memory only, never in a checkpoint: a
+        # resumed run starts empty and recomputes the sums as the rows come back.
+        self.reference_cache: dict[tuple[str, str], float] = {}
 
     # ---- data order -----------------------------------------------------------------------------------------
     def next_rows(self, n: int) -> list[dict]:
@@ -118,6 +124,31 @@ class OfflineEngine(PolicyAdapter):
                                   prompt_lengths=b.prompt_lengths)
         m = b.response_mask.float()
         return (fo.logp * m).sum(1), m.sum(1)
+
+    def reference_logps(self, prompts: list[str], completions: list[str], labelled: int | None = None,
+                        batch: TextBatch | None = None) -> torch.Tensor:
+        """Reference log-prob sums [N] float32 of (prompt, completion) rows, from one no-grad forward over the
+        rows not known yet, in their order. The first `labelled` rows (default: all) are labelled rows: with
+        `config.cache_reference` their sums are kept and not computed again; the others (KTO's mismatched rows,
+        drawn anew each step) are always scored. `batch`: all the rows already encoded, reused when none is
+        cached."""
+        keys = list(zip(prompts, completions))
+        n_lab = len(keys) if labelled is None else labelled
+        cache = self.reference_cache if self.config.cache_reference else None
+        fresh = keys if cache is None or not any(k in cache for k in keys[:n_lab]) else \
+            list(dict.fromkeys(k for k in keys[:n_lab] if k not in cache)) + keys[n_lab:]
+        n_new = len(fresh) - (len(keys) - n_lab)            # labelled rows among those scored now
+        sums = torch.zeros(0, device=self.device)
+        if fresh:
+            b = batch if batch is not None and fresh is keys else self.encode(*map(list, zip(*fresh)))
+            sums = self.sequence_logps(b, reference=True)[0]
+        if cache is None:
+            return sums
+        cache.update(zip(fresh[:n_new], sums[:n_new].tolist()))
+        if fresh is keys:
+            return sums
+        known = torch.tensor([cache[k] for k in keys[:n_lab]], dtype=torch.float32, device=self.device)
+        return torch.cat([known, sums[n_new:]])
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def loss_and_metrics(self, rows: list[dict]) -> tuple[torch.Tensor, dict]:
