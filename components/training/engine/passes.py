@@ -55,8 +55,8 @@ class AcceleratedPasses:
         # why training went on eagerly, where the compiled passes failed (`_fall_back_to_eager`)
         self.compile_fallback: str | None = None
         # the passes' row layout: the prompt tree on the CPU, else packed rows where no prefix is shared
-        self.pack_rows = row_layout(cfg.pack_rows, cfg.tree_rows, decoder, cfg.max_prompt_tokens + cfg.max_new_tokens,
-                                    self.device, compiled)
+        self.pack_rows = row_layout(cfg.pack_rows, cfg.tree_rows, decoder,
+                                    cfg.max_prompt_tokens + cfg.max_new_tokens, self.device, compiled)
         self.logprobs_from_generation = cfg.old_logprobs == "generation" or (
             cfg.old_logprobs == "auto" and not quantized and base_dtype == torch.float32)
 

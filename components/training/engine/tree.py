@@ -14,8 +14,9 @@ prefix and, inside the group, a mask in which the prompt's rest is causal and ea
 itself causally (a very long group is split into one block per response). The result is the padded pass's,
 rounding aside, gradients included; padding after a response's end gets zeros instead of numbers nobody reads.
 
-Used on the CPU (engine/acceleration.py `row_layout`), where a pass costs what its tokens cost: with SmolLM2's ~30-token system
-prompt and completions of uneven length, a third or more of a padded batch's positions are not needed.
+Used on the CPU (engine/acceleration.py `row_layout`), where a pass costs what its tokens cost: with SmolLM2's
+~30-token system prompt and completions of uneven length, a third or more of a padded batch's positions are not
+needed.
 """
 from __future__ import annotations
 
