@@ -131,7 +131,7 @@ def run_ours(algorithm: str, args, pairs, unpaired, movement: bool = True) -> di
     from rlhf_studio.components.training import build_trainer, config_class
     lm = load()
     n_steps = args.steps + args.warmup
-    common = dict(steps=n_steps, lr=args.lr, lora_r=16, lora_alpha=32, seed=0)
+    common = dict(steps=n_steps, lr=args.lr, lora_r=16, lora_alpha=32, seed=0, **dict(args.set))
     if algorithm in ("dpo", "kto"):
         cfg = config_class(algorithm)(batch_size=args.batch, max_completion_tokens=2 * args.new_tokens + 1,
                                       beta=0.1, **common)
@@ -253,6 +253,17 @@ def median_run(runs: list[dict]) -> dict:
     return out
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value), the value read as JSON where it parses (numbers, true/false), else text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="ppo,rloo,grpo,dpo,kto")
@@ -266,6 +277,8 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--set", action="append", default=[], type=setting, metavar="KEY=VALUE",
+                    help="a setting of our trainers' configs, e.g. --set tree_rows=false (repeatable)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of ours and TRL per algorithm, alternating which goes first; medians reported")
     ap.add_argument("--json", default="")

@@ -124,7 +124,8 @@ def test_trainers_take_the_tree_on_the_cpu_and_train_alike():
                                reward_fn=lambda response_mask, **_: response_mask.sum(1).float() * -0.1)
         torch.manual_seed(0)
         return tr.pack_rows, [tr.step() for _ in range(2)]
-    for algorithm, keys in (("dpo", ("loss", "reward_margin", "logp_chosen")), ("grpo", ("policy_loss", "kl_term", "kl", "score_mean"))):
+    compared = {"dpo": ("loss", "reward_margin", "logp_chosen"), "grpo": ("policy_loss", "kl_term", "kl", "score_mean")}
+    for algorithm, keys in compared.items():
         layout, want = run(algorithm, False)
         assert layout != "tree"
         layout, got = run(algorithm, True)

@@ -69,9 +69,9 @@ class TrainConfig:
     stays inside each row (FlashAttention's variable-length kernel on CUDA in bf16/fp16, SDPA row by row
     elsewhere; components/attention.py). Same results; the padding to the longest prompt is not computed (with
     prompts of 16..64 tokens and 128-token responses, one position in eight). Only for decoders known to allow
-    it (`rlhf_studio.components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled, only where
-    the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row). False:
-    padded rows."""
+    it (`rlhf_studio.components.attention.PACKABLE_MODEL_TYPES`; others keep padded rows); on CUDA or compiled,
+    only where the one-kernel path passed its probe (the row-by-row fallback would cost a kernel launch per row).
+    False: padded rows."""
     tree_rows: bool = True
     """On the CPU, forward passes run the rows as a prompt tree: the shared prompt prefix and each distinct
     prompt once (k completions of one prompt, a pair's two completions), no padding, one sequence
@@ -234,8 +234,8 @@ class OnlineConfig(TrainConfig):
     "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
     rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
     peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other
-    lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the
-    rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first
+    lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does
+    not compile); the rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first
     step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches"). The first update
     checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
     pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,

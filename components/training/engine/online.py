@@ -266,7 +266,8 @@ class OnlineEngine(PolicyAdapter, AcceleratedPasses, Evaluation, OnlineCheckpoin
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
                         else:
-                            gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params if p.grad is not None))
+                            gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self._params
+                                                if p.grad is not None))
                         if skip_on_device:          # this step and all after a non-finite one do nothing
                             non_finite = torch.maximum(non_finite, (~torch.isfinite(gn)).float())
                             self.optimizer.found_inf = non_finite
