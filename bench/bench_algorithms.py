@@ -96,7 +96,8 @@ def make_labels(args) -> tuple[list[dict], list[dict]]:
 def evaluate(lm, model, args) -> dict:
     """Mean reward gained over the base and the KL to the base on held-out prompts (one sample each, seeded)."""
     import torch
-    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
+    from rlhf_studio.components.training.engine.rollout import (encode_prompts, forward_response, left_pad,
+                                                                mask_after_eos, sample)
     model.eval()
     q, qm = left_pad(encode_prompts(lm, HELDOUT_PROMPTS * args.eval_samples, 128), lm.pad_token_id, lm.device)
     out = {}
