@@ -237,8 +237,8 @@ class OnlineConfig(TrainConfig):
     lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does
     not compile); the rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by
     default: the first step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches").
-    The first update checks that every trainable tensor got a gradient (a compiled graph once silently skipped attention's backward
-    pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
+    The first update checks that every trainable tensor got a gradient (a compiled graph once silently skipped
+    attention's backward pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
     the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
     (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
     compile_backend: str = "inductor"
