@@ -230,17 +230,16 @@ class OnlineConfig(TrainConfig):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, slower); for large models on a GPU."""
     compile: str = "off"
-    """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes:
-    "on", "off", or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations,
-    rotary, LoRA adds, the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's
-    peak. The first training pass pays the compilation; shapes are compiled dynamic, so micro-batches of other
-    lengths reuse it. Training passes then run every row in full (the shared-prompt-prefix shortcut's cache does
-    not compile); the rollout, policy and reference passes stay eager. Not with gradient_checkpointing. "off" by
-    default: the first step's compilation pays off only after many steps (docs/GPU.md, "PPOConfig switches").
-    The first update checks that every trainable tensor got a gradient (a compiled graph once silently skipped
-    attention's backward pass). Where compiling fails (no working C++ compiler or Triton, a GPU too old for Triton) or that check does,
-    the mini-batch is redone eagerly before its step and the run goes on eagerly, saying why
-    (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
+    """torch.compile each decoder layer (and the log-probs from the head's logits) for the training passes: "on", "off",
+    or "auto" (on for an unquantized base on CUDA). Fuses the elementwise work (norms, activations, rotary, LoRA adds,
+    the fp32 log-softmax over the vocabulary) that keeps an eager LoRA step far from the GPU's peak. The first training
+    pass pays the compilation; shapes are compiled dynamic, so micro-batches of other lengths reuse it. Training passes
+    then run every row in full (the shared-prompt-prefix shortcut's cache does not compile); the rollout, policy and
+    reference passes stay eager. Not with gradient_checkpointing. "off" by default: the first step's compilation pays
+    off only after many steps (docs/GPU.md, "PPOConfig switches"). The first update checks that every trainable tensor
+    got a gradient (a compiled graph once silently skipped attention's backward pass). Where compiling fails (no working
+    C++ compiler or Triton, a GPU too old for Triton) or that check does, the mini-batch is redone eagerly before its
+    step and the run goes on eagerly, saying why (`PPOTrainer.compile_fallback`; the run's notes in the studio)."""
     compile_backend: str = "inductor"
     """The torch.compile backend of `compile` (any name torch._dynamo knows: "aot_eager" traces without generating
     kernels; the tests register a recording backend)."""
