@@ -1,9 +1,10 @@
 """The fast sampler's prefill runs each distinct prompt row once (components.fastgen `dedupe_prefill`).
 
 RLOO/GRPO batches hold each prompt k times. With the dedupe on, greedy tokens, sampled tokens and log-probs under
-one generator, and the hidden states `sample()` records, must equal those of the full prefill exactly (fp32, the
-real embedded model and a tiny random Llama in both mask types), for rows that repeat next to each other or apart;
-a batch where nothing repeats runs as before. No timing asserts (bench/bench_prefill.py times it).
+one generator, and the hidden states `sample()` records, must equal those of the full prefill exactly (fp32; the
+real embedded model, and tiny random Llama in both mask types, Qwen3, Gemma 2 and Phi-3), for rows that repeat
+next to each other or apart; a batch where nothing repeats runs as before. No timing asserts
+(bench/bench_prefill.py times it).
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from tests.test_fastgen import lm32, one_thread  # noqa: F401  (fixtures: the fp
 PROMPTS = ["Say hi.", "Write a long poem about the sea and the sky and the wind."]
 
 
-def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from tests.tiny_models import SMALL
+def tiny_model(arch: str = "llama", attn: str = "sdpa"):
+    """A tiny random causal LM of tests/tiny_models.py's architecture `arch` (vocabulary 300, EOS 2, pad 1)."""
+    from transformers import AutoModelForCausalLM
+    from tests.tiny_models import _configs
+    cfg = _configs(300)[arch][0]
+    cfg.eos_token_id, cfg._attn_implementation = 2, attn
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMALL, vocab_size=300, tie_word_embeddings=True, eos_token_id=2,
-                                         attn_implementation=attn)).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():          # larger than the default init, so that the layers matter to the outputs
         for p in model.parameters():
             if p.ndim == 2:
@@ -75,10 +78,10 @@ def test_greedy_tokens_and_hidden_states_equal_on_the_real_model(lm32, monkeypat
     assert info["prefill_rows"].tolist() == order   # it did dedupe
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_sampled_tokens_and_logprobs_equal_on_a_tiny_llama(attn, top_p):
-    model = tiny_llama(attn)
+@pytest.mark.parametrize("arch,attn,top_p", [("llama", "sdpa", 1.0), ("llama", "eager", 0.9), ("qwen3", "sdpa", 0.9),
+                                              ("gemma2", "eager", 1.0), ("phi3", "sdpa", 1.0)])
+def test_sampled_tokens_and_logprobs_equal_on_tiny_models(arch, attn, top_p):
+    model = tiny_model(arch, attn)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (7, 12, 4)]
     x, m = repeated(prompts, [2, 0, 1, 0, 2, 1, 1, 0, 2], pad=1)
@@ -97,7 +100,7 @@ def test_sampled_tokens_and_logprobs_equal_on_a_tiny_llama(attn, top_p):
 
 
 def test_no_repeated_rows_or_short_prompts_run_the_full_prefill():
-    model = tiny_llama("sdpa")
+    model = tiny_model()
     kw = dict(temperature=0, eos_token_id=2, pad_token_id=1)
     for prompts in ([[5, 6, 7, 9], [8, 9], [5, 6, 8, 9]],          # nothing repeats
                     [[5, 6, 7], [8, 9], [5, 6, 7]]):                # repeats, but under MIN_DEDUPE_PROMPT tokens
