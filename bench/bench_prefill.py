@@ -90,7 +90,8 @@ def main():
 
     print(f"CPU, 1 thread, fp32; {args.prompts} prompts x {args.k} rows = batch {tuple(q.shape)}, "
           f"{args.new_tokens} new tokens, LoRA r=16 active; medians of {args.reps} alternating reps\n")
-    print("| timed | full prefill wall / CPU s | dedupe wall / CPU s | full / dedupe wall | CPU |\n|---|---|---|---|---|")
+    print("| timed | full prefill wall / CPU s | dedupe wall / CPU s | full / dedupe wall | CPU |")
+    print("|---|---|---|---|---|")
     for case in cases:
         r = res[case]
         print(f"| {case} | {r['full']['wall_s']:.3f} / {r['full']['cpu_s']:.3f} | {r['dedupe']['wall_s']:.3f} / "

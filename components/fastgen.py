@@ -194,11 +194,12 @@ def _slot_cache_class():
             """Slots 0..upto-1 of every row from row `rows[i]` of `src` (same layers and length; allocates this
             cache's buffers on first use, batch = len(rows))."""
             for dst, s in zip(self.layers, src.layers):
-                keys, values = s.keys.index_select(0, rows), s.values.index_select(0, rows)
+                keys = s.keys[:, :, :upto].index_select(0, rows)
+                values = s.values[:, :, :upto].index_select(0, rows)
                 if not dst.is_initialized:
                     dst.lazy_initialization(keys, values)
-                dst.keys[:, :, :upto].copy_(keys[:, :, :upto])
-                dst.values[:, :, :upto].copy_(values[:, :, :upto])
+                dst.keys[:, :, :upto].copy_(keys)
+                dst.values[:, :, :upto].copy_(values)
 
     _SLOT_CACHE = _SlotCache
     return _SlotCache
@@ -501,8 +502,9 @@ def _dedupes(asked: bool | None, device: torch.device, graph: bool, lm) -> bool:
 
 
 MIN_DEDUPE_PROMPT = 4
-"""Shortest padded prompt whose prefill is deduplicated: MKL multiplies 1 to 3 rows with other kernels than 4 or
-more, whose sums round differently; with >= 4 prompt tokens every matmul of the prefill has >= 4 rows either way."""
+"""Shortest padded prompt whose prefill is deduplicated: MKL (torch's CPU BLAS) multiplies 1 to 3 rows with other
+kernels than 4 or more, whose sums round differently; with >= 4 prompt tokens every trunk matmul of the prefill has
+>= 4 rows either way (the output head runs on the B rows in both)."""
 
 
 def _prefill(st: _State, input_ids: torch.Tensor, mask2d: torch.Tensor, T: int, dedupe: bool):
