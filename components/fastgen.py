@@ -17,6 +17,11 @@ What makes it fast (and what stays equal to `model.generate`):
   generator): temperature, then top-p by sort + cumsum (kept iff the mass strictly before a token is < top_p, which
   is the rule of transformers' TopPLogitsWarper), static shapes, no RNG inside a CUDA graph. Greedy is argmax.
   Finished rows keep emitting pad; the loop stops when every row ended (checked every `sync_every` steps on CUDA).
+* Repeated prompts (RLOO/GRPO sample k completions of each): the prefill runs each distinct prompt row (equal ids
+  and mask) once and copies its KV slots and last logits to the rows that repeat it; the rows then sample apart,
+  each with its own uniforms. CPU only (`dedupe_prefill=False` or DEDUPE_PREFILL = False runs every row);
+  `out.info["prefill_rows"]` [B] says which distinct prompt each row is (None when every row ran), so a hook
+  that saw the prefill's smaller batch can expand it.
 * CUDA: the decode step (forward + sampling + state update) is captured once per (batch, L bucket, mode, adapter
   state) in a `torch.cuda.CUDAGraph` after a warm-up on a side stream, and replayed; graphs and buffers are kept
   by a `FastGenerator` (one per model, LRU of `max_graphs`). If capture fails the same step runs eagerly.
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "RLHF_STUDIO_FASTGEN"
 LENGTH_BUCKET = 64
+DEDUPE_PREFILL = True
+"""Default of `dedupe_prefill`: the prefill runs each distinct prompt row once (module docs)."""
 
 
 class FastGenUnsupported(RuntimeError):
@@ -182,6 +189,17 @@ def _slot_cache_class():
 
         def get_mask_sizes(self, *args, **kwargs):
             return self.layers[0].max_len, 0
+
+        def take_rows(self, src: "_SlotCache", rows: torch.Tensor, upto: int) -> None:
+            """Slots 0..upto-1 of every row from row `rows[i]` of `src` (same layers and length; allocates this
+            cache's buffers on first use, batch = len(rows))."""
+            for dst, s in zip(self.layers, src.layers):
+                keys = s.keys[:, :, :upto].index_select(0, rows)
+                values = s.values[:, :, :upto].index_select(0, rows)
+                if not dst.is_initialized:
+                    dst.lazy_initialization(keys, values)
+                dst.keys[:, :, :upto].copy_(keys)
+                dst.values[:, :, :upto].copy_(values)
 
     _SLOT_CACHE = _SlotCache
     return _SlotCache
@@ -375,9 +393,9 @@ class _State:
     def mutable(self):
         return [self.tok, self.pos, self.widx, self.step, self.done, self.mask, self.out_tok, self.out_logp]
 
-    def forward(self, input_ids, mask, pos) -> torch.Tensor:
+    def forward(self, input_ids, mask, pos, cache=None) -> torch.Tensor:
         lm = self.lm_ref()
-        kw = {self.cache_kw: self.cache, "use_cache": True}
+        kw = {self.cache_kw: self.cache if cache is None else cache, "use_cache": True}
         if self.keep_kw:
             kw["logits_to_keep"] = 1
         out = lm(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
@@ -445,6 +463,80 @@ def _response_mask(resp: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor,
     return (before == 0).long(), is_eos.any(dim=1)
 
 
+def distinct_rows(input_ids: torch.Tensor, mask2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows equal in ids and mask, [B, T] each -> (first [U]: the first row of each distinct prompt, in batch
+    order; rows [B]: which of them each row repeats, an index into `first`)."""
+    B = input_ids.shape[0]
+    _, inverse = torch.unique(torch.cat([input_ids, mask2d.to(input_ids.dtype)], 1), dim=0, return_inverse=True)
+    firsts = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=input_ids.device)
+    firsts.scatter_reduce_(0, inverse, torch.arange(B, device=input_ids.device), "amin")
+    order = firsts.argsort()                        # distinct prompts numbered by their first row
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    return firsts[order], rank[inverse]
+
+
+def _prefill_mask(st: _State, mask2d: torch.Tensor, T: int) -> torch.Tensor:
+    """[b, 1, T, L] attention mask of the prefill: causal over the prompt slots, padding hidden."""
+    device, L, b = mask2d.device, st.L, mask2d.shape[0]
+    q = torch.arange(T, device=device)
+    k = torch.arange(L, device=device)
+    allowed = (k.view(1, 1, L) <= q.view(1, T, 1)) & (k.view(1, 1, L) < T)
+    allowed = allowed & torch.nn.functional.pad(mask2d.bool(), (0, L - T)).view(b, 1, L)
+    allowed = allowed | (k.view(1, 1, L) == q.view(1, T, 1))    # pad queries see themselves: no NaN rows
+    allowed = allowed.unsqueeze(1)                                # [b, 1, T, L]
+    if st.mask_dtype == torch.bool:
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=st.mask_dtype, device=device),
+                       torch.tensor(st.off, dtype=st.mask_dtype, device=device))
+
+
+def _dedupes(asked: bool | None, device: torch.device, graph: bool, lm) -> bool:
+    """Whether the prefill runs each distinct prompt once (`dedupe_prefill`, default DEDUPE_PREFILL).
+
+    CPU only: the CUDA-graph path is left as it was (untested here; its prefill is a small part of a rollout).
+    Not on quantized bases: bitsandbytes' 8-bit matmul picks its outlier columns over the whole batch, so a row's
+    result depends on the other rows, and a smaller batch would change the numbers."""
+    on = DEDUPE_PREFILL if asked is None else bool(asked)
+    return on and device.type == "cpu" and not graph and not quantized_base(lm)
+
+
+MIN_DEDUPE_PROMPT = 4
+"""Shortest padded prompt whose prefill is deduplicated: MKL (torch's CPU BLAS) multiplies 1 to 3 rows with other
+kernels than 4 or more, whose sums round differently; with >= 4 prompt tokens every trunk matmul of the prefill has
+>= 4 rows either way (the output head runs on the B rows in both)."""
+
+
+def _prefill(st: _State, input_ids: torch.Tensor, mask2d: torch.Tensor, T: int, dedupe: bool):
+    """Run the prompt through the model, filling slots 0..T-1 of `st.cache` -> (last logits [B, V], rows).
+
+    dedupe: each distinct prompt (RLOO/GRPO repeat a prompt k times) runs once through the trunk, into a cache of
+    its own, whose slots are then copied to every row that repeats it; the output head runs on the B rows, as in
+    the full prefill (a matmul of 1 to 3 rows rounds differently). rows [B] says which distinct prompt (in order
+    of first appearance) each row is, None when every row ran (nothing repeats, dedupe off, short prompt). A
+    row's prefill depends on its own tokens only, so the copies are what the full batch computes.
+    """
+    pos = (mask2d.cumsum(-1) - 1).clamp(min=0)
+    q = torch.arange(T, device=input_ids.device)
+    head = st.lm_ref().get_output_embeddings()
+    if dedupe and T >= MIN_DEDUPE_PROMPT and head is not None:
+        first, rows = distinct_rows(input_ids, mask2d)
+        if len(first) < st.B:
+            own = _slot_cache_class()(len(st.cache.layers), st.L)
+            own.idx = q
+            handle = head.register_forward_pre_hook(lambda _m, args: (args[0].index_select(0, rows),) + args[1:])
+            try:
+                logits = st.forward(input_ids[first], _prefill_mask(st, mask2d[first], T), pos[first], cache=own)
+            finally:
+                handle.remove()
+            st.cache.take_rows(own, rows, T)
+            if logits.shape[0] != st.B:    # a model that bypassed its head module's call: copy the logits
+                logits = logits.index_select(0, rows)
+            return logits, rows
+    st.cache.idx = q
+    return st.forward(input_ids, _prefill_mask(st, mask2d, T), pos), None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The generator
 # ----------------------------------------------------------------------------------------------------------
@@ -499,7 +591,8 @@ class FastGenerator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id, pad_token_id: int,
                  generator: torch.Generator | None = None, use_cuda_graph: bool | None = None,
-                 return_logprobs: bool = False, merge_lora: bool | None = None) -> FastGenOutput:
+                 return_logprobs: bool = False, merge_lora: bool | None = None,
+                 dedupe_prefill: bool | None = None) -> FastGenOutput:
         model = self.model_ref()
         if model is None:
             raise RuntimeError("the model of this FastGenerator was garbage-collected")
@@ -531,6 +624,7 @@ class FastGenerator:
         graph = _graphs_supported(device) and (use_cuda_graph is None or bool(use_cuda_graph))
         if graph and use_cuda_graph is None and quantized_base(lm):
             graph = False   # see quantized_base: a failed capture would break the process's CUDA RNG
+        dedupe = _dedupes(dedupe_prefill, device, graph, lm)
         was_training = model.training
         model.eval()
         layers = _lora_layers(model)
@@ -544,8 +638,8 @@ class FastGenerator:
                          str(mask_dtype), fp)
                 L = self._reusable_length(shape, L)
                 st = self._state((L,) + shape, lm, B, L, mode, len(eos_list), device, mask_dtype)
-                out_len, path = self._run(st, input_ids.to(device), mask2d, N, T, float(temperature), float(top_p),
-                                          eos_list, int(pad_token_id), generator, graph)
+                out_len, path, rows = self._run(st, input_ids.to(device), mask2d, N, T, float(temperature),
+                                                float(top_p), eos_list, int(pad_token_id), generator, graph, dedupe)
                 resp = st.out_tok[:, :out_len].clone()
                 logp = st.out_logp[:, :out_len].clone() if return_logprobs else None
         finally:
@@ -557,9 +651,10 @@ class FastGenerator:
             logp = logp * rmask
         return FastGenOutput(sequences=seq, response_mask=rmask, logprobs=logp, prompt_length=T, has_eos=has_eos,
                              info={"path": path, "merged": bool(merged), "bucket": (B, L), "mode": mode,
-                                   "steps": out_len})
+                                   "steps": out_len, "prefill_rows": rows})
 
-    def _run(self, st: _State, input_ids, mask2d, N, T, temperature, top_p, eos_list, pad, generator, graph):
+    def _run(self, st: _State, input_ids, mask2d, N, T, temperature, top_p, eos_list, pad, generator, graph,
+             dedupe):
         device = input_ids.device
         B, L = st.B, st.L
         # per-call scalars and random numbers (drawn with the caller's generator, before the loop)
@@ -573,18 +668,7 @@ class FastGenerator:
             st.unif[:N].copy_(u.to(device))
         # prefill: the prompt through the model, writing slots 0..T-1
         real = mask2d.bool()
-        pos = (mask2d.cumsum(-1) - 1).clamp(min=0)
-        q = torch.arange(T, device=device)
-        k = torch.arange(L, device=device)
-        allowed = (k.view(1, 1, L) <= q.view(1, T, 1)) & (k.view(1, 1, L) < T)
-        allowed = allowed & torch.nn.functional.pad(real, (0, L - T)).view(B, 1, L)
-        allowed = allowed | (k.view(1, 1, L) == q.view(1, T, 1))    # pad queries see themselves: no NaN rows
-        allowed = allowed.unsqueeze(1)                                # [B, 1, T, L]
-        pmask = allowed if st.mask_dtype == torch.bool else torch.where(
-            allowed, torch.zeros((), dtype=st.mask_dtype, device=device), torch.tensor(st.off, dtype=st.mask_dtype,
-                                                                                       device=device))
-        st.cache.idx = q
-        logits = st.forward(input_ids, pmask, pos)
+        logits, rows = _prefill(st, input_ids, mask2d, T, dedupe)
         nxt, lp = select_tokens(logits, st.unif[0], st.mode, st.temp, st.top_p)
         # decode state
         st.out_tok.zero_()
@@ -632,7 +716,7 @@ class FastGenerator:
         if all_done:   # stop where the last row ended, like generate
             is_eos = (st.out_tok[:, :out_len].unsqueeze(-1) == st.eos.view(1, 1, -1)).any(-1)
             out_len = int(is_eos.float().argmax(1).max()) + 1   # every row has an EOS here
-        return out_len, path
+        return out_len, path, rows
 
 
 _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -665,7 +749,8 @@ def release_fast_generators(model=None) -> None:
 def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int, *,
                   temperature: float = 1.0, top_p: float = 1.0, eos_token_id, pad_token_id: int,
                   generator: torch.Generator | None = None, use_cuda_graph: bool | None = None,
-                  return_logprobs: bool = False, merge_lora: bool | None = None) -> FastGenOutput:
+                  return_logprobs: bool = False, merge_lora: bool | None = None,
+                  dedupe_prefill: bool | None = None) -> FastGenOutput:
     """Generate with the fast path (see the module docstring); temperature 0 means greedy.
 
     input_ids / attention_mask [B, T] left-padded on the model's device. Uses the active adapter of a peft model.
@@ -674,7 +759,7 @@ def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return get_fast_generator(model).generate(
         input_ids, attention_mask, max_new_tokens, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, generator=generator, use_cuda_graph=use_cuda_graph,
-        return_logprobs=return_logprobs, merge_lora=merge_lora)
+        return_logprobs=return_logprobs, merge_lora=merge_lora, dedupe_prefill=dedupe_prefill)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -423,9 +423,12 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
         out = None
         if use_fast:
             try:
-                out = fast_generate(model, query_ids, query_mask, max_new_tokens,
-                                    temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
-                                    pad_token_id=pad_id, merge_lora=merge_lora).sequences
+                fast = fast_generate(model, query_ids, query_mask, max_new_tokens,
+                                     temperature=0.0 if greedy else temperature, top_p=top_p, eos_token_id=eos_id,
+                                     pad_token_id=pad_id, merge_lora=merge_lora)
+                out, rows = fast.sequences, fast.info.get("prefill_rows")
+                if store and rows is not None:   # the prefill ran each distinct prompt once: one row per row again
+                    store[0] = store[0].index_select(0, rows)
             except FastGenUnsupported as e:     # refused before sampling anything: `generate` does it instead
                 _FAST_UNSUPPORTED[model] = str(e)
                 log.warning("fast sampling does not support this model (%s); sampling with model.generate", e)
