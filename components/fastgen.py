@@ -27,6 +27,8 @@ What makes it fast (and what stays equal to `model.generate`):
   by a `FastGenerator` (one per model, LRU of `max_graphs`). If capture fails the same step runs eagerly.
   Quantized (bitsandbytes) bases are not captured unless asked (`quantized_base`): their 8-bit matmul cannot be, and
   a failed capture breaks the process's CUDA random numbers.
+* CPU: the decode steps multiply through oneDNN's packed weights (components/cpu_linear.py, `PACK_DECODE`): a few
+  rows times every weight matrix is where torch's BLAS is slowest; the prefill keeps BLAS.
 * LoRA (peft): for float base weights the active adapter is merged with `merge_adapter()` for the rollout and
   unmerged in a `finally` by restoring the touched base weights bit-exactly from a copy (merge + subtract in bf16
   would drift the frozen base a little on every rollout). Quantized (bitsandbytes) bases, DoRA-like variants and
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cpu_linear import packed_linears
 from .model_utils import causal_lm_of
 
 log = logging.getLogger(__name__)
@@ -501,6 +504,9 @@ def _dedupes(asked: bool | None, device: torch.device, graph: bool, lm) -> bool:
     return on and device.type == "cpu" and not graph and not quantized_base(lm)
 
 
+PACK_DECODE = True
+"""CPU decode steps multiply through oneDNN's packed weights (components/cpu_linear.py); False: torch's BLAS."""
+
 MIN_DEDUPE_PROMPT = 4
 """Shortest padded prompt whose prefill is deduplicated: MKL (torch's CPU BLAS) multiplies 1 to 3 rows with other
 kernels than 4 or more, whose sums round differently; with >= 4 prompt tokens every trunk matmul of the prefill has
@@ -703,15 +709,18 @@ class FastGenerator:
         every = self.sync_every if graph else 1      # each check is a device sync on CUDA
         done_steps = 0
         all_done = bool(st.done.all())
-        while done_steps < n_steps and not all_done:
-            k = min(every, n_steps - done_steps)
-            for _ in range(k):
-                if use_graph:
-                    st.graph.replay()
-                else:
-                    st.decode_step()
-            done_steps += k
-            all_done = bool(st.done.all())
+        # the CPU's decode steps through oneDNN's packed weights (components/cpu_linear.py); not the prefill, whose
+        # many rows BLAS multiplies well (and `_prefill`'s dedupe keeps its kernels)
+        with packed_linears(st.lm_ref(), B, enabled=PACK_DECODE and device.type == "cpu" and not all_done):
+            while done_steps < n_steps and not all_done:
+                k = min(every, n_steps - done_steps)
+                for _ in range(k):
+                    if use_graph:
+                        st.graph.replay()
+                    else:
+                        st.decode_step()
+                done_steps += k
+                all_done = bool(st.done.all())
         out_len = 1 + done_steps
         if all_done:   # stop where the last row ended, like generate
             is_eos = (st.out_tok[:, :out_len].unsqueeze(-1) == st.eos.view(1, 1, -1)).any(-1)

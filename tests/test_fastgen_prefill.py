@@ -4,7 +4,7 @@ RLOO/GRPO batches hold each prompt k times. With the dedupe on, greedy tokens, s
 one generator, and the hidden states `sample()` records, must equal those of the full prefill exactly (fp32; the
 real embedded model, and tiny random Llama in both mask types, Qwen3, Gemma 2 and Phi-3), for rows that repeat
 next to each other or apart; a batch where nothing repeats runs as before. No timing asserts
-(bench/bench_prefill.py times it).
+(bench/bench_sampler.py times it).
 """
 from __future__ import annotations
 
