@@ -115,7 +115,10 @@ def test_rloo_on_two_workers_streams_fails_on_a_killed_worker_resumes_and_genera
     live metrics averaged by rank 0; SIGKILL of worker 1 fails the run with a clear message; resumed, it
     completes from its checkpoint and its adapter generates in the app."""
     s = tiny_studio
-    run = s.train("rloo", steps=2, wait=False, **RLOO)
+    # enough steps that the kill below lands while the workers still train (a tiny model's step is milliseconds:
+    # with 2 steps the run could complete between its first metrics and the kill)
+    steps = 20
+    run = s.train("rloo", steps=steps, wait=False, **RLOO)
     t0 = time.time()
     while run.metrics().empty and run.running() and time.time() - t0 < 300:
         time.sleep(0.3)
@@ -130,7 +133,7 @@ def test_rloo_on_two_workers_streams_fails_on_a_killed_worker_resumes_and_genera
     last = s.resume_ppo(run.run_id, wait=True)
     assert last.status == "completed", last.error
     m = last.metrics()
-    assert m["step"].tolist()[-1] == 2 and m["step"].tolist() == sorted(set(m["step"]))
+    assert m["step"].tolist()[-1] == steps and m["step"].tolist() == sorted(set(m["step"]))
     assert {"reward_mean", "policy_loss", "samples_per_s"} <= set(m.columns)
     assert not last.samples().empty                      # rank 0's sample rollouts
     outs = s.generate("Name a fruit.", n=1, max_new_tokens=4, seed=0, adapter=last.adapter_id)
