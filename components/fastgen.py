@@ -507,6 +507,10 @@ def _dedupes(asked: bool | None, device: torch.device, graph: bool, lm) -> bool:
 PACK_DECODE = True
 """CPU decode steps multiply through oneDNN's packed weights (components/cpu_linear.py); False: torch's BLAS."""
 
+MIN_PACKED_DECODE_STEPS = 12
+"""Fewest decode steps worth packing the weights for: packing them all costs about what ten or eleven decode steps
+save (docs/INTERNALS.md, "Packed decode weights")."""
+
 MIN_DEDUPE_PROMPT = 4
 """Shortest padded prompt whose prefill is deduplicated: MKL (torch's CPU BLAS) multiplies 1 to 3 rows with other
 kernels than 4 or more, whose sums round differently; with >= 4 prompt tokens every trunk matmul of the prefill has
@@ -711,7 +715,8 @@ class FastGenerator:
         all_done = bool(st.done.all())
         # the CPU's decode steps through oneDNN's packed weights (components/cpu_linear.py); not the prefill, whose
         # many rows BLAS multiplies well (and `_prefill`'s dedupe keeps its kernels)
-        with packed_linears(st.lm_ref(), B, enabled=PACK_DECODE and device.type == "cpu" and not all_done):
+        pack = PACK_DECODE and device.type == "cpu" and not all_done and n_steps >= MIN_PACKED_DECODE_STEPS
+        with packed_linears(st.lm_ref(), B, enabled=pack):
             while done_steps < n_steps and not all_done:
                 k = min(every, n_steps - done_steps)
                 for _ in range(k):

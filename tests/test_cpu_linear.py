@@ -58,10 +58,12 @@ def test_fast_sampler_decodes_through_packed_weights_as_through_blas(monkeypatch
     real = cpu_linear._forward
     monkeypatch.setattr(cpu_linear, "_forward", lambda p, b, x: calls.append(x.shape[0]) or real(p, b, x))
 
-    def run(pack: bool):
+    def run(pack: bool, new_tokens: int = fastgen.MIN_PACKED_DECODE_STEPS + 1):
         monkeypatch.setattr(fastgen, "PACK_DECODE", pack)
-        return fastgen.fast_generate(lm.model, q, qm, 8, temperature=0.0, eos_token_id=lm.eos_token_id,
+        return fastgen.fast_generate(lm.model, q, qm, new_tokens, temperature=0.0, eos_token_id=lm.eos_token_id,
                                      pad_token_id=lm.pad_token_id, return_logprobs=True)
+    run(True, new_tokens=fastgen.MIN_PACKED_DECODE_STEPS)  # too few decode steps to pay for the packing
+    assert not calls
     plain, packed = run(False), run(True)
     assert calls and set(calls) == {3}                     # decode steps only: 3 rows, never the prefill's
     assert torch.equal(packed.sequences, plain.sequences)
