@@ -15,20 +15,21 @@ def keep_first_layers(lm, n: int):
     return lm
 
 
-def attach_moved_policy(lm, lora_r: int = 8, lora_alpha: int = 16):
-    """Attach the trainers' policy LoRA adapter with non-zero B (a fresh adapter's B is 0: the policy would be the
-    base, and a test comparing two layouts of the LoRA math would compare nothing), trainable, the same on every
-    run. Returns lm."""
+def attach_moved_policy(lm, lora_r: int = 8, lora_alpha: int = 16, adapter_name: str = "policy",
+                        std: float = 0.02):
+    """Attach the trainers' policy LoRA adapter with non-zero B (normal, `std`; a fresh adapter's B is 0: the
+    policy would be the base, and a test comparing two layouts of the LoRA math would compare nothing), trainable,
+    the same on every run. Returns lm (lm.model is then the peft model)."""
     import torch
 
     from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
     from rlhf_studio.components.training.ppo_config import PPOConfig
     torch.manual_seed(0)        # peft draws lora_A from the global generator: the same adapter in any test order
-    attach_policy_adapter(lm, PPOConfig(lora_r=lora_r, lora_alpha=lora_alpha))
+    attach_policy_adapter(lm, PPOConfig(lora_r=lora_r, lora_alpha=lora_alpha, adapter_name=adapter_name))
     g = torch.Generator().manual_seed(0)
     for name, p in lm.model.named_parameters():
         if "lora_" in name:
             if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.data.copy_(torch.randn(p.shape, generator=g) * std)
             p.requires_grad_(True)
     return lm

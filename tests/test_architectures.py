@@ -62,21 +62,17 @@ def test_generation_and_the_fast_sampler(tiny, arch):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_policy_passes_equal_the_models_own_forward(tiny, arch):
-    """forward_response with each shortcut (shared prefix, fused LoRA, packed rows) gives the log-probs of the
-    model's own forward (Gemma 2's final logit softcap included); a shortcut a model cannot take is skipped
-    inside forward_response (the shared prefix) or refused before (packing: `packing_supported`)."""
+    """forward_response with each shortcut (shared prefix, fused LoRA, packed rows, the CPU's prompt tree) gives the
+    log-probs of the model's own forward (Gemma 2's final logit softcap included); a shortcut a model cannot take
+    is skipped inside forward_response (the shared prefix) or refused before (packing and the tree:
+    `packing_supported`)."""
     from rlhf_studio.components.attention import packing_supported, prefix_sharing_supported
     from rlhf_studio.components.fused_lora import fused_lora
-    from rlhf_studio.components.training.ppo_config import PPOConfig
-    from rlhf_studio.components.training.engine.rollout import encode_prompts, forward_response, left_pad, mask_after_eos, sample
-    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter
-    lm = tiny(arch)
-    torch.manual_seed(0)
-    model = attach_policy_adapter(lm, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="arch-test"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    from rlhf_studio.components.training.engine.rollout import (encode_prompts, forward_response, left_pad,
+                                                                mask_after_eos, sample)
+    from tests.layers import attach_moved_policy
+    lm = attach_moved_policy(tiny(arch), 4, 8, "arch-test", std=0.05)
+    model = lm.model
     q, qm = left_pad(encode_prompts(lm, PROMPTS, 256), lm.pad_token_id)
     resp = sample(model, q, qm, 5, 0.7, 1.0, lm.eos_token_id, lm.pad_token_id)
     rm, _ = mask_after_eos(resp, lm.eos_token_id)
@@ -88,7 +84,7 @@ def test_policy_passes_equal_the_models_own_forward(tiny, arch):
     with torch.no_grad():
         want = _model_logp(model, q, qm, resp, rm, 0.7)
         for share, fused, pack in [(False, False, False), (True, False, False), (False, True, False),
-                                   (True, True, False), (False, True, True)]:
+                                   (True, True, False), (False, True, True), (True, True, "tree")]:
             if pack and arch in NO_PACKING:
                 continue
             with fused_lora(model) if fused else torch.no_grad():

@@ -69,15 +69,10 @@ def test_a_stored_adapter_exports_merged_as_the_policy_it_was(studio, tmp_path):
     from transformers import AutoModelForCausalLM
     from rlhf_studio.components.adapters import pack_adapter_dir
     from rlhf_studio.components.models import load_model
-    from rlhf_studio.components.training.engine.adapter import attach_policy_adapter, save_adapter_folder
-    from rlhf_studio.components.training.ppo_config import PPOConfig
-    own = load_model("embedded", device="cpu", dtype="fp32")
-    torch.manual_seed(0)
-    model = attach_policy_adapter(own, PPOConfig(lora_r=4, lora_alpha=8, adapter_name="exported"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    from rlhf_studio.components.training.engine.adapter import save_adapter_folder
+    from tests.layers import attach_moved_policy
+    own = attach_moved_policy(load_model("embedded", device="cpu", dtype="fp32"), 4, 8, "exported")
+    model = own.model
     folder = save_adapter_folder(own, model, "exported", tmp_path / "adapter")
     aid = studio.store.add_adapter("exported", pack_adapter_dir(folder), {}, base_model_id=studio.model_id)
     merged = studio.export_adapter(aid, str(tmp_path / "merged"), merged=True)
